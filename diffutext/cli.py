@@ -1,0 +1,535 @@
+"""The command line: `diffutext train | sample | evaluate | ablate`.
+
+Each command parses its options, builds configs, calls one engine function and renders the result
+with rich (the only module that prints). Heavy imports (torch, datasets) happen inside the
+commands so `--help` answers at once. Exit codes: 0 success, 2 bad usage or bad input (one line on
+stderr), 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import DEFAULT_PRESET, PRESETS, ConfigError, SampleConfig, load_toml, resolve
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Continuous diffusion for sequence-to-sequence text: DiffuSeq + Distance Penalty + Adaptive Decay Sampling.")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+RUNS_DIR = Path("runs")
+
+
+class Preset(str, Enum):
+    tiny = "tiny"
+    small = "small"
+    base = "base"
+
+
+class SamplerName(str, Enum):
+    ddpm = "ddpm"
+    uniform = "uniform"
+    skip = "skip"
+    ddim = "ddim"
+    ads = "ads"
+
+
+class Update(str, Enum):
+    preset = ""
+    ddpm = "ddpm"
+    ddim = "ddim"
+
+
+class Variance(str, Enum):
+    large = "large"
+    small = "small"
+
+
+class Split(str, Enum):
+    test = "test"
+    valid = "valid"
+    train = "train"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Partner(str, Enum):
+    forward = "forward"
+    reverse = "reverse"
+
+
+class Weights(str, Enum):
+    ema = "ema"
+    model = "model"
+
+
+class Schedule(str, Enum):
+    sqrt = "sqrt"
+    linear = "linear"
+    cosine = "cosine"
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"error: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad usage or bad input (exit 2), imported lazily."""
+    from .checkpoint import CheckpointError
+    from .data.tasks import TaskError
+    from .data.tokenizer import TokenizerError
+    from .train import TrainError
+
+    return ConfigError, TaskError, TokenizerError, CheckpointError, TrainError
+
+
+def run_guarded(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except _bad_input_errors() as e:
+        fail(str(e))
+    except FloatingPointError as e:
+        fail(str(e), code=1)
+
+
+# ---------------------------------------------------------------- train
+
+@app.command()
+def train(
+    task: Annotated[str, typer.Option(help="Task name (bible-basic, bible-modern) or a DiffuSeq folder with train/valid/test.jsonl.")] = "bible-basic",
+    preset: Annotated[Preset, typer.Option(help="Model and training preset.")] = Preset(DEFAULT_PRESET),
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with [model], [diffusion], [train] overrides.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(min=0, help="Stop after this much wall time (the lr decays by time too).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0, help="Peak learning rate.")] = None,
+    distance_penalty: Annotated[Optional[float], typer.Option(min=0, help="λ of the Distance Penalty (0: the base DiffuSeq loss).")] = None,
+    dp_window: Annotated[Optional[float], typer.Option(min=0, help="δ: noise-level window of the partner timestep.")] = None,
+    dp_partner: Annotated[Optional[Partner], typer.Option(help="forward: forward-noised partner (reference code); reverse: the model's own step (paper).")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from this run's weights with a fresh optimizer (post-training).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Use this tokenizer.json instead of training a BPE vocabulary.")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(min=50, help="Size of the trained BPE vocabulary.")] = None,
+    diffusion_steps: Annotated[Optional[int], typer.Option(min=2, help="T, the number of diffusion timesteps (paper: 2000).")] = None,
+    schedule: Annotated[Optional[Schedule], typer.Option(help="Noise schedule.")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="fp32, or bf16 autocast.")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<task>-<preset>-<time>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    keep: Annotated[int, typer.Option(min=0, help="Keep only the newest K checkpoints (0: all).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Train a diffusion model (with no options: the embedded bible-basic task, small preset)."""
+    overrides: dict[str, dict[str, Any]] = {"model": {}, "diffusion": {}, "train": {}}
+    preset_name = preset.value
+    if config is not None:
+        try:
+            data = load_toml(config)
+        except ConfigError as e:
+            fail(str(e))
+        preset_name = data.pop("preset", preset_name)
+        for section, values in data.items():
+            overrides[section].update(values)
+    train_over = {"task": task, "max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size, "lr": lr,
+                  "distance_penalty": distance_penalty, "dp_window": dp_window,
+                  "dp_partner": dp_partner.value if dp_partner else None, "init_from": str(init_from) if init_from else None,
+                  "tokenizer": str(tokenizer) if tokenizer else None, "vocab_size": vocab_size,
+                  "precision": precision.value if precision else None, "seed": seed}
+    overrides["train"].update({k: v for k, v in train_over.items() if v is not None})
+    if diffusion_steps is not None:
+        overrides["diffusion"]["T"] = diffusion_steps
+    if schedule is not None:
+        overrides["diffusion"]["schedule"] = schedule.value
+    try:
+        cfg = resolve(preset_name, overrides)
+    except ConfigError as e:
+        fail(str(e))
+    from .data.tasks import check_task
+
+    run_guarded(check_task, cfg.train.task)
+    if resume and out_dir is None:
+        fail("--resume needs --out RUN_DIR (the run to continue)")
+    run_dir = out_dir or RUNS_DIR / f"{_task_label(cfg.train.task)}-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from .train import train as train_run
+
+    with _TrainView() as view:
+        run_guarded(train_run, cfg, run_dir, resume=resume, device=device, callback=view, keep=keep)
+    out.print(f"run folder: {run_dir}")
+
+
+def _task_label(task: str) -> str:
+    return Path(task).name if ("/" in task or os.sep in task or Path(task).is_dir()) else task
+
+
+class _TrainView:
+    """Renders training events: a progress bar on a terminal, a line per evaluation everywhere."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=err, disable=not err.is_terminal)
+        self.progress.__enter__()
+        self.task = None
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "status":
+            err.print(info["message"])
+        elif event == "start":
+            err.print(f"run {info['run_dir']}: {info['parameters'] / 1e6:.2f}M parameters, {info['train_examples']} training pairs "
+                      f"({info['truncated']} truncated), vocabulary {info['vocab_size']}, device {info['device']}")
+            self.task = self.progress.add_task("train", total=info["max_steps"], completed=info["step"], info="")
+        elif event == "log" and self.task is not None:
+            self.progress.update(self.task, completed=info["step"],
+                                 info=f"loss {info['loss']:.4f}  mse {info['mse']:.4f}  nll {info['decoder_nll']:.4f}  {info['tokens_per_s']:.0f} tok/s")
+        elif event == "eval":
+            err.print(f"step {info['step']}: valid loss {info['valid_loss']:.4f} (mse {info['valid_mse']:.4f}, nll {info['valid_decoder_nll']:.4f})")
+        elif event == "end":
+            err.print(f"trained {info['step']} steps in {info['elapsed_s'] / 60:.1f} min")
+
+
+# ---------------------------------------------------------------- sampling options shared by sample/evaluate/ablate
+
+def _sample_config(sampler: str, steps: int, update: Update, variance: Variance, eta: float, clamp: bool,
+                   ads_shares: Optional[str], batch_size: int, seed: int, seeds: int, weights: Weights) -> SampleConfig:
+    shares = None
+    if ads_shares:
+        try:
+            shares = tuple(float(x) for x in ads_shares.split(","))
+        except ValueError:
+            fail(f"--ads-shares must be three comma-separated numbers, got {ads_shares!r}")
+        if len(shares) != 3 or any(s < 0 for s in shares):
+            fail(f"--ads-shares must be three non-negative comma-separated numbers, got {ads_shares!r}")
+    return SampleConfig(sampler=sampler, steps=steps, update=update.value, variance=variance.value, eta=eta, clamp=clamp,
+                        ads_shares=shares, batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value)
+
+
+def _open(checkpoint: Optional[Path], weights: Weights, device: str):
+    from .checkpoint import newest_run
+    from .evaluate import load_model
+    from .train import resolve_device
+
+    run_dir = checkpoint if checkpoint is not None else run_guarded(newest_run, RUNS_DIR)
+    dev = run_guarded(resolve_device, device)
+    loaded = run_guarded(load_model, run_dir, weights.value, dev)
+    err.print(f"checkpoint {loaded.checkpoint.folder} (step {loaded.checkpoint.step}, {weights.value} weights)")
+    return loaded
+
+
+def _inputs(loaded, split: Split, input_file: Optional[Path], text: Optional[str], limit: Optional[int]):
+    """The Dataset to decode: --text, --input FILE.jsonl, or a split of the run's task."""
+    import datasets
+
+    from .data.tasks import load_split, read_inputs
+
+    if text is not None and input_file is not None:
+        fail("give either --text or --input, not both")
+    if text is not None:
+        if not text.strip():
+            fail("--text is empty")
+        ds = datasets.Dataset.from_dict({"src": [text], "trg": [""]})
+    elif input_file is not None:
+        ds = run_guarded(read_inputs, input_file)
+    else:
+        ds = run_guarded(load_split, loaded.checkpoint.config.train.task, split.value)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds
+
+
+class _DecodeView:
+    def __init__(self, label: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=err, disable=not err.is_terminal, transient=True)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "progress":
+            if self.task is None:
+                self.task = self.progress.add_task("decode", total=info["total"])
+            self.progress.update(self.task, completed=info["done"], total=info["total"])
+        elif event == "cell":
+            self.progress.update(self.task, completed=0) if self.task is not None else None
+            err.print(f"{info['sampler']} × {info['steps']} steps")
+
+
+def _decode(loaded, ds, cfg: SampleConfig):
+    from .evaluate import decode
+
+    with _DecodeView(f"{cfg.sampler}-{cfg.steps}") as view:
+        return run_guarded(decode, loaded, ds, cfg, view)
+
+
+def _has_refs(ds) -> bool:
+    return all(isinstance(t, str) and t.strip() for t in ds["trg"])
+
+
+def _metrics_table(title: str, scores: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    labels = [("sacrebleu", "sacreBLEU (corpus, 0-100)", "{:.2f}"), ("sentence_bleu", "BLEU-4 (DiffuSeq sentence, nltk, 0-1)", "{:.4f}"),
+              ("rouge_l", "ROUGE-L F (0-1)", "{:.4f}"), ("dist_1", "dist-1", "{:.4f}"), ("avg_len", "average length (words)", "{:.2f}"),
+              ("self_bleu", "self-BLEU over seeds (0-1)", "{:.4f}"), ("div_4", "div-4 over seeds", "{:.4f}"),
+              ("count", "sentences", "{}"), ("seconds", "decode seconds", "{:.1f}"), ("sentences_per_s", "sentences / s", "{:.2f}")]
+    for key, label, fmt in labels:
+        if key in scores:
+            table.add_row(label, fmt.format(scores[key]))
+    return table
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    from .checkpoint import atomic_write
+
+    try:
+        atomic_write(path, text.encode("utf-8"))
+    except OSError as e:
+        fail(f"{path}: cannot write ({e.strerror})")
+
+
+# ---------------------------------------------------------------- sample
+
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Run folder (default: the newest under runs/).")]
+SamplerOpt = Annotated[SamplerName, typer.Option(help="Timestep schedule × update preset.")]
+StepsOpt = Annotated[int, typer.Option(min=1, help="Visited timesteps (ddpm always visits all T).")]
+UpdateOpt = Annotated[Update, typer.Option(help="Override the sampler's update rule (e.g. ADS with DDIM).", show_default=False)]
+VarianceOpt = Annotated[Variance, typer.Option(help="Ancestral variance: large (DiffuSeq) or small (posterior).")]
+EtaOpt = Annotated[float, typer.Option(min=0, help="DDIM η.")]
+ClampOpt = Annotated[bool, typer.Option(help="Snap x0_hat to the nearest word embedding at every step.")]
+SharesOpt = Annotated[Optional[str], typer.Option(help="ADS step shares of the three thirds, e.g. 0.1,0.4,0.5.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Sentences decoded at once.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the first decode.")]
+SeedsOpt = Annotated[int, typer.Option(min=1, help="Decode K times and keep the per-source MBR pick.")]
+WeightsOpt = Annotated[Weights, typer.Option(help="EMA or raw model weights.")]
+SplitOpt = Annotated[Split, typer.Option(help="Split of the run's task to decode.")]
+InputOpt = Annotated[Optional[Path], typer.Option("--input", help="A jsonl file of {\"src\": ...} (trg optional) to decode.")]
+TextOpt = Annotated[Optional[str], typer.Option(help="One source sentence to decode.")]
+LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Decode only the first N inputs.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
+
+@app.command()
+def sample(
+    checkpoint: CheckpointOpt = None,
+    sampler: SamplerOpt = SamplerName.ads,
+    steps: StepsOpt = 20,
+    update: UpdateOpt = Update.preset,
+    variance: VarianceOpt = Variance.large,
+    eta: EtaOpt = 0.0,
+    clamp: ClampOpt = True,
+    ads_shares: SharesOpt = None,
+    split: SplitOpt = Split.test,
+    input_file: InputOpt = None,
+    text: TextOpt = None,
+    limit: LimitOpt = None,
+    seeds: SeedsOpt = 1,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 128,
+    weights: WeightsOpt = Weights.ema,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write {src, trg, hyp} lines to this jsonl file.")] = None,
+    show: Annotated[int, typer.Option(min=0, help="Print this many source / output / reference triples.")] = 3,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Generate text with a trained run; print examples and, when references are known, the metrics."""
+    cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights)
+    loaded = _open(checkpoint, weights, device)
+    ds = _inputs(loaded, split, input_file, text, limit)
+    decoded = _decode(loaded, ds, cfg)
+    srcs, refs = ds["src"], ds["trg"]
+    if out_file is not None:
+        lines = []
+        for i, (s, r, h) in enumerate(zip(srcs, refs, decoded.hyps)):
+            row = {"src": s, **({"trg": r} if r else {}), "hyp": h}
+            if cfg.seeds > 1:
+                row["candidates"] = decoded.candidates[i]
+            lines.append(json.dumps(row, ensure_ascii=False))
+        _write_atomic(out_file, "\n".join(lines) + "\n")
+    for s, r, h in list(zip(srcs, refs, decoded.hyps))[:show]:
+        out.print(f"[bold]source[/]    {s}\n[bold]output[/]    {h}" + (f"\n[bold]reference[/] {r}" if r else "") + "\n", markup=True)
+    if text is not None and show == 0:
+        out.print(decoded.hyps[0])
+    label = f"{sampler.value}-{decoded.steps} steps" + (f", MBR of {seeds}" if seeds > 1 else "")
+    if _has_refs(ds):
+        from .metrics import score
+
+        scores = {**score(decoded.hyps, [[r] for r in refs]), **decoded.diversity, "seconds": decoded.seconds,
+                  "sentences_per_s": len(ds) * seeds / max(decoded.seconds, 1e-9)}
+        out.print(_metrics_table(f"{label} on {len(ds)} sentences", scores))
+    else:
+        err.print(f"{label}: {len(ds)} sentences in {decoded.seconds:.1f} s")
+    if out_file is not None:
+        err.print(f"wrote {out_file}")
+
+
+# ---------------------------------------------------------------- evaluate
+
+def _read_predictions(path: Path) -> tuple[list[str], list[list[str]]]:
+    if not path.is_file():
+        fail(f"{path}: predictions file not found")
+    hyps, refs = [], []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        fail(f"{path}: not valid UTF-8 (byte {e.start})")
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{path}:{n}: not a JSON object ({e.msg})")
+        if not isinstance(row, dict):
+            fail(f"{path}:{n}: expected a JSON object with \"hyp\" and \"trg\" (or \"refs\")")
+        hyp = row.get("hyp")
+        if not isinstance(hyp, str):
+            fail(f"{path}:{n}: missing string field 'hyp' (expected {{\"src\", \"trg\", \"hyp\"}} as written by diffutext sample --out)")
+        ref = row.get("refs", [row["trg"]] if "trg" in row else None)
+        if not isinstance(ref, list) or not ref or not all(isinstance(r, str) and r.strip() for r in ref):
+            fail(f"{path}:{n}: needs a non-empty reference: 'trg' (a string) or 'refs' (a list of strings)")
+        hyps.append(hyp)
+        refs.append(ref)
+    if not hyps:
+        fail(f"{path}: no predictions (the file is empty)")
+    return hyps, refs
+
+
+@app.command()
+def evaluate(
+    predictions: Annotated[Optional[Path], typer.Argument(help="A jsonl of {src, trg|refs, hyp} (from sample --out).", show_default=False)] = None,
+    checkpoint: CheckpointOpt = None,
+    sampler: SamplerOpt = SamplerName.ads,
+    steps: StepsOpt = 20,
+    update: UpdateOpt = Update.preset,
+    variance: VarianceOpt = Variance.large,
+    eta: EtaOpt = 0.0,
+    clamp: ClampOpt = True,
+    ads_shares: SharesOpt = None,
+    split: SplitOpt = Split.test,
+    input_file: InputOpt = None,
+    limit: LimitOpt = None,
+    seeds: SeedsOpt = 1,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 128,
+    weights: WeightsOpt = Weights.ema,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics to this JSON file.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score predictions (a file) or a run decoded on the spot: sacreBLEU, sentence BLEU, ROUGE-L, dist-1, length."""
+    from .metrics import score
+
+    if predictions is not None:
+        hyps, refs = _read_predictions(predictions)
+        scores = score(hyps, refs)
+        title = f"{predictions} ({len(hyps)} sentences)"
+        extra: dict[str, Any] = {"predictions": str(predictions)}
+    else:
+        cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights)
+        loaded = _open(checkpoint, weights, device)
+        ds = _inputs(loaded, split, input_file, None, limit)
+        if not _has_refs(ds):
+            fail("these inputs have no references ('trg') to score against")
+        decoded = _decode(loaded, ds, cfg)
+        scores = {**score(decoded.hyps, [[r] for r in ds["trg"]]), **decoded.diversity, "seconds": decoded.seconds,
+                  "sentences_per_s": len(ds) * seeds / max(decoded.seconds, 1e-9)}
+        title = f"{cfg.sampler}-{decoded.steps} steps" + (f", MBR of {seeds}" if seeds > 1 else "") + f" on {len(ds)} sentences"
+        extra = {"checkpoint": str(loaded.checkpoint.folder), "sampler": cfg.sampler, "steps": decoded.steps, "seeds": seeds}
+    out.print(_metrics_table(title, scores))
+    if json_file is not None:
+        _write_atomic(json_file, json.dumps({**extra, **scores}, indent=2) + "\n")
+        err.print(f"wrote {json_file}")
+
+
+# ---------------------------------------------------------------- ablate
+
+@app.command()
+def ablate(
+    checkpoint: CheckpointOpt = None,
+    samplers: Annotated[str, typer.Option("--sampler", help="Comma-separated samplers.")] = "ddpm,skip,uniform,ddim,ads",
+    steps: Annotated[str, typer.Option("--steps", help="Comma-separated step counts (ddpm always runs the full T once).")] = "20,10,5",
+    split: SplitOpt = Split.test,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Decode only the first N inputs.")] = 100,
+    seeds: SeedsOpt = 1,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 128,
+    weights: WeightsOpt = Weights.ema,
+    clamp: ClampOpt = True,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the grid to this JSON file.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Compare samplers × steps on one checkpoint: quality and wall time side by side."""
+    from .evaluate import ablate as run_ablate
+
+    names = [s.strip() for s in samplers.split(",") if s.strip()]
+    bad = [s for s in names if s not in SamplerName.__members__]
+    if not names or bad:
+        fail(f"--sampler takes a comma-separated list of {', '.join(SamplerName.__members__)}; got {samplers!r}")
+    try:
+        counts = [int(s) for s in steps.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--steps takes comma-separated positive integers; got {steps!r}")
+    if not counts or any(c < 1 for c in counts):
+        fail(f"--steps takes comma-separated positive integers; got {steps!r}")
+    loaded = _open(checkpoint, weights, device)
+    T = loaded.checkpoint.config.diffusion.T
+    grid = [(n, T) for n in names if n == "ddpm"] + [(n, c) for n in names if n != "ddpm" for c in counts]
+    ds = _inputs(loaded, split, None, None, limit)
+    if not _has_refs(ds):
+        fail("this split has no references to score against")
+    base = SampleConfig(batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value, clamp=clamp)
+    with _DecodeView("ablate") as view:
+        cells = run_guarded(run_ablate, loaded, ds, grid, base, view)
+    full = next((c for c in cells if c.sampler == "ddpm"), None)
+    table = Table(title=f"{loaded.checkpoint.run_dir} (step {loaded.checkpoint.step}), {split.value} split, {len(ds)} sentences × {seeds} seed(s)")
+    for col in ("sampler", "steps", "sacreBLEU", "sent. BLEU", "ROUGE-L", "dist-1", "length", "seconds", "sent/s", "speed-up"):
+        table.add_column(col, justify="left" if col == "sampler" else "right")
+    for c in cells:
+        m = c.metrics
+        speedup = f"{full.seconds / c.seconds:.0f}×" if full is not None and c.seconds > 0 else "-"
+        table.add_row(c.sampler, str(c.steps), f"{m['sacrebleu']:.2f}", f"{m['sentence_bleu']:.4f}", f"{m['rouge_l']:.4f}",
+                      f"{m['dist_1']:.3f}", f"{m['avg_len']:.1f}", f"{c.seconds:.1f}", f"{c.sentences_per_s:.1f}", speedup)
+    out.print(table)
+    if json_file is not None:
+        rows = [{"sampler": c.sampler, "steps": c.steps, **c.metrics, "seconds": c.seconds, "sentences_per_s": c.sentences_per_s,
+                 "timesteps": c.timesteps} for c in cells]
+        _write_atomic(json_file, json.dumps({"checkpoint": str(loaded.checkpoint.folder), "cells": rows}, indent=2) + "\n")
+        err.print(f"wrote {json_file}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Configuration: frozen dataclasses for the model, the diffusion process, training and sampling.
+
+Presets name whole configurations (`tiny` for tests, `small` the CPU default, `base` DiffuSeq's
+size, PAPER.md §1). A run folder stores the resolved configs as JSON (`RunConfig.to_dict`), and
+`--config FILE.toml` overrides fields by section (`[model]`, `[diffusion]`, `[train]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The denoiser f(z_t, t) -> x0_hat and its tied embedding (PAPER.md §1)."""
+
+    vocab_size: int = 0  # set from the tokenizer when training starts
+    hidden_dim: int = 128  # width of the word embedding E: the space diffusion runs in
+    width: int = 768  # transformer width
+    layers: int = 12
+    heads: int = 12
+    ffn: int = 3072
+    dropout: float = 0.1
+    seq_len: int = 128  # [CLS] src [SEP] trg [SEP] padded to this length
+    time_dim: int = 128  # sinusoidal timestep features before the MLP
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The noise schedule and how training draws timesteps (PAPER.md §1)."""
+
+    T: int = 2000
+    schedule: str = "sqrt"  # sqrt | linear | cosine
+    timestep_sampler: str = "uniform"  # uniform | lossaware (DiffuSeq's second-moment resampler)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop, the Distance Penalty and bookkeeping (PAPER.md §1, §3)."""
+
+    task: str = "bible-basic"
+    max_steps: int = 2000
+    max_minutes: float = 0.0  # 0: no wall-time limit; else stop (and decay the lr) by time too
+    batch_size: int = 64
+    lr: float = 1e-4
+    lr_schedule: str = "linear"  # linear (warm-up, then linear decay to 0) | constant (after warm-up)
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    precision: str = "fp32"  # fp32 | bf16
+    eval_every: int = 500  # validation loss every N steps (0: never)
+    eval_batches: int = 4
+    save_every: int = 1000  # checkpoint every N steps (a final one is always written)
+    log_every: int = 20
+    seed: int = 0
+    vocab_size: int = 8000  # size of the BPE vocabulary trained on the train split
+    tokenizer: str = ""  # a tokenizer.json to use instead of training one
+    distance_penalty: float = 0.0  # λ of PAPER.md §3 (0: the base DiffuSeq loss)
+    dp_window: float = 0.05  # δ of PAPER.md §3
+    dp_partner: str = "forward"  # forward (reference code) | reverse (paper wording)
+    init_from: str = ""  # a run folder whose weights start this run (post-training)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        try:
+            return cls(
+                model=_build(ModelConfig, data.get("model", {})),
+                diffusion=_build(DiffusionConfig, data.get("diffusion", {})),
+                train=_build(TrainConfig, data.get("train", {})),
+            )
+        except (TypeError, AttributeError) as e:
+            raise ConfigError(f"config is not a mapping of sections: {e}") from None
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How `generate` walks the reverse chain (PAPER.md §4)."""
+
+    sampler: str = "ads"  # ddpm | uniform | skip | ddim | ads
+    steps: int = 20
+    update: str = ""  # override the sampler's update rule: ddpm | ddim ("" keeps the preset's)
+    variance: str = "large"  # ancestral variance: large (beta', DiffuSeq) | small (posterior)
+    eta: float = 0.0  # DDIM eta
+    clamp: bool = True  # snap x0_hat to the nearest word embedding at every step
+    ads_shares: tuple[float, float, float] | None = None
+    batch_size: int = 64
+    seed: int = 0
+    seeds: int = 1  # decode K times and keep the MBR pick
+    weights: str = "ema"  # ema | model
+
+
+def _build(cls, values: dict[str, Any]):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    out = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if isinstance(default, bool) or not isinstance(default, (int, float, str)):
+            out[name] = value
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            out[name] = float(value)
+        elif type(value) is not type(default):
+            raise ConfigError(f"{cls.__name__}.{name} must be {type(default).__name__}, got {value!r}")
+        else:
+            out[name] = value
+    return cls(**out)
+
+
+PRESETS: dict[str, RunConfig] = {
+    # Seconds-long runs for tests: two layers, a tiny vocabulary.
+    "tiny": RunConfig(
+        model=ModelConfig(hidden_dim=16, width=32, layers=2, heads=2, ffn=64, dropout=0.0, seq_len=48, time_dim=32),
+        train=TrainConfig(max_steps=20, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, eval_every=10,
+                          eval_batches=1, save_every=10, log_every=5, vocab_size=300),
+    ),
+    # The CPU default: sized so that the default run learns the embedded task within ~15 minutes on 2 cores.
+    "small": RunConfig(
+        model=ModelConfig(hidden_dim=64, width=256, layers=6, heads=4, ffn=1024, dropout=0.1, seq_len=64, time_dim=128),
+        train=TrainConfig(max_steps=3000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999, precision="bf16",
+                          eval_every=500, save_every=1000, vocab_size=4000),
+    ),
+    # DiffuSeq's size: 12 layers, width 768, 12 heads, embedding 128, sequence 128 (~91M parameters with a
+    # bert-base vocabulary). DiffuSeq trains it with batch 2048 for 50k steps on GPUs.
+    "base": RunConfig(
+        model=ModelConfig(),
+        train=TrainConfig(max_steps=50000, batch_size=64, lr=1e-4, warmup_steps=1000, ema_decay=0.9999,
+                          eval_every=2000, save_every=5000, vocab_size=30522),
+    ),
+}
+
+DEFAULT_PRESET = "small"
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    unknown = sorted(set(data) - {"preset", "model", "diffusion", "train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; expected preset, [model], [diffusion], [train]")
+    return data
+
+
+def resolve(preset: str, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """A preset with per-section field overrides applied, validated."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[preset]
+    overrides = overrides or {}
+    merged = base.to_dict()
+    for section, values in overrides.items():
+        if section not in merged:
+            raise ConfigError(f"unknown config section {section!r}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a table of fields")
+        merged[section].update(values)
+    config = RunConfig.from_dict(merged)
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    m, d, t = config.model, config.diffusion, config.train
+    checks = [
+        (m.hidden_dim > 0 and m.width > 0 and m.layers > 0 and m.ffn > 0, "model sizes must be positive"),
+        (m.heads > 0 and m.width % m.heads == 0, f"model.width ({m.width}) must be a multiple of model.heads ({m.heads})"),
+        (m.time_dim > 0 and m.time_dim % 2 == 0, "model.time_dim must be a positive even number"),
+        (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (m.seq_len >= 8, "model.seq_len must be at least 8"),
+        (d.T >= 2, "diffusion.T must be at least 2"),
+        (d.schedule in ("sqrt", "linear", "cosine"), "diffusion.schedule must be sqrt, linear or cosine"),
+        (d.timestep_sampler in ("uniform", "lossaware"), "diffusion.timestep_sampler must be uniform or lossaware"),
+        (t.max_steps > 0, "train.max_steps must be positive"),
+        (t.max_minutes >= 0, "train.max_minutes must be >= 0"),
+        (t.batch_size > 0, "train.batch_size must be positive"),
+        (t.lr > 0, "train.lr must be positive"),
+        (t.lr_schedule in ("linear", "constant"), "train.lr_schedule must be linear or constant"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
+        (0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
+        (t.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
+        (t.eval_every >= 0 and t.save_every >= 0 and t.log_every > 0, "eval_every/save_every must be >= 0, log_every > 0"),
+        (t.eval_batches > 0, "train.eval_batches must be positive"),
+        (t.vocab_size >= 50, "train.vocab_size must be at least 50"),
+        (t.distance_penalty >= 0, "train.distance_penalty (λ) must be >= 0: it is a positive weight"),
+        (t.dp_window > 0, "train.dp_window (δ) must be positive"),
+        (t.dp_partner in ("forward", "reverse"), "train.dp_partner must be forward or reverse"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def with_vocab(config: RunConfig, vocab_size: int) -> RunConfig:
+    return replace(config, model=replace(config.model, vocab_size=vocab_size))

@@ -1,0 +1,1 @@
+"""Data: tasks (where pairs come from), tokenizers, and packing pairs into sequences."""

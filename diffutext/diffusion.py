@@ -1,0 +1,62 @@
+"""The Gaussian diffusion process over embeddings (PAPER.md §1).
+
+`alpha_bar_table` builds ᾱ_t for t = 0..T-1 from a named schedule exactly as DiffuSeq does
+(β_t = min(1 − ᾱ((t+1)/T)/ᾱ(t/T), 0.999), ᾱ_t = ∏(1 − β)); `q_sample` noises the target side
+only ("partial noising"); `sigma` is the noise level σ_t = sqrt(1 − ᾱ_t) the Distance Penalty's
+window and the plots use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_BETA = 0.999
+
+
+def _alpha_bar_fn(schedule: str):
+    if schedule == "sqrt":  # Diffusion-LM
+        return lambda s: 1.0 - math.sqrt(s + 1e-4)
+    if schedule == "cosine":  # Nichol & Dhariwal
+        return lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    raise ValueError(f"unknown schedule {schedule!r}; expected sqrt, linear or cosine")
+
+
+def betas(schedule: str, T: int) -> torch.Tensor:
+    """β_1..β_T in float64."""
+    if schedule == "linear":  # Ho et al., scaled to T steps
+        scale = 1000.0 / T
+        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+    f = _alpha_bar_fn(schedule)
+    return torch.tensor([min(1.0 - f((i + 1) / T) / f(i / T), MAX_BETA) for i in range(T)], dtype=torch.float64)
+
+
+def alpha_bar_table(schedule: str, T: int) -> torch.Tensor:
+    """ᾱ_t for t = 0..T-1, float64, shape (T,)."""
+    return torch.cumprod(1.0 - betas(schedule, T), dim=0)
+
+
+def sigma(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Noise level σ_t = sqrt(1 − ᾱ_t)."""
+    return (1.0 - alpha_bar).sqrt()
+
+
+def _bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, eps: torch.Tensor,
+             target_mask: torch.Tensor) -> torch.Tensor:
+    """z_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·eps on target positions; source positions stay at x0.
+
+    x0, eps: (B, L, D); t: (B,) long; target_mask: (B, L) bool.
+    """
+    ab = alpha_bar[t]
+    z_t = _bcast(ab.sqrt(), x0) * x0 + _bcast((1 - ab).sqrt(), x0) * eps
+    return torch.where(target_mask.unsqueeze(-1), z_t, x0)
+
+
+def eps_from_x0(z_t: torch.Tensor, x0_hat: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """The noise implied by z_t and a prediction of x0 (alpha_bar_t broadcastable)."""
+    return (z_t - alpha_bar_t.sqrt() * x0_hat) / (1 - alpha_bar_t).sqrt()

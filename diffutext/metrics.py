@@ -1,0 +1,112 @@
+"""Text-generation metrics (PAPER.md §5). Depends on nothing of ours.
+
+- `corpus_bleu`: sacreBLEU corpus BLEU, 0–100, with its signature (what MT/simplification users expect).
+- `sentence_bleu`: DiffuSeq's number: nltk sentence BLEU-4, smoothing method4, whitespace tokens,
+  averaged, 0–1.
+- `rouge_l`: ROUGE-L F (rouge-score), averaged; with several references the best one counts.
+- `dist_1`: distinct unigrams over all unigrams of the corpus (DiffuSeq's inter-sentence dist-1).
+- `mbr_pick`, `self_bleu`, `div_4`: over the K candidates decoded for one source.
+"""
+
+from __future__ import annotations
+
+import statistics
+from functools import lru_cache
+from typing import Sequence
+
+Refs = Sequence[Sequence[str]]  # per hypothesis, one or more references
+
+
+@lru_cache(maxsize=1)
+def _smoothing():
+    from nltk.translate.bleu_score import SmoothingFunction
+
+    return SmoothingFunction().method4
+
+
+def _nltk_bleu(refs: Sequence[Sequence[str]], hyp: Sequence[str]) -> float:
+    from nltk.translate.bleu_score import sentence_bleu as nltk_sentence_bleu
+
+    if not hyp:
+        return 0.0
+    return float(nltk_sentence_bleu([list(r) for r in refs], list(hyp), smoothing_function=_smoothing()))
+
+
+def corpus_bleu(hyps: Sequence[str], refs: Refs) -> tuple[float, str]:
+    """sacreBLEU corpus BLEU (0–100) and its signature; refs[i] lists the references of hyps[i]."""
+    import sacrebleu
+
+    n_refs = max(len(r) for r in refs)
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(n_refs)]
+    bleu = sacrebleu.metrics.BLEU()
+    score = bleu.corpus_score(list(hyps), streams)
+    return float(score.score), str(bleu.get_signature())
+
+
+def sentence_bleu(hyps: Sequence[str], refs: Refs) -> float:
+    """DiffuSeq's sentence BLEU-4 (nltk, smoothing method4, whitespace tokens), averaged, 0–1."""
+    if not hyps:
+        return 0.0
+    return statistics.fmean(_nltk_bleu([r.split() for r in rs], h.split()) for h, rs in zip(hyps, refs))
+
+
+def rouge_l(hyps: Sequence[str], refs: Refs) -> float:
+    """ROUGE-L F1 averaged over hypotheses, best reference each, 0–1."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    if not hyps:
+        return 0.0
+    return statistics.fmean(max(scorer.score(r, h)["rougeL"].fmeasure for r in rs) for h, rs in zip(hyps, refs))
+
+
+def dist_n(hyps: Sequence[str], n: int = 1) -> float:
+    """Distinct n-grams over all n-grams of the corpus (inter-sentence)."""
+    grams = [tuple(w[i:i + n]) for h in hyps for w in [h.split()] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def average_length(hyps: Sequence[str]) -> float:
+    return statistics.fmean(len(h.split()) for h in hyps) if hyps else 0.0
+
+
+def pairwise_bleu(candidates: Sequence[str]) -> list[list[float]]:
+    """m[i][j] = sentence BLEU of candidate i against candidate j as the reference (diagonal 0)."""
+    toks = [c.split() for c in candidates]
+    return [[0.0 if i == j else _nltk_bleu([toks[j]], toks[i]) for j in range(len(toks))] for i in range(len(toks))]
+
+
+def mbr_pick(candidates: Sequence[str], matrix: list[list[float]] | None = None) -> int:
+    """Minimum Bayes risk: the candidate with the highest summed BLEU against the others."""
+    m = matrix if matrix is not None else pairwise_bleu(candidates)
+    sums = [sum(row) for row in m]
+    return max(range(len(candidates)), key=lambda i: (sums[i], -i))
+
+
+def self_bleu(matrix: list[list[float]]) -> float:
+    """Mean BLEU of each candidate against each other one (lower = more diverse), 0–1."""
+    k = len(matrix)
+    if k < 2:
+        return 0.0
+    return sum(map(sum, matrix)) / (k * (k - 1))
+
+
+def div_4(candidates: Sequence[str]) -> float:
+    """Distinct 4-grams over all 4-grams of one source's candidates (higher = more diverse)."""
+    return dist_n(candidates, 4)
+
+
+def score(hyps: Sequence[str], refs: Refs) -> dict[str, float | str]:
+    """The DiffuSeq-comparable metrics plus sacreBLEU, each named by what it is."""
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} reference sets")
+    sacre, signature = corpus_bleu(hyps, refs) if hyps else (0.0, "")
+    return {
+        "sacrebleu": sacre,
+        "sentence_bleu": sentence_bleu(hyps, refs),
+        "rouge_l": rouge_l(hyps, refs),
+        "dist_1": dist_n(hyps, 1),
+        "avg_len": average_length(hyps),
+        "count": len(hyps),
+        "sacrebleu_signature": signature,
+    }

@@ -1,0 +1,88 @@
+"""The denoiser f(z_t, t) -> x0_hat and its tied word embedding (PAPER.md §1).
+
+DiffuSeq's TransformerNetModel in a few lines: up-project the hidden_dim-wide embedding space to
+the transformer width, add a learned position embedding and a sinusoidal timestep embedding
+passed through an MLP, run a bidirectional encoder, down-project back to hidden_dim. The output
+head is tied to the word embedding: logits = x · Eᵀ + bias.
+
+Our choice (named): the encoder blocks are pre-LayerNorm and call PyTorch's fused
+`scaled_dot_product_attention`; DiffuSeq uses a post-LN BERT encoder. Pre-LN trains stably at the
+larger learning rates a CPU budget needs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of integer timesteps: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, ffn), nn.GELU(), nn.Linear(ffn, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, L, W = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # 3×(B, H, L, W/H)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        h = h + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, W)))
+        return h + self.drop(self.mlp(self.norm2(h)))
+
+
+class Denoiser(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
+        c = self.config = config
+        self.embedding = nn.Embedding(c.vocab_size, c.hidden_dim)  # E, initialised N(0, 1) like DiffuSeq's
+        self.head_bias = nn.Parameter(torch.zeros(c.vocab_size))
+        self.up = nn.Sequential(nn.Linear(c.hidden_dim, c.width), nn.Tanh(), nn.Linear(c.width, c.width))
+        self.time_mlp = nn.Sequential(nn.Linear(c.time_dim, 4 * c.time_dim), nn.SiLU(), nn.Linear(4 * c.time_dim, c.width))
+        self.position = nn.Embedding(c.seq_len, c.width)
+        self.in_norm = nn.LayerNorm(c.width)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c.width, c.heads, c.ffn, c.dropout) for _ in range(c.layers))
+        self.out_norm = nn.LayerNorm(c.width)
+        self.down = nn.Sequential(nn.Linear(c.width, c.width), nn.Tanh(), nn.Linear(c.width, c.hidden_dim))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """E(w): (B, L) -> (B, L, hidden_dim)."""
+        return self.embedding(ids)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Tied head: (..., hidden_dim) -> (..., vocab)."""
+        return x @ self.embedding.weight.t() + self.head_bias
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0_hat = f(z_t, t): (B, L, hidden_dim), (B,) -> (B, L, hidden_dim)."""
+        L = z_t.shape[1]
+        h = self.up(z_t) + self.position.weight[:L] + self.time_mlp(timestep_embedding(t, self.config.time_dim))[:, None]
+        h = self.drop(self.in_norm(h))  # (B, L, W)
+        for block in self.blocks:
+            h = block(h)
+        return self.down(self.out_norm(h))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

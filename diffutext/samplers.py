@@ -1,0 +1,206 @@
+"""Samplers: a timestep schedule times an update rule, walked by one loop (PAPER.md §4).
+
+A schedule `(T, n) -> LongTensor` gives the visited timesteps, strictly descending from T−1.
+An update `(z_t, x0_hat, abar_t, abar_prev, generator) -> z_prev` moves the sample from the
+noise level of one visited timestep to the next (`abar_prev = 1` after the last, so a respaced
+update then returns x0_hat). `generate` walks the explicit (t, ᾱ_t, ᾱ_prev) triples: predict
+x0_hat, optionally snap it to the nearest word embedding (one matrix product), update, and
+re-impose the source. Adding a sampler is one function and one entry in SAMPLERS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import torch
+
+# Step shares of ADS from the least to the most noisy third of [0, T): measured constants of the
+# reference code (CODINNLG/Bridge_Gap_Diffusion), PAPER.md §4.
+ADS_SHARES = (0.08400242284240157, 0.36759523570876984, 0.5484023414488285)
+
+
+# ---- schedules: (T, n) -> strictly descending LongTensor of visited timesteps ----
+
+def full(T: int, n: int | None = None) -> torch.Tensor:
+    """Every timestep, T−1 down to 0 (n is ignored)."""
+    return torch.arange(T - 1, -1, -1)
+
+
+def uniform(T: int, n: int) -> torch.Tensor:
+    """n evenly spaced timesteps from T−1 to 0: round(i·(T−1)/(n−1))."""
+    if n < 2:
+        raise ValueError("the uniform schedule needs at least 2 steps")
+    if n > T:
+        raise ValueError(f"cannot visit {n} distinct timesteps out of T={T}")
+    return torch.tensor([round(i * (T - 1) / (n - 1)) for i in range(n - 1, -1, -1)])
+
+
+def every_kth(T: int, n: int) -> torch.Tensor:
+    """DiffuSeq's `--step n` shortcut: T−1, T−1−k, ... with k = T // n (n points; may end above 0)."""
+    if n < 1 or n > T:
+        raise ValueError(f"the skip schedule needs 1 <= steps <= T={T}")
+    k = T // n
+    return torch.arange(T - 1, -1, -k)[:n]
+
+
+def _even_points(start: int, size: int, count: int) -> list[int]:
+    """count points from start to start+size−1: start + round(i·stride), stride accumulated as a float."""
+    if count == 1:
+        return [start]
+    stride = (size - 1) / (count - 1)
+    points, cur = [], 0.0
+    for _ in range(count):
+        points.append(start + round(cur))
+        cur += stride
+    return points
+
+
+def adaptive_decay(T: int, n: int, shares: tuple[float, float, float] = ADS_SHARES) -> torch.Tensor:
+    """Adaptive Decay Sampling: few steps near the data, most at high noise (PAPER.md §4).
+
+    [0, T) is split into three contiguous thirds (sizes as numpy.array_split: 667, 667, 666 for
+    T = 2000). n1 = max(round(p1·n), 1), n2 = max(round(p2·n), 1), n3 = n − n1 − n2. The two lower
+    thirds take n_i + 1 evenly spaced points and drop the largest; the top third takes n3 points
+    from its first index to T − 1.
+    """
+    if len(shares) != 3 or any(not math.isfinite(p) or p < 0 for p in shares):
+        raise ValueError("ADS shares must be three non-negative numbers")
+    n1 = max(round(shares[0] * n), 1)
+    n2 = max(round(shares[1] * n), 1)
+    n3 = n - n1 - n2
+    if n3 < 1:
+        raise ValueError(f"ADS with {n} steps and shares {tuple(shares)} leaves no step for the noisiest third; use more steps")
+    sizes = [T // 3 + (1 if i < T % 3 else 0) for i in range(3)]
+    starts = [0, sizes[0], sizes[0] + sizes[1]]
+    points = _even_points(starts[0], sizes[0], n1 + 1)[:-1] + _even_points(starts[1], sizes[1], n2 + 1)[:-1]
+    points += [T - 1] if n3 == 1 else _even_points(starts[2], sizes[2], n3)
+    out = torch.tensor(points[::-1])
+    if len(set(points)) != len(points):
+        raise ValueError(f"ADS with {n} steps visits a timestep twice at T={T}; use fewer steps")
+    return out
+
+
+# ---- updates: (z_t, x0_hat, abar_t, abar_prev, generator) -> z_prev ----
+
+def _noise(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+
+
+def ddpm_update(z_t, x0_hat, abar_t: float, abar_prev: float, generator=None, variance: str = "large"):
+    """Ancestral step of the respaced chain: β′ = 1 − ᾱ_t/ᾱ_prev, posterior mean, variance β′ ("large",
+    DiffuSeq) or the posterior variance β′(1 − ᾱ_prev)/(1 − ᾱ_t) ("small")."""
+    beta = 1.0 - abar_t / abar_prev
+    mean = (math.sqrt(abar_prev) * beta / (1 - abar_t)) * x0_hat + (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar_t)) * z_t
+    if abar_prev >= 1.0:
+        return mean
+    var = beta if variance == "large" else beta * (1 - abar_prev) / (1 - abar_t)
+    return mean + math.sqrt(var) * _noise(z_t, generator)
+
+
+def ddim_update(z_t, x0_hat, abar_t: float, abar_prev: float, generator=None, eta: float = 0.0):
+    """DDIM (Song et al. 2021, eq. 12) from ᾱ_t to ᾱ_prev with stochasticity η."""
+    eps = (z_t - math.sqrt(abar_t) * x0_hat) / math.sqrt(1 - abar_t)
+    s2 = eta**2 * (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+    out = math.sqrt(abar_prev) * x0_hat + math.sqrt(max(1 - abar_prev - s2, 0.0)) * eps
+    if s2 > 0:
+        out = out + math.sqrt(s2) * _noise(z_t, generator)
+    return out
+
+
+# ---- samplers ----
+
+@dataclass(frozen=True)
+class Sampler:
+    """A schedule times an update. respaced=False is DiffuSeq's shortcut: each step moves only to
+    ᾱ_{t−1}, whatever the next visited timestep is."""
+
+    schedule: Callable[[int, int], torch.Tensor]
+    update: Callable = field(default=ddpm_update)
+    respaced: bool = True
+
+    def timesteps(self, T: int, steps: int) -> torch.Tensor:
+        return self.schedule(T, steps)
+
+    def triples(self, alpha_bar: torch.Tensor, steps: int) -> list[tuple[int, float, float]]:
+        """(t, ᾱ_t, ᾱ_prev) for every visited t, as host numbers: no device sync in the loop."""
+        ab = alpha_bar.double().cpu().tolist()
+        ts = self.timesteps(len(ab), steps).tolist()
+        if self.respaced:
+            prev = [ab[t] for t in ts[1:]] + [1.0]
+        else:
+            prev = [ab[t - 1] if t > 0 else 1.0 for t in ts]
+        return [(t, ab[t], p) for t, p in zip(ts, prev)]
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": Sampler(full, ddpm_update),
+    "uniform": Sampler(uniform, ddpm_update),
+    "skip": Sampler(every_kth, ddim_update, respaced=False),
+    "ddim": Sampler(uniform, ddim_update),
+    "ads": Sampler(adaptive_decay, ddpm_update),
+}
+
+
+def make_sampler(name: str, update: str = "", variance: str = "large", eta: float = 0.0,
+                 ads_shares: tuple[float, float, float] | None = None) -> Sampler:
+    """A preset of SAMPLERS with its options bound; `update` swaps the update rule (ADS × DDIM, say)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if variance not in ("large", "small"):
+        raise ValueError("variance must be large or small")
+    if eta < 0:
+        raise ValueError("eta must be >= 0")
+    base = SAMPLERS[name]
+    schedule = partial(adaptive_decay, shares=tuple(ads_shares)) if (ads_shares and base.schedule is adaptive_decay) else base.schedule
+    rule = {"": base.update, "ddpm": ddpm_update, "ddim": ddim_update}.get(update)
+    if rule is None:
+        raise ValueError(f"unknown update {update!r}; expected ddpm or ddim")
+    bound = partial(rule, variance=variance) if rule is ddpm_update else partial(rule, eta=eta)
+    return Sampler(schedule, bound, base.respaced)
+
+
+# ---- the loop ----
+
+def nearest_embedding(x: torch.Tensor, weight: torch.Tensor, half_sq_norm: torch.Tensor) -> torch.Tensor:
+    """Snap every vector of x (..., D) to its nearest row of weight (V, D) in L2, as one matmul + argmax:
+    argmin ‖x − e‖² = argmax (x·e − ½‖e‖²)."""
+    flat = x.reshape(-1, x.shape[-1])
+    idx = torch.addmm(half_sq_norm, flat, weight.t(), alpha=1.0, beta=-1.0).argmax(-1)
+    return weight[idx].view_as(x)
+
+
+@torch.inference_mode()
+def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
+            clamp: bool = True, generator: torch.Generator | None = None,
+            callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Run the reverse chain on one batch and return the final continuous sample z (B, L, D).
+
+    ids/target_mask (B, L) carry the source; target positions start from z_T ~ N(0, I), source
+    positions hold the clean source embedding throughout.
+    """
+    weight = model.embedding.weight
+    half_sq_norm = 0.5 * (weight * weight).sum(-1)
+    x_src = model.embed(ids)  # (B, L, D)
+    mask = target_mask.unsqueeze(-1)
+    z = torch.where(mask, _noise(x_src, generator), x_src)
+    t_vec = torch.empty(ids.shape[0], dtype=torch.long, device=ids.device)
+    for i, (t, abar_t, abar_prev) in enumerate(sampler.triples(alpha_bar, steps)):
+        x0_hat = model(z, t_vec.fill_(t))
+        if clamp:
+            x0_hat = nearest_embedding(x0_hat, weight, half_sq_norm)
+        z = torch.where(mask, sampler.update(z, x0_hat, abar_t, abar_prev, generator), x_src)
+        if callback is not None:
+            callback(i, t)
+    return z
+
+
+@torch.inference_mode()
+def generate(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
+             clamp: bool = True, generator: torch.Generator | None = None,
+             callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Decode one batch to token ids (B, L): the tied head's argmax on the final sample."""
+    z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback)
+    return model.logits(z).argmax(-1)

@@ -1,0 +1,109 @@
+"""Embedded tasks, folder tasks, the tokenizer and packing (PAPER.md §1)."""
+
+import json
+
+import pytest
+import torch
+
+from diffutext.data.batches import pack_split, truncate_lengths
+from diffutext.data.tasks import TaskError, check_task, embedded_pairs, load_split, validate_jsonl
+from diffutext.data.tokenizer import TokenizerError, from_str, load, train_bpe
+
+
+@pytest.mark.parametrize("task", ["bible-basic", "bible-modern"])
+def test_embedded_split_counts(task):
+    assert [len(embedded_pairs(task, s)) for s in ("train", "valid", "test")] == [8428, 491, 389]
+
+
+def test_embedded_tasks_share_sources_and_differ_in_targets():
+    basic, modern = embedded_pairs("bible-basic", "test"), embedded_pairs("bible-modern", "test")
+    assert [p["src"] for p in basic] == [p["src"] for p in modern]
+    assert sum(a["trg"] != b["trg"] for a, b in zip(basic, modern)) > 300
+    # quote characters survive (quoting is off when reading the TSV)
+    assert any('"' in p["trg"] for p in embedded_pairs("bible-modern", "train"))
+    assert basic[0]["src"] and basic[0]["trg"]
+
+
+def test_load_split_returns_a_dataset():
+    ds = load_split("bible-basic", "valid")
+    assert ds.column_names == ["src", "trg"] and len(ds) == 491
+
+
+def test_folder_task(tmp_path):
+    rows = [{"src": f"source number {i}", "trg": f"target number {i}"} for i in range(5)]
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = load_split(str(tmp_path), "test")
+    assert ds["src"] == [r["src"] for r in rows] and ds["trg"] == [r["trg"] for r in rows]
+
+
+def test_unknown_task_and_missing_folder(tmp_path):
+    with pytest.raises(TaskError, match="unknown task"):
+        check_task("wikiauto-typo")
+    with pytest.raises(TaskError, match="does not exist"):
+        check_task(str(tmp_path / "nope"))
+    with pytest.raises(TaskError, match="train.jsonl"):
+        check_task(str(tmp_path))
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "empty"),
+    (b'{"src": "a", "trg": "b"}\nnot json\n', ":2: not a JSON object"),
+    (b'{"src": "a"}\n', "missing field 'trg'"),
+    (b'{"src": 3, "trg": "b"}\n', "must be a string"),
+    (b'{"src": " ", "trg": "b"}\n', "is empty"),
+    (b'{"src": "\xff", "trg": "b"}\n', "not valid UTF-8"),
+    (b'["src", "trg"]\n', "expected a JSON object"),
+])
+def test_bad_jsonl_lines_are_named(tmp_path, content, message):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(TaskError, match=message) as e:
+        validate_jsonl(path)
+    assert str(path) in str(e.value)
+
+
+def test_bpe_training_is_deterministic():
+    texts = [p["src"] for p in embedded_pairs("bible-basic", "train")[:2000]]
+    a, b = train_bpe(texts, 500), train_bpe(texts, 500)
+    assert a.to_str() == b.to_str()
+    assert a.encode(texts[:50]) == b.encode(texts[:50])
+
+
+def test_tokenizer_round_trip_keeps_case_and_punctuation():
+    texts = [p["trg"] for p in embedded_pairs("bible-modern", "train")]
+    vocab = train_bpe(texts, 2000)
+    assert vocab.decode(vocab.encode(texts[:20])) == texts[:20]
+    again = from_str(vocab.to_str())
+    assert again.encode(texts[:5]) == vocab.encode(texts[:5]) and (again.pad, again.cls, again.sep) == (0, 2, 3)
+
+
+def test_bad_tokenizer_files(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(TokenizerError, match="not a valid tokenizer.json"):
+        load(bad)
+    with pytest.raises(TokenizerError, match="not found"):
+        load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("n_src,n_trg,budget,expect", [
+    (10, 10, 30, (10, 10)), (25, 10, 30, (20, 10)), (10, 25, 30, (10, 20)), (20, 20, 30, (15, 15)), (40, 3, 30, (27, 3)),
+])
+def test_truncation_drops_from_the_longer_side_first(n_src, n_trg, budget, expect):
+    assert truncate_lengths(n_src, n_trg, budget) == expect
+
+
+def test_packing_layout_and_target_mask():
+    ds = load_split("bible-basic", "test").select(range(8))
+    vocab = train_bpe(list(ds["src"]) + list(ds["trg"]), 300)
+    packed = pack_split(ds, vocab, seq_len=96)
+    src = vocab.encode(ds["src"])[0]
+    trg = vocab.encode(ds["trg"])[0]
+    row = packed.ids[0].tolist()
+    assert row[: len(src) + len(trg) + 3] == [vocab.cls, *src, vocab.sep, *trg, vocab.sep]
+    assert set(row[len(src) + len(trg) + 3:]) <= {vocab.pad}
+    mask = packed.target_mask[0]
+    assert not mask[: len(src) + 2].any() and mask[len(src) + 2:].all()  # everything after the first [SEP], padding included
+    inference = pack_split(ds, vocab, seq_len=96, with_target=False)
+    assert inference.ids[0, len(src) + 2:].eq(vocab.pad).all() and torch.equal(inference.target_mask[0], mask)
