@@ -22,10 +22,40 @@ from rich.table import Table
 
 from .config import DEFAULT_PRESET, PRESETS, ConfigError, SampleConfig, load_toml, resolve
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Continuous diffusion for sequence-to-sequence text: DiffuSeq + Distance Penalty + Adaptive Decay Sampling.")
+try:  # typer >= 0.2x vendors its own click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - older typer on real click
+    from click import exceptions as _click_errors
+from typer.core import TyperGroup
+
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (unknown option, bad value) become one line on stderr with exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click_errors.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except _click_errors.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            err.print(f"error: {e.format_message()}{hint}", markup=False)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Continuous diffusion for sequence-to-sequence text: DiffuSeq + Distance Penalty + Adaptive Decay Sampling.")
 
 RUNS_DIR = Path("runs")
 
@@ -92,9 +122,10 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.tasks import TaskError
     from .data.tokenizer import TokenizerError
+    from .samplers import SamplerError
     from .train import TrainError
 
-    return ConfigError, TaskError, TokenizerError, CheckpointError, TrainError
+    return ConfigError, TaskError, TokenizerError, CheckpointError, TrainError, SamplerError
 
 
 def run_guarded(fn, *args, **kwargs):

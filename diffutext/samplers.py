@@ -22,6 +22,10 @@ import torch
 ADS_SHARES = (0.08400242284240157, 0.36759523570876984, 0.5484023414488285)
 
 
+class SamplerError(ValueError):
+    """A sampler, schedule or option that cannot be used (too few steps, unknown name, ...)."""
+
+
 # ---- schedules: (T, n) -> strictly descending LongTensor of visited timesteps ----
 
 def full(T: int, n: int | None = None) -> torch.Tensor:
@@ -32,16 +36,16 @@ def full(T: int, n: int | None = None) -> torch.Tensor:
 def uniform(T: int, n: int) -> torch.Tensor:
     """n evenly spaced timesteps from T−1 to 0: round(i·(T−1)/(n−1))."""
     if n < 2:
-        raise ValueError("the uniform schedule needs at least 2 steps")
+        raise SamplerError("the uniform schedule needs at least 2 steps")
     if n > T:
-        raise ValueError(f"cannot visit {n} distinct timesteps out of T={T}")
+        raise SamplerError(f"cannot visit {n} distinct timesteps out of T={T}")
     return torch.tensor([round(i * (T - 1) / (n - 1)) for i in range(n - 1, -1, -1)])
 
 
 def every_kth(T: int, n: int) -> torch.Tensor:
     """DiffuSeq's `--step n` shortcut: T−1, T−1−k, ... with k = T // n (n points; may end above 0)."""
     if n < 1 or n > T:
-        raise ValueError(f"the skip schedule needs 1 <= steps <= T={T}")
+        raise SamplerError(f"the skip schedule needs 1 <= steps <= T={T}")
     k = T // n
     return torch.arange(T - 1, -1, -k)[:n]
 
@@ -67,19 +71,19 @@ def adaptive_decay(T: int, n: int, shares: tuple[float, float, float] = ADS_SHAR
     from its first index to T − 1.
     """
     if len(shares) != 3 or any(not math.isfinite(p) or p < 0 for p in shares):
-        raise ValueError("ADS shares must be three non-negative numbers")
+        raise SamplerError("ADS shares must be three non-negative numbers")
     n1 = max(round(shares[0] * n), 1)
     n2 = max(round(shares[1] * n), 1)
     n3 = n - n1 - n2
     if n3 < 1:
-        raise ValueError(f"ADS with {n} steps and shares {tuple(shares)} leaves no step for the noisiest third; use more steps")
+        raise SamplerError(f"ADS with {n} steps and shares {tuple(shares)} leaves no step for the noisiest third; use more steps")
     sizes = [T // 3 + (1 if i < T % 3 else 0) for i in range(3)]
     starts = [0, sizes[0], sizes[0] + sizes[1]]
     points = _even_points(starts[0], sizes[0], n1 + 1)[:-1] + _even_points(starts[1], sizes[1], n2 + 1)[:-1]
     points += [T - 1] if n3 == 1 else _even_points(starts[2], sizes[2], n3)
     out = torch.tensor(points[::-1])
     if len(set(points)) != len(points):
-        raise ValueError(f"ADS with {n} steps visits a timestep twice at T={T}; use fewer steps")
+        raise SamplerError(f"ADS with {n} steps visits a timestep twice at T={T}; use fewer steps")
     return out
 
 
@@ -148,16 +152,16 @@ def make_sampler(name: str, update: str = "", variance: str = "large", eta: floa
                  ads_shares: tuple[float, float, float] | None = None) -> Sampler:
     """A preset of SAMPLERS with its options bound; `update` swaps the update rule (ADS × DDIM, say)."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+        raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     if variance not in ("large", "small"):
-        raise ValueError("variance must be large or small")
+        raise SamplerError("variance must be large or small")
     if eta < 0:
-        raise ValueError("eta must be >= 0")
+        raise SamplerError("eta must be >= 0")
     base = SAMPLERS[name]
     schedule = partial(adaptive_decay, shares=tuple(ads_shares)) if (ads_shares and base.schedule is adaptive_decay) else base.schedule
     rule = {"": base.update, "ddpm": ddpm_update, "ddim": ddim_update}.get(update)
     if rule is None:
-        raise ValueError(f"unknown update {update!r}; expected ddpm or ddim")
+        raise SamplerError(f"unknown update {update!r}; expected ddpm or ddim")
     bound = partial(rule, variance=variance) if rule is ddpm_update else partial(rule, eta=eta)
     return Sampler(schedule, bound, base.respaced)
 

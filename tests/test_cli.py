@@ -91,11 +91,11 @@ def test_sample_uses_the_newest_run(cli_run, tmp_path, monkeypatch):
     (["train", "--task", "no-such-task"], "unknown task"),
     (["train", "--task", "/no/such/folder"], "does not exist"),
     (["train", "--preset", "huge"], "huge"),
-    (["train", "--lr", "-1"], "-1"),
-    (["train", "--max-steps", "zero"], "zero"),
+    (["train", "--lr", "-1"], "--lr"),
+    (["train", "--max-steps", "zero"], "--max-steps"),
     (["sample", "--checkpoint", "/no/such/run"], "run folder not found"),
     (["sample", "--sampler", "plms"], "plms"),
-    (["sample", "--steps", "0"], "0"),
+    (["sample", "--steps", "0"], "--steps"),
     (["ablate", "--sampler", "ads,plms"], "plms"),
     (["ablate", "--steps", "20,x"], "20,x"),
     (["evaluate", "/no/such/predictions.jsonl"], "not found"),
@@ -107,6 +107,7 @@ def test_bad_usage_exits_2_with_one_line_and_no_traceback(args, message, tmp_pat
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_sample_without_any_run_says_so(tmp_path, monkeypatch):

@@ -41,8 +41,17 @@ def test_lambda_zero_is_the_base_loss_exactly():
     mse = ((x0 - model(z_t, t)) ** 2).mean(dim=(1, 2))
     nll = F.cross_entropy(model.logits(z0).transpose(1, 2), ids, reduction="none").mean(1)
     tT = ((AB[-1].sqrt() * z0) ** 2).mean(dim=(1, 2))
-    assert torch.equal(terms["loss"], mse + nll + tT)
+    assert torch.allclose(terms["loss"], mse + nll + tT, rtol=1e-6, atol=0)
     assert set(terms) == {"loss", "mse", "decoder_nll", "tT"}
+    # λ = 0 skips the partner pass: one forward call, and the same numbers as the plain base loss
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    torch.manual_seed(7)
+    again = diffusion_loss(model, ids, mask, t, AB, dp_weight=0.0, window=WINDOW, dp_partner="reverse")
+    handle.remove()
+    torch.manual_seed(7)
+    base = diffusion_loss(model, ids, mask, t, AB)
+    assert len(calls) == 1 and torch.equal(again["loss"], base["loss"]) and torch.equal(again["loss"], terms["loss"])
 
 
 @pytest.mark.parametrize("partner", ["forward", "reverse"])

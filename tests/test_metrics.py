@@ -20,8 +20,8 @@ def test_unrelated_output_scores_near_zero():
 
 
 def test_multiple_references_take_the_best():
-    one = metrics.score(["the cat sat"], [["a dog stood"]])
-    two = metrics.score(["the cat sat"], [["a dog stood", "the cat sat"]])
+    one = metrics.score(["the cat sat on the mat"], [["a dog stood by a door"]])
+    two = metrics.score(["the cat sat on the mat"], [["a dog stood by a door", "the cat sat on the mat"]])
     assert two["rouge_l"] == pytest.approx(1.0) and two["sacrebleu"] > one["sacrebleu"]
 
 

@@ -46,9 +46,8 @@ def pack_one(src: list[int], trg: list[int] | None, seq_len: int, vocab: Vocab) 
     """
     if trg is None:
         n_src, _ = truncate_lengths(len(src), len(src), seq_len - 3)
-        trg, n_trg = [], 0
-    else:
-        n_src, n_trg = truncate_lengths(len(src), len(trg), seq_len - 3)
+        return [vocab.cls, *src[:n_src], vocab.sep], n_src + 1, n_src != len(src)
+    n_src, n_trg = truncate_lengths(len(src), len(trg), seq_len - 3)
     seq = [vocab.cls, *src[:n_src], vocab.sep, *trg[:n_trg], vocab.sep]
     return seq, n_src + 1, (n_src, n_trg) != (len(src), len(trg))
 
