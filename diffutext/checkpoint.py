@@ -5,11 +5,16 @@ runs/<name>/
   tokenizer.json
   log.jsonl              one line per logged step
   checkpoints/step-<N>/  model.safetensors, ema.safetensors (weights only),
-                         state.pt (optimizer, RNG, step; loaded with weights_only=True),
-                         manifest.json (sha256 of each file, written last)
+                         state.pt (optimizer, RNG, step, data position; loaded with weights_only=True),
+                         manifest.json (sha256 of each file and of tokenizer.json, written last)
 
-Every file is written to a temporary name, flushed, fsynced and renamed; a checkpoint without a
-valid manifest is never loaded, so a killed process never leaves a half checkpoint behind.
+A checkpoint is built in a hidden folder `checkpoints/.step-<N>.<random>.partial/`: every file is
+written to a temporary name, flushed, fsynced and renamed, the manifest last, and only then is the
+folder renamed to `step-<N>` (and the parent folder fsynced). A killed process or a full disk
+therefore leaves either the whole checkpoint or a hidden leftover that is never listed and is
+removed by the next save. A checkpoint without a valid manifest is never loaded, every file is
+checked against its sha256 before use, and `--keep K` retires old checkpoints by renaming them
+out of sight before deleting them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +36,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, validate
 from .data.tokenizer import TokenizerError, Vocab, from_str
 
 CHECKPOINTS = "checkpoints"
@@ -39,6 +45,10 @@ WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 
 class CheckpointError(ValueError):
     """A run folder or checkpoint that cannot be used; the message names the file and the problem."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, I/O error); the previous checkpoints are untouched."""
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -84,22 +94,56 @@ def init_run(run_dir: Path, config: RunConfig, vocab: Vocab) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
                     state: dict[str, Any], keep: int = 0) -> Path:
-    """Write checkpoints/step-<step>/ (manifest last); keep only the newest `keep` (0: all)."""
-    folder = Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+    """Write checkpoints/step-<step>/ (built hidden, manifest last, then renamed); keep only the newest `keep` (0: all)."""
+    root = Path(run_dir) / CHECKPOINTS
+    folder = root / f"step-{step:08d}"
     files = {
         "model.safetensors": st_save({k: v.detach().contiguous().cpu() for k, v in model_state.items()}),
         "ema.safetensors": st_save({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}),
         "state.pt": _torch_bytes(state),
     }
-    (folder / "manifest.json").unlink(missing_ok=True)  # an overwritten checkpoint is invalid until complete
-    for name, data in files.items():
-        atomic_write(folder / name, data)
-    manifest = {"step": step, "version": __version__, "files": {n: _sha256(d) for n, d in files.items()}}
-    atomic_write(folder / "manifest.json", json.dumps(manifest, indent=2).encode())
+    manifest: dict[str, Any] = {"step": step, "version": __version__, "files": {n: _sha256(d) for n, d in files.items()}}
+    tok_path = Path(run_dir) / "tokenizer.json"
+    if tok_path.is_file():
+        manifest["tokenizer_sha256"] = _sha256(tok_path.read_bytes())
+    partial = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(root)
+        partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=root))
+        for name, data in files.items():
+            atomic_write(partial / name, data)
+        atomic_write(partial / "manifest.json", json.dumps(manifest, indent=2).encode())  # the commit mark, last
+        if folder.exists():  # a step written again after a resume: retire the old folder out of sight first
+            _retire(folder)
+        os.rename(partial, folder)
+        _fsync_dir(root)
+    except BaseException as e:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+            raise CheckpointWriteError(e.errno, f"cannot write checkpoint {folder.name} ({e.strerror or e}); "
+                                                "the previous checkpoints are kept", str(run_dir)) from e
+        raise
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _retire(old)
     return folder
+
+
+def _retire(folder: Path) -> None:
+    """Remove a checkpoint folder so that it is never seen half deleted: rename it hidden, then delete."""
+    hidden = folder.with_name(f".{folder.name}.{os.getpid()}.{time.monotonic_ns()}.old")
+    os.rename(folder, hidden)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Hidden folders of saves that were killed (or of deletions that were) before they finished."""
+    for p in root.iterdir():
+        if p.name.startswith(".step-") and p.name.endswith((".partial", ".old")) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -111,6 +155,28 @@ def _torch_bytes(obj: Any) -> bytes:
 def append_log(run_dir: Path, record: dict[str, Any]) -> None:
     with open(Path(run_dir) / "log.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(run_dir: Path, step: int) -> int:
+    """On resume from `step`: keep only whole log records of steps <= step (a kill may leave a torn last
+    line, and the steps after the checkpoint are about to be trained again). Returns the records dropped."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+        except json.JSONDecodeError:
+            ok = False
+        if ok:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+    return dropped
 
 
 # ---- reading ----
@@ -150,13 +216,20 @@ class Checkpoint:
             raise CheckpointError(f"unknown weights {which!r}; expected ema or model")
         return self._read_weights(f"{which}.safetensors")
 
-    def state(self) -> dict[str, Any]:
+    def state(self, mmap: bool = False) -> dict[str, Any]:
+        """Optimizer/RNG/step state, checked against the manifest and unpickled with weights_only=True
+        (tensors and plain containers only: a pickle that names any other callable is refused, not run).
+        mmap=True maps tensor storage instead of reading it (a cheap safety check of the file)."""
         path = self.folder / "state.pt"
-        data = self._verified(path)
+        data = self._verified(path, keep=not mmap)
         try:
-            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            source = str(path) if mmap else io.BytesIO(data)
+            state = torch.load(source, weights_only=True, map_location="cpu", mmap=mmap)
         except Exception as e:  # the unpickler rejects anything but tensors and plain containers
             raise CheckpointError(f"{path}: refused to load ({str(e).splitlines()[0][:160]})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: expected a dict of training state, got {type(state).__name__}")
+        return state
 
     def _read_weights(self, name: str) -> dict[str, torch.Tensor]:
         path = self.folder / name
@@ -166,15 +239,23 @@ class Checkpoint:
         except (SafetensorError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
 
-    def _verified(self, path: Path) -> bytes:
+    def _verified(self, path: Path, keep: bool = True) -> bytes:
+        """The file's bytes (or b"" with keep=False: hashed in chunks), after checking its sha256 against the manifest."""
+        digest, chunks = hashlib.sha256(), []
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    if keep:
+                        chunks.append(chunk)
         except FileNotFoundError:
             raise CheckpointError(f"{path}: missing from the checkpoint") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
         expected = self.manifest["files"].get(path.name)
-        if expected != _sha256(data):
-            raise CheckpointError(f"{path}: checksum does not match manifest.json (corrupted or replaced file)")
-        return data
+        if expected != digest.hexdigest():
+            raise CheckpointError(f"{path}: checksum does not match manifest.json (corrupted, truncated or replaced file)")
+        return b"".join(chunks)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -186,6 +267,10 @@ def _read_json(path: Path) -> dict[str, Any]:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, expected a JSON file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
@@ -193,21 +278,36 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
+def read_config(run_dir: Path) -> RunConfig:
+    """The run's config.json, validated; CheckpointError naming the file otherwise."""
+    path = Path(run_dir) / "config.json"
+    try:
+        config = RunConfig.from_dict(_read_json(path))
+        validate(config)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if config.model.vocab_size < 1:
+        raise CheckpointError(f"{path}: model.vocab_size is not set")
+    return config
+
+
 def open_run(run_dir: Path, step: int | None = None) -> Checkpoint:
     """The newest (or given) valid checkpoint of a run folder, with its config and tokenizer."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: run folder not found")
-    try:
-        config = RunConfig.from_dict(_read_json(run_dir / "config.json"))
-    except ConfigError as e:
-        raise CheckpointError(f"{run_dir / 'config.json'}: {e}") from None
+    config = read_config(run_dir)
     tok_path = run_dir / "tokenizer.json"
     try:
-        vocab = from_str(tok_path.read_text(encoding="utf-8"), str(tok_path))
+        tok_bytes = tok_path.read_bytes()
+        vocab = from_str(tok_bytes.decode("utf-8"), str(tok_path))
     except FileNotFoundError:
         raise CheckpointError(f"{tok_path}: file not found") from None
-    except (TokenizerError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{tok_path}: not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise CheckpointError(f"{tok_path}: cannot read ({e.strerror})") from None
+    except TokenizerError as e:
         raise CheckpointError(str(e)) from None
     if vocab.size != config.model.vocab_size:
         raise CheckpointError(f"{tok_path}: tokenizer has {vocab.size} entries but the model was built for {config.model.vocab_size}")
@@ -218,8 +318,15 @@ def open_run(run_dir: Path, step: int | None = None) -> Checkpoint:
         raise CheckpointError(f"{run_dir}: no complete checkpoint{'' if step is None else f' at step {step}'} (missing manifest.json)")
     folder = ckpts[-1]
     manifest = _read_json(folder / "manifest.json")
-    if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("step"), int):
-        raise CheckpointError(f"{folder / 'manifest.json'}: malformed manifest")
+    files = manifest.get("files")
+    if (not isinstance(files, dict) or not isinstance(manifest.get("step"), int) or isinstance(manifest["step"], bool)
+            or not set(WEIGHT_FILES + ("state.pt",)) <= set(files) or not all(isinstance(v, str) for v in files.values())):
+        raise CheckpointError(f"{folder / 'manifest.json'}: malformed manifest (expected step and a sha256 for each file)")
+    if folder.name != f"step-{manifest['step']:08d}":
+        raise CheckpointError(f"{folder / 'manifest.json'}: says step {manifest['step']} but lies in {folder.name}")
+    expected_tok = manifest.get("tokenizer_sha256")
+    if expected_tok is not None and expected_tok != _sha256(tok_bytes):
+        raise CheckpointError(f"{tok_path}: not the tokenizer this checkpoint was trained with (sha256 differs from {folder.name}/manifest.json)")
     return Checkpoint(run_dir, folder, config, vocab, manifest["step"])
 
 

@@ -3,13 +3,16 @@
 Each command parses its options, builds configs, calls one engine function and renders the result
 with rich (the only module that prints). Heavy imports (torch, datasets) happen inside the
 commands so `--help` answers at once. Exit codes: 0 success, 2 bad usage or bad input (one line on
-stderr), 1 unexpected failure.
+stderr), 1 unexpected failure (and a NaN loss, a full disk: one line too). `train` stops gracefully on
+SIGINT/SIGTERM (a checkpoint, then exit 130/143 with the command that resumes); see interrupt.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import sys
 import time
 from enum import Enum
@@ -48,7 +51,10 @@ class _OneLineErrors(TyperGroup):
             hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
             err.print(f"error: {e.format_message()}{hint}", markup=False)
             sys.exit(e.exit_code)
-        except typer.Abort:
+        except typer.Abort as e:
+            if isinstance(e.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+                err.print("interrupted")
+                sys.exit(130)
             err.print("aborted")
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -128,6 +134,15 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, TaskError, TokenizerError, CheckpointError, TrainError, SamplerError
 
 
+def _os_error(e: OSError) -> None:
+    """One line for a failed file operation: exit 1 when the machine ran out of something (disk, quota, I/O),
+    2 when the path given was unusable (missing, not a folder, no permission, name too long)."""
+    import errno
+
+    where = f"{e.filename}: " if e.filename else ""
+    fail(f"{where}{e.strerror or e}", code=1 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.ENOMEM) else 2)
+
+
 def run_guarded(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
@@ -137,6 +152,8 @@ def run_guarded(fn, *args, **kwargs):
         fail(str(e))
     except FloatingPointError as e:
         fail(str(e), code=1)
+    except OSError as e:
+        _os_error(e)
 
 
 # ---------------------------------------------------------------- train
@@ -162,7 +179,10 @@ def train(
     seed: Annotated[Optional[int], typer.Option()] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<task>-<preset>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run folder in --out; the old one is kept aside until the new run's first checkpoint.")] = False,
     keep: Annotated[int, typer.Option(min=0, help="Keep only the newest K checkpoints (0: all).")] = 0,
+    save_every: Annotated[Optional[int], typer.Option(min=0, help="Checkpoint every N steps (0: only at the end).")] = None,
+    detect_anomaly: Annotated[bool, typer.Option(help="Autograd anomaly detection (slow): name the operation that made a NaN.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Train a diffusion model (with no options: the embedded bible-basic task, small preset)."""
@@ -180,7 +200,7 @@ def train(
                   "distance_penalty": distance_penalty, "dp_window": dp_window,
                   "dp_partner": dp_partner.value if dp_partner else None, "init_from": str(init_from) if init_from else None,
                   "tokenizer": str(tokenizer) if tokenizer else None, "vocab_size": vocab_size,
-                  "precision": precision.value if precision else None, "seed": seed}
+                  "precision": precision.value if precision else None, "seed": seed, "save_every": save_every}
     overrides["train"].update({k: v for k, v in train_over.items() if v is not None})
     if diffusion_steps is not None:
         overrides["diffusion"]["T"] = diffusion_steps
@@ -195,12 +215,67 @@ def train(
     run_guarded(check_task, cfg.train.task)
     if resume and out_dir is None:
         fail("--resume needs --out RUN_DIR (the run to continue)")
+    if resume and overwrite:
+        fail("give --resume (continue the run) or --overwrite (replace it), not both")
     run_dir = out_dir or RUNS_DIR / f"{_task_label(cfg.train.task)}-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if resume and (run_dir / "config.json").is_file():
+        cfg = _resume_limits(cfg, run_dir, overrides["train"])
+    from .interrupt import StopSignals
     from .train import train as train_run
 
-    with _TrainView() as view:
-        run_guarded(train_run, cfg, run_dir, resume=resume, device=device, callback=view, keep=keep)
+    aside = _set_aside(run_dir) if overwrite else None
+    resume_cmd = " ".join(["diffutext", "train", "--out", shlex.quote(str(run_dir)), "--resume"]
+                          + (["--keep", str(keep)] if keep else []) + (["--device", shlex.quote(device)] if device != "auto" else []))
+    last_step = [0]
+
+    def on_event(event: str, info: dict[str, Any]) -> None:
+        view(event, info)
+        last_step[0] = info.get("step", last_step[0])
+        if event == "save" and aside is not None and aside.exists():
+            shutil.rmtree(aside, ignore_errors=True)  # the new run has a checkpoint: the old one can go
+
+    with StopSignals() as stop, _TrainView() as view:
+        try:
+            run_guarded(train_run, cfg, run_dir, resume=resume, device=device, callback=on_event, keep=keep,
+                        should_stop=stop.requested, detect_anomaly=detect_anomaly)
+        except KeyboardInterrupt:
+            err.print(f"stopped at once by a second {stop.name or 'SIGINT'}, no checkpoint of the current step; "
+                      f"resume from the last one with: {resume_cmd}", markup=False)
+            raise typer.Exit(stop.exit_code if stop.signum else 130)
+        finally:
+            if aside is not None and aside.exists():  # the new run failed before its first checkpoint: put the old one back
+                shutil.rmtree(run_dir, ignore_errors=True)
+                os.rename(aside, run_dir)
+    if stop.requested():
+        err.print(f"stopped by {stop.name} at step {last_step[0]}, checkpoint saved; resume with: {resume_cmd}", markup=False)
+        raise typer.Exit(stop.exit_code)
     out.print(f"run folder: {run_dir}")
+
+
+def _resume_limits(cfg, run_dir: Path, explicit: dict[str, Any]):
+    """On --resume the run's own step/time limits hold unless given again (a bare `--resume` finishes the run)."""
+    from dataclasses import replace
+
+    from .checkpoint import read_config
+
+    stored = run_guarded(read_config, run_dir).train
+    limits = {k: getattr(stored, k) for k in ("max_steps", "max_minutes") if k not in explicit}
+    return replace(cfg, train=replace(cfg.train, **limits))
+
+
+def _set_aside(run_dir: Path) -> Optional[Path]:
+    """--overwrite: rename an existing run folder to a hidden sibling (deleted after the new run's first checkpoint)."""
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return None
+    if not run_dir.is_dir() or not (run_dir / "config.json").is_file():
+        fail(f"--overwrite: {run_dir} is not a diffutext run folder (no config.json); refusing to replace it")
+    aside = run_dir.with_name(f".{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    try:
+        os.rename(run_dir, aside)
+    except OSError as e:
+        _os_error(e)
+    err.print(f"--overwrite: moved {run_dir} aside to {aside}; it is deleted once the new run writes its first checkpoint", markup=False)
+    return aside
 
 
 def _task_label(task: str) -> str:
@@ -343,7 +418,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         atomic_write(path, text.encode("utf-8"))
     except OSError as e:
-        fail(f"{path}: cannot write ({e.strerror})")
+        _os_error(OSError(e.errno, f"cannot write ({e.strerror or e})", str(path)))
 
 
 # ---------------------------------------------------------------- sample

@@ -35,6 +35,7 @@ class Loaded:
 
 def load_model(run_dir: Path, weights: str = "ema", device: torch.device | str = "cpu") -> Loaded:
     ck = open_run(Path(run_dir))
+    ck.state(mmap=True)  # refuse a tampered checkpoint even though decoding needs no optimizer state (nothing is unpickled unsafely)
     model = Denoiser(ck.config.model)
     load_weights(model, ck.weights(weights), str(ck.folder / f"{weights}.safetensors"))
     device = torch.device(device)

@@ -5,6 +5,13 @@ and runs AdamW with warm-up, gradient clipping and (optionally) the Distance Pen
 the run folder of `checkpoint.py` and reports progress through a callback: the engine never
 prints. `--resume` restores weights, EMA, optimizer, RNG and data position; `init_from` starts a
 fresh run (new optimizer, step 0) from another run's weights, the paper's "post-training".
+
+Reliability (issue 6): a resumed run replays exactly (CPU: bitwise) what the run left alone would
+have done, including the partial log window, and log.jsonl is cut back to the checkpoint's step;
+`should_stop` (polled once per step) ends the run with a checkpoint; a NaN/inf loss, gradient
+norm or weight raises FloatingPointError naming the step and the terms and never reaches a
+checkpoint. With max_minutes the learning rate decays by wall time, which no resume can replay
+bitwise: exact resume holds for step-limited runs.
 """
 
 from __future__ import annotations
@@ -33,6 +40,18 @@ Callback = Callable[[str, dict[str, Any]], None]
 
 class TrainError(ValueError):
     """Bad training input (run folder, resume, init run); one clear line."""
+
+
+def _check_finite(step: int, bad_step: torch.Tensor, sums: dict[str, Any], *modules: torch.nn.Module) -> None:
+    """Raise FloatingPointError if any step so far had a non-finite loss or gradient norm, or a weight is not finite."""
+    first = int(bad_step.item())
+    if first < 0 and all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters()):
+        return
+    terms = [f"{k}={float(v):g}" for k, v in sums.items() if not math.isfinite(float(v))]
+    where = f"step {first}" if first >= 0 else f"by step {step}"
+    what = f"non-finite loss terms ({', '.join(terms)})" if terms else "non-finite loss or weights"
+    raise FloatingPointError(f"{where}: {what}; training stopped and the last good checkpoint is kept "
+                             "(try a lower --lr; --detect-anomaly finds the operation)")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -150,18 +169,38 @@ def validation_loss(model, data: Packed, config: RunConfig, alpha_bar, device, w
 
 
 def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str = "auto",
-          callback: Callback | None = None, keep: int = 0) -> Path:
+          callback: Callback | None = None, keep: int = 0, should_stop: Callable[[], bool] | None = None,
+          detect_anomaly: bool = False) -> Path:
+    """Train (or resume) a run; `should_stop()` is polled once per step and, when true, ends the run with a
+    checkpoint (the caller decides why: a signal, a deadline); `detect_anomaly` runs autograd's anomaly mode."""
+    with torch.autograd.set_detect_anomaly(detect_anomaly):
+        try:
+            return _train(config, run_dir, resume=resume, device=device, callback=callback, keep=keep,
+                          should_stop=should_stop)
+        except RuntimeError as e:
+            if detect_anomaly and "nan" in str(e).lower():
+                raise FloatingPointError(f"autograd anomaly: {str(e).splitlines()[0]}; the last good checkpoint is kept") from e
+            raise
+
+
+def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callback: Callback | None, keep: int,
+           should_stop: Callable[[], bool] | None) -> Path:
     emit = callback or (lambda event, info: None)
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     t_cfg = config.train
 
+    restart = False
+    if resume and not ckpt.list_checkpoints(run_dir):
+        if not (run_dir / "config.json").is_file():
+            raise TrainError(f"--resume: {run_dir} is not a run folder (no config.json); nothing to resume")
+        resume, restart = False, True  # killed before its first checkpoint: start it over in place
     if resume:
         prior = ckpt.open_run(run_dir)
         config = replace(prior.config, train=replace(prior.config.train, max_steps=t_cfg.max_steps,
                                                        max_minutes=t_cfg.max_minutes))
         t_cfg = config.train
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif not restart and run_dir.exists() and any(run_dir.iterdir()):
         raise TrainError(f"run folder {run_dir} already exists and is not empty; pass --resume to continue it or choose another --out")
 
     torch.manual_seed(t_cfg.seed)
@@ -193,6 +232,8 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
     window = tuple(w.to(dev) for w in dp_window(alpha_bar_table(config.diffusion.schedule, config.diffusion.T), t_cfg.dp_window))
 
     step, elapsed_before = 0, 0.0
+    sums: dict[str, torch.Tensor] = {}
+    window_steps = 0
     batches = Batches(data.train, t_cfg.batch_size, t_cfg.seed)
     if resume:
         ckpt.load_weights(model, prior.weights("model"), str(prior.folder))
@@ -202,12 +243,20 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
         step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
         batches = Batches(data.train, t_cfg.batch_size, t_cfg.seed, **state["data"])
         _set_rng_state(state["rng"])
+        log_window = state.get("log_window", {})  # the partial log window, so the next record averages the same steps
+        sums = {k: v.to(dev) for k, v in log_window.get("sums", {}).items()}
+        window_steps = int(log_window.get("steps", 0))
+        ckpt.truncate_log(run_dir, step)
     else:
         ckpt.init_run(run_dir, config, vocab)
+        if restart:
+            ckpt.truncate_log(run_dir, 0)
 
     def save() -> None:
+        _check_finite(step, bad_step, sums, model, ema)  # a checkpoint never holds NaN weights
         state = {"optimizer": opt.state_dict(), "step": step, "rng": _rng_state(), "data": batches.position(),
-                 "elapsed": elapsed_before + (time.perf_counter() - start)}
+                 "elapsed": elapsed_before + (time.perf_counter() - start),
+                 "log_window": {"sums": {k: torch.as_tensor(v).detach().cpu() for k, v in sums.items()}, "steps": window_steps}}
         folder = ckpt.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), state, keep=keep)
         emit("save", {"step": step, "path": str(folder)})
 
@@ -217,13 +266,16 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
     model.train()
     start = time.perf_counter()
     budget = t_cfg.max_minutes * 60.0
-    sums: dict[str, torch.Tensor] = {}
-    window_start, window_steps = time.perf_counter(), 0
+    window_start = time.perf_counter()
     tokens_per_step = t_cfg.batch_size * config.model.seq_len
     last_saved = step
+    bad_step = torch.tensor(-1, device=dev)  # first step with a non-finite loss or grad norm, tracked without a sync
     while step < t_cfg.max_steps:
         elapsed = elapsed_before + time.perf_counter() - start
         if budget and elapsed >= budget:
+            break
+        if should_stop is not None and should_stop():
+            emit("stop", {"step": step})
             break
         progress = max(step / t_cfg.max_steps, elapsed / budget if budget else 0.0)
         lr = lr_at(step, config, progress)
@@ -241,6 +293,8 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf"))
         opt.step()
         step += 1
+        bad_step = torch.where((bad_step < 0) & ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm.detach())),
+                               step, bad_step)
         _ema_update(ema, model, min(t_cfg.ema_decay, (1 + step) / (10 + step)))
 
         for k, v in terms.items():
@@ -249,12 +303,10 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
         window_steps += 1
         if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
             now = time.perf_counter()
+            _check_finite(step, bad_step, sums)
             record = {"step": step, **{k: (v / window_steps).item() for k, v in sums.items()}, "lr": lr,
                       "tokens_per_s": tokens_per_step * window_steps / max(now - window_start, 1e-9),
                       "elapsed_s": elapsed_before + now - start}
-            bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
-            if bad:
-                raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)}; the last good checkpoint is kept")
             ckpt.append_log(run_dir, record)
             emit("log", record)
             sums, window_start, window_steps = {}, now, 0
