@@ -50,7 +50,7 @@ def _check_finite(step: int, bad_step: torch.Tensor, sums: dict[str, Any], *modu
     terms = [f"{k}={float(v):g}" for k, v in sums.items() if not math.isfinite(float(v))]
     where = f"step {first}" if first >= 0 else f"by step {step}"
     what = f"non-finite loss terms ({', '.join(terms)})" if terms else "non-finite loss or weights"
-    raise FloatingPointError(f"{where}: {what}; training stopped and the last good checkpoint is kept "
+    raise FloatingPointError(f"{where}: {what}; training stopped, no checkpoint written after it "
                              "(try a lower --lr; --detect-anomaly finds the operation)")
 
 
@@ -179,7 +179,8 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
                           should_stop=should_stop)
         except RuntimeError as e:
             if detect_anomaly and "nan" in str(e).lower():
-                raise FloatingPointError(f"autograd anomaly: {str(e).splitlines()[0]}; the last good checkpoint is kept") from e
+                raise FloatingPointError(f"autograd anomaly: {str(e).splitlines()[0].rstrip('.')}; training stopped, "
+                                         "no checkpoint written after it (the forward trace is printed above)") from e
             raise
 
 
