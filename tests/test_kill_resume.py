@@ -69,7 +69,7 @@ def start_and_wait(cmd, run: Path, target: int) -> subprocess.Popen | None:
     deadline = time.monotonic() + 600
     while last_logged_step(run) < target:
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.communicate(timeout=60)
+            proc.communicate(timeout=300)
             return None
         time.sleep(0.005)
     return proc
@@ -102,7 +102,7 @@ def test_sigkill_at_random_steps_five_times_then_resume_is_bitwise_equal(setup):
         proc = start_and_wait(cmd, run, target)
         assert proc is not None, f"the run finished before kill {i + 1} (target step {target})"
         proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+        proc.communicate(timeout=300)
         assert proc.returncode == -signal.SIGKILL
         ckpts = list_checkpoints(run)
         kills.append((last_logged_step(run), int(ckpts[-1].name.split("-")[1]) if ckpts else 0))
@@ -120,7 +120,7 @@ def test_sigterm_and_sigint_save_exit_and_print_the_resume_command(setup, sig, c
     proc = start_and_wait(args + ["--out", str(run)], run, 40)
     assert proc is not None
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == code, stderr
     last = stderr.strip().splitlines()[-1]
     assert "Traceback" not in stderr
