@@ -8,6 +8,7 @@ size, PAPER.md §1). A run folder stores the resolved configs as JSON (`RunConfi
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -184,15 +185,24 @@ def resolve(preset: str, overrides: dict[str, dict[str, Any]] | None = None) -> 
     return config
 
 
+MAX_T = 100_000  # far above the paper's 2000; a typo like 20000000 would spend minutes building the ᾱ table
+MAX_SEED = 2**32  # torch and the data order (seed * 1_000_003 + epoch) need it to fit 64 bits
+
+
 def validate(config: RunConfig) -> None:
     m, d, t = config.model, config.diffusion, config.train
+    for section in (m, d, t):  # nan/inf from a flag or TOML would only surface as a NaN loss much later
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{type(section).__name__}.{f.name} must be a finite number, got {value}")
     checks = [
         (m.hidden_dim > 0 and m.width > 0 and m.layers > 0 and m.ffn > 0, "model sizes must be positive"),
         (m.heads > 0 and m.width % m.heads == 0, f"model.width ({m.width}) must be a multiple of model.heads ({m.heads})"),
         (m.time_dim > 0 and m.time_dim % 2 == 0, "model.time_dim must be a positive even number"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (m.seq_len >= 8, "model.seq_len must be at least 8"),
-        (d.T >= 2, "diffusion.T must be at least 2"),
+        (2 <= d.T <= MAX_T, f"diffusion.T must be between 2 and {MAX_T}"),
         (d.schedule in ("sqrt", "linear", "cosine"), "diffusion.schedule must be sqrt, linear or cosine"),
         (d.timestep_sampler in ("uniform", "lossaware"), "diffusion.timestep_sampler must be uniform or lossaware"),
         (t.max_steps > 0, "train.max_steps must be positive"),
@@ -208,6 +218,7 @@ def validate(config: RunConfig) -> None:
         (t.eval_every >= 0 and t.save_every >= 0 and t.log_every > 0, "eval_every/save_every must be >= 0, log_every > 0"),
         (t.eval_batches > 0, "train.eval_batches must be positive"),
         (t.vocab_size >= 50, "train.vocab_size must be at least 50"),
+        (0 <= t.seed < MAX_SEED, f"train.seed must be in [0, {MAX_SEED})"),
         (t.distance_penalty >= 0, "train.distance_penalty (λ) must be >= 0: it is a positive weight"),
         (t.dp_window > 0, "train.dp_window (δ) must be positive"),
         (t.dp_partner in ("forward", "reverse"), "train.dp_partner must be forward or reverse"),

@@ -29,7 +29,9 @@ def betas(schedule: str, T: int) -> torch.Tensor:
         scale = 1000.0 / T
         return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
     f = _alpha_bar_fn(schedule)
-    return torch.tensor([min(1.0 - f((i + 1) / T) / f(i / T), MAX_BETA) for i in range(T)], dtype=torch.float64)
+    # ᾱ(s) of the sqrt schedule reaches 0 at s = 0.9999: for T > 10000 cap β there instead of dividing by <= 0
+    return torch.tensor([min(1.0 - f((i + 1) / T) / f(i / T), MAX_BETA) if f(i / T) > 0 else MAX_BETA for i in range(T)],
+                        dtype=torch.float64)
 
 
 def alpha_bar_table(schedule: str, T: int) -> torch.Tensor:

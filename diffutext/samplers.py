@@ -70,8 +70,10 @@ def adaptive_decay(T: int, n: int, shares: tuple[float, float, float] = ADS_SHAR
     thirds take n_i + 1 evenly spaced points and drop the largest; the top third takes n3 points
     from its first index to T − 1.
     """
-    if len(shares) != 3 or any(not math.isfinite(p) or p < 0 for p in shares):
-        raise SamplerError("ADS shares must be three non-negative numbers")
+    if len(shares) != 3 or any(not math.isfinite(p) or p < 0 or p > 1 for p in shares):
+        raise SamplerError("ADS shares must be three numbers in [0, 1] (fractions of the steps)")
+    if n > T:  # before building any list: a huge n must fail at once, not after allocating it
+        raise SamplerError(f"cannot visit {n} distinct timesteps out of T={T}")
     n1 = max(round(shares[0] * n), 1)
     n2 = max(round(shares[1] * n), 1)
     n3 = n - n1 - n2
@@ -155,8 +157,8 @@ def make_sampler(name: str, update: str = "", variance: str = "large", eta: floa
         raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     if variance not in ("large", "small"):
         raise SamplerError("variance must be large or small")
-    if eta < 0:
-        raise SamplerError("eta must be >= 0")
+    if not (0 <= eta < math.inf):
+        raise SamplerError("eta must be a finite number >= 0")
     base = SAMPLERS[name]
     schedule = partial(adaptive_decay, shares=tuple(ads_shares)) if (ads_shares and base.schedule is adaptive_decay) else base.schedule
     rule = {"": base.update, "ddpm": ddpm_update, "ddim": ddim_update}.get(update)
