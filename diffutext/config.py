@@ -186,6 +186,8 @@ def resolve(preset: str, overrides: dict[str, dict[str, Any]] | None = None) -> 
 
 
 MAX_T = 100_000  # far above the paper's 2000; a typo like 20000000 would spend minutes building the ᾱ table
+MAX_SIZE, MAX_LAYERS = 65_536, 1024  # far above any real model here; 10**25 layers would hang building modules
+MAX_VOCAB = 1_000_000  # the Rust BPE trainer aborts the whole process (no exception) at 2**31
 MAX_SEED = 2**32  # torch and the data order (seed * 1_000_003 + epoch) need it to fit 64 bits
 
 
@@ -198,6 +200,8 @@ def validate(config: RunConfig) -> None:
                 raise ConfigError(f"{type(section).__name__}.{f.name} must be a finite number, got {value}")
     checks = [
         (m.hidden_dim > 0 and m.width > 0 and m.layers > 0 and m.ffn > 0, "model sizes must be positive"),
+        (max(m.hidden_dim, m.width, m.ffn, m.time_dim, m.seq_len) <= MAX_SIZE and m.layers <= MAX_LAYERS,
+         f"model sizes must be at most {MAX_SIZE} (layers at most {MAX_LAYERS})"),
         (m.heads > 0 and m.width % m.heads == 0, f"model.width ({m.width}) must be a multiple of model.heads ({m.heads})"),
         (m.time_dim > 0 and m.time_dim % 2 == 0, "model.time_dim must be a positive even number"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
@@ -217,7 +221,7 @@ def validate(config: RunConfig) -> None:
         (t.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
         (t.eval_every >= 0 and t.save_every >= 0 and t.log_every > 0, "eval_every/save_every must be >= 0, log_every > 0"),
         (t.eval_batches > 0, "train.eval_batches must be positive"),
-        (t.vocab_size >= 50, "train.vocab_size must be at least 50"),
+        (50 <= t.vocab_size <= MAX_VOCAB, f"train.vocab_size must be between 50 and {MAX_VOCAB}"),
         (0 <= t.seed < MAX_SEED, f"train.seed must be in [0, {MAX_SEED})"),
         (t.distance_penalty >= 0, "train.distance_penalty (λ) must be >= 0: it is a positive weight"),
         (t.dp_window > 0, "train.dp_window (δ) must be positive"),
