@@ -51,10 +51,7 @@ class _OneLineErrors(TyperGroup):
             hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
             err.print(f"error: {e.format_message()}{hint}", markup=False)
             sys.exit(e.exit_code)
-        except typer.Abort as e:
-            if isinstance(e.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-                err.print("interrupted")
-                sys.exit(130)
+        except typer.Abort:
             err.print("aborted")
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -169,7 +166,7 @@ def train(
     preset: Annotated[Preset, typer.Option(help="Model and training preset.")] = Preset(DEFAULT_PRESET),
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with [model], [diffusion], [train] overrides.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps.")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option(min=0, help="Stop after this much wall time (the lr decays by time too).")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(min=0, help="Stop after this much wall time (the lr decays by time too, so a resumed run is not bitwise the same).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     lr: Annotated[Optional[float], typer.Option(min=0, help="Peak learning rate.")] = None,
     distance_penalty: Annotated[Optional[float], typer.Option(min=0, help="λ of the Distance Penalty (0: the base DiffuSeq loss).")] = None,

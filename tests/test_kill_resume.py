@@ -168,3 +168,17 @@ def test_a_second_sigint_in_the_cli_stops_at_once_with_130(tmp_path, monkeypatch
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("stopped at once by a second SIGINT") and "--resume" in last
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_sample_exits_130_and_keeps_the_previous_output(tiny_run, tmp_path, monkeypatch):
+    import diffutext.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffutext.evaluate, "decode", interrupted)
+    out = tmp_path / "o.jsonl"
+    out.write_text("previous\n")
+    result = invoke("sample", "--checkpoint", tiny_run, "--steps", 4, "--limit", 1, "--device", "cpu", "--out", out)
+    assert result.exit_code == 130 and "Traceback" not in result.output  # typer turns Ctrl-C into exit 130
+    assert out.read_text() == "previous\n"
