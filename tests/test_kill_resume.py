@@ -4,7 +4,8 @@ SLOW (about a minute, ~10 interpreter start-ups): a `python -m diffutext train` 
 random steps 5 times, resumed after each kill, and must end with the same model and EMA weights,
 bitwise, as the same run left alone, and the same log.jsonl (no duplicated or torn records).
 SIGTERM / SIGINT stop a run with a checkpoint, exit 143 / 130 and print the command that resumes it;
-running that command finishes the run, again bitwise equal. Select with `-m slow`, skip with `-m "not slow"`.
+running that command finishes the run, again bitwise equal. Those three are marked `slow` (select with
+`-m slow`, skip with `-m "not slow"`); the signal-handler tests at the end run in process, in a second.
 """
 
 import json
@@ -24,7 +25,13 @@ from diffutext.checkpoint import list_checkpoints, open_run
 
 from _reliability import invoke
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # generous: the machine is shared
+SLOW = [pytest.mark.slow, pytest.mark.timeout(1200)]  # generous: the machine is shared
+
+
+def slow(test):
+    for mark in SLOW:
+        test = mark(test)
+    return test
 
 MAX_STEPS, SAVE_EVERY = 120, 7  # save_every not a multiple of log_every: resumes replay part of a log window
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -90,6 +97,7 @@ def assert_same_run(a_dir: Path, b_dir: Path) -> None:
     assert records(a_dir) == records(b_dir)
 
 
+@slow
 def test_sigkill_at_random_steps_five_times_then_resume_is_bitwise_equal(setup):
     root, args, whole = setup
     run = root / "killed"
@@ -113,6 +121,7 @@ def test_sigkill_at_random_steps_five_times_then_resume_is_bitwise_equal(setup):
     assert_same_run(whole, run)
 
 
+@slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_save_exit_and_print_the_resume_command(setup, sig, code):
     root, args, whole = setup
