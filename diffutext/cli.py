@@ -276,11 +276,6 @@ def _set_aside(run_dir: Path) -> Optional[Path]:
         os.rename(run_dir, aside)
     except OSError as e:
         _os_error(e)
-    except (MemoryError, RuntimeError) as e:
-        text = str(e) or type(e).__name__
-        if isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
-            fail(f"out of memory: {text.splitlines()[0][:200]} (try a smaller --batch-size or model)", code=1)
-        raise
     err.print(f"--overwrite: moved {run_dir} aside to {aside}; it is deleted once the new run writes its first checkpoint", markup=False)
     return aside
 
