@@ -30,6 +30,9 @@ from typer.core import TyperGroup
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+for _console in (out, err):
+    if not _console.is_terminal:  # logs and pipes: wide enough that tables never truncate
+        _console.width = 200
 
 
 class _OneLineErrors(TyperGroup):
@@ -500,58 +503,101 @@ def evaluate(
 
 # ---------------------------------------------------------------- ablate
 
+def _split_list(value: str, option: str, convert):
+    try:
+        items = [convert(x.strip()) for x in value.split(",") if x.strip()]
+    except ValueError:
+        items = []
+    if not items:
+        fail(f"{option} takes a comma-separated list; got {value!r}")
+    return items
+
+
 @app.command()
 def ablate(
-    checkpoint: CheckpointOpt = None,
-    samplers: Annotated[str, typer.Option("--sampler", help="Comma-separated samplers.")] = "ddpm,skip,uniform,ddim,ads",
-    steps: Annotated[str, typer.Option("--steps", help="Comma-separated step counts (ddpm always runs the full T once).")] = "20,10,5",
+    checkpoints: Annotated[Optional[list[Path]], typer.Option("--checkpoint", help="Run folder; repeat to compare runs (default: the newest).")] = None,
+    samplers: Annotated[str, typer.Option("--sampler", help="Comma-separated samplers (ddpm runs once at the full T).")] = "ddpm,skip,uniform,ddim,ads",
+    steps: Annotated[str, typer.Option("--steps", help="Comma-separated step counts.")] = "20,10,5",
+    update: UpdateOpt = Update.preset,
+    variance: VarianceOpt = Variance.large,
+    eta: EtaOpt = 0.0,
+    clamp: ClampOpt = True,
+    ads_shares: SharesOpt = None,
     split: SplitOpt = Split.test,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Decode only the first N inputs.")] = 100,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Decode only the first N inputs (the full-T ddpm chain is slow).")] = 100,
     seeds: SeedsOpt = 1,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 128,
     weights: WeightsOpt = Weights.ema,
-    clamp: ClampOpt = True,
-    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the grid to this JSON file.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for results.csv/json and plots (default: RUN/ablate).")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Compare samplers × steps on one checkpoint: quality and wall time side by side."""
-    from .evaluate import ablate as run_ablate
+    """Checkpoints × samplers × steps: quality and wall time side by side, saved as CSV, JSON and PNG plots."""
+    names = _split_list(samplers, "--sampler", str)
+    bad = [n for n in names if n not in SamplerName.__members__]
+    if bad:
+        fail(f"--sampler takes a comma-separated list of {', '.join(SamplerName.__members__)}; got {', '.join(bad)}")
+    counts = _split_list(steps, "--steps", int)
+    if any(c < 1 for c in counts):
+        fail(f"--steps takes comma-separated positive integers; got {steps!r}")
+    base = _sample_config("ads", 20, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights)
+    from . import ablation
+    from .diffusion import sigma
 
-    names = [s.strip() for s in samplers.split(",") if s.strip()]
-    bad = [s for s in names if s not in SamplerName.__members__]
-    if not names or bad:
-        fail(f"--sampler takes a comma-separated list of {', '.join(SamplerName.__members__)}; got {samplers!r}")
-    try:
-        counts = [int(s) for s in steps.split(",") if s.strip()]
-    except ValueError:
-        fail(f"--steps takes comma-separated positive integers; got {steps!r}")
-    if not counts or any(c < 1 for c in counts):
-        fail(f"--steps takes comma-separated positive integers; got {steps!r}")
-    loaded = _open(checkpoint, weights, device)
-    T = loaded.checkpoint.config.diffusion.T
-    grid = [(n, T) for n in names if n == "ddpm"] + [(n, c) for n in names if n != "ddpm" for c in counts]
-    ds = _inputs(loaded, split, None, None, limit)
+    opened = [(str(c), _open(c, weights, device)) for c in (checkpoints or [None])]
+    opened = [(str(o.checkpoint.run_dir) if label == "None" else label, o) for label, o in opened]
+    first = opened[0][1]
+    T = first.checkpoint.config.diffusion.T
+    if any(o.checkpoint.config.diffusion.T != T for _, o in opened):
+        fail("all checkpoints of one ablation must share the diffusion T")
+    ds = _inputs(first, split, None, None, limit)
     if not _has_refs(ds):
         fail("this split has no references to score against")
-    base = SampleConfig(batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value, clamp=clamp)
+    cells = ablation.grid(names, counts, T)
+    for name, n in cells:  # refuse impossible cells before spending any time
+        run_guarded(lambda: _check_cell(name, n, T, base))
     with _DecodeView("ablate") as view:
-        cells = run_guarded(run_ablate, loaded, ds, grid, base, view)
-    full = next((c for c in cells if c.sampler == "ddpm"), None)
-    table = Table(title=f"{loaded.checkpoint.run_dir} (step {loaded.checkpoint.step}), {split.value} split, {len(ds)} sentences × {seeds} seed(s)")
-    for col in ("sampler", "steps", "sacreBLEU", "sent. BLEU", "ROUGE-L", "dist-1", "length", "seconds", "sent/s", "speed-up"):
-        table.add_column(col, justify="left" if col == "sampler" else "right")
-    for c in cells:
-        m = c.metrics
-        speedup = f"{full.seconds / c.seconds:.0f}×" if full is not None and c.seconds > 0 else "-"
-        table.add_row(c.sampler, str(c.steps), f"{m['sacrebleu']:.2f}", f"{m['sentence_bleu']:.4f}", f"{m['rouge_l']:.4f}",
-                      f"{m['dist_1']:.3f}", f"{m['avg_len']:.1f}", f"{c.seconds:.1f}", f"{c.sentences_per_s:.1f}", speedup)
-    out.print(table)
-    if json_file is not None:
-        rows = [{"sampler": c.sampler, "steps": c.steps, **c.metrics, "seconds": c.seconds, "sentences_per_s": c.sentences_per_s,
-                 "timesteps": c.timesteps} for c in cells]
-        _write_atomic(json_file, json.dumps({"checkpoint": str(loaded.checkpoint.folder), "cells": rows}, indent=2) + "\n")
-        err.print(f"wrote {json_file}")
+        rows = run_guarded(ablation.run, opened, ds, cells, base, view)
+    marks = ablation.best(rows)
+    for label in dict.fromkeys(r["checkpoint"] for r in rows):
+        out.print(_ablation_table(rows, marks, label, split.value, len(ds), seeds))
+    folder = out_dir or (first.checkpoint.run_dir / "ablate" if len(opened) == 1 else RUNS_DIR / f"ablate-{time.strftime('%Y%m%d-%H%M%S')}")
+    meta = {"split": split.value, "sentences": len(ds), "seeds": seeds, "T": T, "sample_config": base.__dict__}
+    try:
+        paths = ablation.write(folder, rows, sigma(first.alpha_bar.cpu()).tolist(), meta)
+    except OSError as e:
+        fail(f"{folder}: cannot write results ({e.strerror})")
+    err.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _check_cell(name: str, steps: int, T: int, base: SampleConfig) -> None:
+    from .samplers import make_sampler
+
+    make_sampler(name, base.update, base.variance, base.eta, base.ads_shares).timesteps(T, steps)
+
+
+def _ablation_table(rows, marks, label: str, split: str, n: int, seeds: int) -> Table:
+    idx = [i for i, r in enumerate(rows) if r["checkpoint"] == label]
+    step = rows[idx[0]]["step"]
+    table = Table(title=f"{label} (step {step}) — {split} split, {n} sentences × {seeds} seed(s); best of each column in bold")
+    cols = [("sampler", None, "{}"), ("steps", None, "{}"), ("sacreBLEU", "sacrebleu", "{:.2f}"), ("sent. BLEU", "sentence_bleu", "{:.4f}"),
+            ("ROUGE-L", "rouge_l", "{:.4f}"), ("dist-1", "dist_1", "{:.3f}")]
+    if seeds > 1:
+        cols.append(("self-BLEU", "self_bleu", "{:.3f}"))
+    cols += [("length", "avg_len", "{:.1f}"), ("seconds", "seconds", "{:.1f}"), ("sent/s", "sentences_per_s", "{:.1f}"),
+             ("speed-up", "speedup", "{:.0f}×")]
+    for head, _, _ in cols:
+        table.add_column(head, justify="left" if head == "sampler" else "right")
+    for i in idx:
+        r = rows[i]
+        cells = []
+        for head, key, fmt in cols:
+            value = r["sampler"] if head == "sampler" else r["steps"] if head == "steps" else r.get(key)
+            copy_row_timing = r["sampler"] == "copy source" and head in ("steps", "seconds")
+            text = "-" if value is None or copy_row_timing else fmt.format(value)
+            cells.append(f"[bold green]{text}[/]" if (i, key) in marks else text)
+        table.add_row(*cells, style="dim" if r["sampler"] == "copy source" else None)
+    return table
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
-"""Decode inputs with a sampler and score the output (PAPER.md §5); `ablate` is a grid of these.
+"""Decode inputs with a sampler and score the output (PAPER.md §5).
 
 `load_model` opens a run folder (EMA weights by default); `decode` turns a Dataset of sources
-into text, K seeds at a time with the per-source MBR pick; `evaluate_predictions` scores a
-predictions list; `ablate` crosses samplers × steps on one checkpoint and times each cell.
+into text, K seeds at a time, keeping the per-source MBR pick and the diversity of the K
+candidates (self-BLEU, div-4). `ablation.py` runs grids of these.
 """
 
 from __future__ import annotations
@@ -102,34 +102,3 @@ def _to_text(ids: torch.Tensor, target_mask: torch.Tensor, vocab) -> list[str]:
             toks = toks[:toks.index(vocab.sep)]
         rows.append(toks)
     return vocab.decode(rows)
-
-
-def score_predictions(hyps: list[str], refs: list[list[str]]) -> dict[str, Any]:
-    return metrics.score(hyps, refs)
-
-
-@dataclass
-class Cell:
-    sampler: str
-    steps: int
-    metrics: dict[str, Any]
-    seconds: float
-    sentences_per_s: float
-    timesteps: list[int]
-
-
-def ablate(loaded: Loaded, dataset, grid: list[tuple[str, int]], base: SampleConfig,
-           callback: Callback | None = None) -> list[Cell]:
-    """Decode and score the same inputs with every (sampler, steps) of the grid."""
-    emit = callback or (lambda event, info: None)
-    refs = [[r] for r in dataset["trg"]]
-    cells = []
-    for name, steps in grid:
-        cfg = SampleConfig(**{**base.__dict__, "sampler": name, "steps": steps})
-        emit("cell", {"sampler": name, "steps": steps})
-        out = decode(loaded, dataset, cfg, callback)
-        scores = {**metrics.score(out.hyps, refs), **out.diversity}
-        sents = len(dataset) * cfg.seeds
-        cells.append(Cell(name, out.steps, scores, out.seconds, sents / max(out.seconds, 1e-9), out.timesteps))
-        emit("cell_done", {"cell": cells[-1]})
-    return cells
