@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig, with_vocab
 from .data import tokenizer as tok
 from .data.batches import Packed, pack_split
-from .data.tasks import load_split
+from .data.tasks import MissingSplit, load_split
 from .diffusion import alpha_bar_table
 from .losses import diffusion_loss, dp_window
 from .model import Denoiser, count_parameters
@@ -71,11 +71,15 @@ def prepare_vocab(config: RunConfig, run_dir: Path, resume: bool, train_ds) -> t
     if resume:
         return ckpt.open_run(run_dir).vocab
     if config.train.init_from:
-        return ckpt.open_run(Path(config.train.init_from)).vocab
+        vocab = ckpt.open_run(Path(config.train.init_from)).vocab
+        if config.train.tokenizer and tok.load(config.train.tokenizer).to_str() != vocab.to_str():
+            raise TrainError(f"--tokenizer {config.train.tokenizer} differs from the tokenizer of --init-from {config.train.init_from}; "
+                             "a post-trained run keeps its initial run's tokenizer (drop --tokenizer)")
+        return vocab
     if config.train.tokenizer:
-        return tok.load(Path(config.train.tokenizer))
+        return tok.load(config.train.tokenizer)
     texts = list(train_ds["src"]) + list(train_ds["trg"])
-    return tok.train_bpe(texts, config.train.vocab_size)
+    return tok.train(texts, config.train.vocab_size, config.train.tokenizer_type)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -167,10 +171,10 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
     torch.manual_seed(t_cfg.seed)
     random.seed(t_cfg.seed)
     emit("status", {"message": f"loading task {t_cfg.task}"})
-    train_ds = load_split(t_cfg.task, "train")
+    train_ds = load_split(t_cfg.task, t_cfg.train_split, t_cfg.data_dir)
     try:
-        valid_ds = load_split(t_cfg.task, "valid") if t_cfg.eval_every else None
-    except ValueError:
+        valid_ds = load_split(t_cfg.task, "valid", t_cfg.data_dir) if t_cfg.eval_every else None
+    except MissingSplit:  # no validation split: train without validation loss (a broken one is an error)
         valid_ds = None
     vocab = prepare_vocab(config, run_dir, resume, train_ds)
     config = with_vocab(config, vocab.size)
