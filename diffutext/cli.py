@@ -204,9 +204,7 @@ def train(
         fail(str(e))
     from .data.tasks import check_task
 
-    source = run_guarded(check_task, cfg.train.task, cfg.train.data_dir, cfg.train.train_split)
-    if source.kind == "hub" or (source.kind == "folder" and str(source.folder) != cfg.train.task):
-        err.print(f"task {source.describe()}")
+    run_guarded(check_task, cfg.train.task, cfg.train.data_dir, cfg.train.train_split)
     if resume and out_dir is None:
         fail("--resume needs --out RUN_DIR (the run to continue)")
     run_dir = out_dir or RUNS_DIR / f"{_task_label(cfg.train.task)}-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -231,14 +229,25 @@ class _TrainView:
                                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, disable=not err.is_terminal)
         self.progress.__enter__()
         self.task = None
+        self.status = None
         return self
 
     def __exit__(self, *exc):
+        self._clear_status()
         self.progress.__exit__(*exc)
 
+    def _clear_status(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
     def __call__(self, event: str, info: dict[str, Any]) -> None:
+        self._clear_status()
         if event == "status":
-            err.print(info["message"])
+            # A transient spinner on a terminal, nothing elsewhere: so that bad input still gets exactly one line.
+            if err.is_terminal:
+                self.status = err.status(info["message"])
+                self.status.start()
         elif event == "start":
             err.print(f"run {info['run_dir']}: {info['parameters'] / 1e6:.2f}M parameters, {info['train_examples']} training pairs "
                       f"({info['truncated']} truncated), vocabulary {info['vocab_size']}, device {info['device']}")
@@ -279,9 +288,7 @@ def _open(checkpoint: Optional[Path], weights: Weights, device: str):
 
     run_dir = checkpoint if checkpoint is not None else run_guarded(newest_run, RUNS_DIR)
     dev = run_guarded(resolve_device, device)
-    loaded = run_guarded(load_model, run_dir, weights.value, dev)
-    err.print(f"checkpoint {loaded.checkpoint.folder} (step {loaded.checkpoint.step}, {weights.value} weights)")
-    return loaded
+    return run_guarded(load_model, run_dir, weights.value, dev)
 
 
 def _inputs(loaded, split: Split, input_file: Optional[Path], text: Optional[str], limit: Optional[int]):
@@ -334,6 +341,8 @@ class _DecodeView:
 def _decode(loaded, ds, cfg: SampleConfig):
     from .evaluate import decode
 
+    # Said only once the inputs have loaded, so that bad input still gets exactly one line.
+    err.print(f"checkpoint {loaded.checkpoint.folder} (step {loaded.checkpoint.step}, {cfg.weights} weights)")
     with _DecodeView(f"{cfg.sampler}-{cfg.steps}") as view:
         decoded = run_guarded(decode, loaded, ds, cfg, view)
     if getattr(decoded, "truncated", 0):

@@ -24,6 +24,7 @@ from .config import RunConfig, with_vocab
 from .data import tokenizer as tok
 from .data.batches import Packed, pack_split
 from .data.tasks import MissingSplit, load_split
+from .data.tasks import resolve as resolve_task
 from .diffusion import alpha_bar_table
 from .losses import diffusion_loss, dp_window
 from .model import Denoiser, count_parameters
@@ -170,7 +171,7 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
 
     torch.manual_seed(t_cfg.seed)
     random.seed(t_cfg.seed)
-    emit("status", {"message": f"loading task {t_cfg.task}"})
+    emit("status", {"message": f"loading task {resolve_task(t_cfg.task, t_cfg.data_dir).describe()}"})
     train_ds = load_split(t_cfg.task, t_cfg.train_split, t_cfg.data_dir)
     try:
         valid_ds = load_split(t_cfg.task, "valid", t_cfg.data_dir) if t_cfg.eval_every else None

@@ -51,7 +51,7 @@ def _text(value, where: str, key: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise TaskError(f"{where}: field {key!r} holds a lone surrogate escape (\\ud800-\\udfff), not encodable text") from None
+        raise TaskError(f"{where}: field {key!r} holds a lone surrogate escape (\\ud800-\\udfff); expected encodable text") from None
     return value
 
 
@@ -67,7 +67,7 @@ def parse_line(obj, where: str, need_target: bool = True) -> tuple[str, list[str
         refs.append(_text(obj["trg"], where, "trg"))
     if "refs" in obj:
         if not isinstance(obj["refs"], list) or not obj["refs"]:
-            raise TaskError(f"{where}: field 'refs' must be a non-empty list of strings")
+            raise TaskError(f"{where}: field 'refs' must be a non-empty list of strings (expected {EXPECTED})")
         for i, r in enumerate(obj["refs"]):
             r = _text(r, where, f"refs[{i}]")
             if r not in refs:
@@ -83,7 +83,7 @@ def read_jsonl(path: Path, need_target: bool = True) -> Rows:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise TaskError(f"{path}: file not found") from None
+        raise TaskError(f"{path}: file not found (expected a DiffuSeq .jsonl file)") from None
     except IsADirectoryError:
         raise TaskError(f"{path}: is a folder, expected a .jsonl file") from None
     except OSError as e:
@@ -98,7 +98,7 @@ def read_jsonl(path: Path, need_target: bool = True) -> Rows:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise TaskError(f"{where}: not valid UTF-8 (byte {e.start} of the line)") from None
+            raise TaskError(f"{where}: not valid UTF-8 (byte {e.start} of the line; expected UTF-8 text)") from None
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:

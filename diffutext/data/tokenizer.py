@@ -73,6 +73,12 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int) -> Vocab:
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
                                         continuing_subword_prefix="##")
     tok.train_from_iterator(texts, trainer=trainer)
+    # The trainer learns the same set of word pieces every time but numbers tied ones in hash order;
+    # WordPiece encodes by longest match, so renumbering (specials, then sorted) changes no encoding
+    # and makes the ids deterministic.
+    pieces = set(tok.get_vocab()) - set(SPECIALS)
+    vocab = {t: i for i, t in enumerate([*SPECIALS, *sorted(pieces)])}
+    tok.model = models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##")
     return _wrap(tok, "trained tokenizer")
 
 
