@@ -108,7 +108,7 @@ def no_network(monkeypatch):
 
 def test_offline_paper_task_without_local_data(no_network, tmp_path):
     result = train_tiny("wiki-auto", tmp_path / "run")
-    assert_one_line_error(result, "task 'wiki-auto'", "GEM/wiki_auto_asset_turk not reachable", "--data-dir DIR", "wiki-auto/ holds train.jsonl")
+    assert_one_line_error(result, "task 'wiki-auto'", "GEM/wiki_auto_asset_turk unreachable", "--data-dir DIR", "wiki-auto/ holds train.jsonl")
     assert not (tmp_path / "run").exists()
 
 

