@@ -467,7 +467,7 @@ def _read_predictions(path: Path) -> tuple[list[str], list[list[str]]]:
         fail(f"{path}: predictions file not found")
     hyps, refs = [], []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028, \x1c, ...
     except UnicodeDecodeError as e:
         fail(f"{path}: not valid UTF-8 (byte {e.start})")
     for n, line in enumerate(lines, start=1):

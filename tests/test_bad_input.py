@@ -272,3 +272,16 @@ def test_every_good_line_loads(texts):
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "train.jsonl").write_text("\n".join(lines), encoding="utf-8")
         assert read_jsonl(Path(d) / "train.jsonl").src == texts
+
+
+def test_odd_but_valid_text_round_trips_through_sample_and_evaluate(tiny_run, tmp_path):
+    """Line separators inside JSON strings and rich markup in the text are data, not structure."""
+    inputs = tmp_path / "in.jsonl"
+    rows = [{"src": "a line\u2028separator and \x1c and \x85 inside", "trg": "ok"}, {"src": "[/] [bold]not markup[/bold]", "trg": "[/]"}]
+    inputs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    preds = tmp_path / "preds.jsonl"
+    result = invoke("sample", "--checkpoint", tiny_run, "--input", inputs, "--steps", 4, "--device", "cpu", "--out", preds, "--show", 2)
+    assert result.exit_code == 0, result.output
+    assert "[/] [bold]not markup[/bold]" in result.output
+    result = invoke("evaluate", preds)
+    assert result.exit_code == 0, result.output
