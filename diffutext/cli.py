@@ -238,16 +238,16 @@ class _TrainView:
 
     def _clear_status(self) -> None:
         if self.status is not None:
-            self.status.stop()
+            self.progress.remove_task(self.status)
             self.status = None
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         self._clear_status()
         if event == "status":
-            # A transient spinner on a terminal, nothing elsewhere: so that bad input still gets exactly one line.
+            # A transient row of the progress display on a terminal, nothing elsewhere: so that bad input
+            # still gets exactly one line.
             if err.is_terminal:
-                self.status = err.status(info["message"])
-                self.status.start()
+                self.status = self.progress.add_task("status", total=None, info=info["message"])
         elif event == "start":
             err.print(f"run {info['run_dir']}: {info['parameters'] / 1e6:.2f}M parameters, {info['train_examples']} training pairs "
                       f"({info['truncated']} truncated), vocabulary {info['vocab_size']}, device {info['device']}")

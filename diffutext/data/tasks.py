@@ -101,7 +101,7 @@ class Source:
 
     def describe(self) -> str:
         if self.kind == "folder":
-            return f"{self.task} from {self.folder}"
+            return self.task if str(self.folder) == self.task else f"{self.task} from {self.folder}"
         if self.kind == "hub":
             return f"{self.task} from the Hugging Face hub ({self.hub.path})"
         return f"{self.task} (embedded)"
