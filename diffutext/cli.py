@@ -340,8 +340,11 @@ class _DecodeView:
 
 def _decode(loaded, ds, cfg: SampleConfig):
     from .evaluate import decode
+    from .samplers import make_sampler
 
-    # Said only once the inputs have loaded, so that bad input still gets exactly one line.
+    # Said only once the inputs and the sampler are known good, so that bad input still gets exactly one line.
+    sampler = run_guarded(make_sampler, cfg.sampler, cfg.update, cfg.variance, cfg.eta, cfg.ads_shares)
+    run_guarded(sampler.timesteps, loaded.checkpoint.config.diffusion.T, cfg.steps)
     err.print(f"checkpoint {loaded.checkpoint.folder} (step {loaded.checkpoint.step}, {cfg.weights} weights)")
     with _DecodeView(f"{cfg.sampler}-{cfg.steps}") as view:
         decoded = run_guarded(decode, loaded, ds, cfg, view)

@@ -285,3 +285,8 @@ def test_odd_but_valid_text_round_trips_through_sample_and_evaluate(tiny_run, tm
     assert "[/] [bold]not markup[/bold]" in result.output
     result = invoke("evaluate", preds)
     assert result.exit_code == 0, result.output
+
+
+def test_a_sampler_that_cannot_run_is_one_line(tiny_run):
+    result = invoke("sample", "--checkpoint", tiny_run, "--sampler", "ads", "--steps", 2, "--device", "cpu")
+    assert_one_line_error(result, "ADS with 2 steps")
