@@ -250,6 +250,7 @@ class _TrainView:
                 self.status = self.progress.add_task("status", total=None, info=info["message"])
         elif event == "start":
             err.print(f"run {info['run_dir']}: {info['parameters'] / 1e6:.2f}M parameters, {info['train_examples']} training pairs "
+                      + (f"of {info['task_source']} " if "task_source" in info else "") +
                       f"({info['truncated']} truncated), vocabulary {info['vocab_size']}, device {info['device']}")
             if info["truncated"]:
                 seq_len = info["config"]["model"]["seq_len"]

@@ -171,7 +171,8 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
 
     torch.manual_seed(t_cfg.seed)
     random.seed(t_cfg.seed)
-    emit("status", {"message": f"loading task {resolve_task(t_cfg.task, t_cfg.data_dir).describe()}"})
+    task_source = resolve_task(t_cfg.task, t_cfg.data_dir).describe()
+    emit("status", {"message": f"loading task {task_source}"})
     train_ds = load_split(t_cfg.task, t_cfg.train_split, t_cfg.data_dir)
     try:
         valid_ds = load_split(t_cfg.task, "valid", t_cfg.data_dir) if t_cfg.eval_every else None
@@ -216,7 +217,7 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
         folder = ckpt.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), state, keep=keep)
         emit("save", {"step": step, "path": str(folder)})
 
-    emit("start", {"run_dir": str(run_dir), "parameters": count_parameters(model), "train_examples": len(data.train),
+    emit("start", {"run_dir": str(run_dir), "parameters": count_parameters(model), "train_examples": len(data.train), "task_source": task_source,
                    "truncated": data.train.truncated, "vocab_size": vocab.size, "max_steps": t_cfg.max_steps,
                    "step": step, "device": str(dev), "config": config.to_dict()})
     model.train()
