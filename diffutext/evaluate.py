@@ -18,6 +18,7 @@ from . import metrics
 from .checkpoint import Checkpoint, load_weights, open_run
 from .config import SampleConfig
 from .data.batches import pack_split
+from .data.tasks import references
 from .diffusion import alpha_bar_table
 from .model import Denoiser
 from .samplers import generate, make_sampler
@@ -51,6 +52,7 @@ class Decoded:
     steps: int  # visited timesteps per decode
     timesteps: list[int]
     diversity: dict[str, float] = field(default_factory=dict)
+    truncated: int = 0  # sources cut to fit the model's sequence length
 
 
 def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None = None) -> Decoded:
@@ -82,7 +84,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
         per_seed.append(texts)
     candidates = [list(c) for c in zip(*per_seed)]
     if cfg.seeds == 1:
-        return Decoded([c[0] for c in candidates], candidates, seconds, len(timesteps), timesteps)
+        return Decoded([c[0] for c in candidates], candidates, seconds, len(timesteps), timesteps, truncated=packed.truncated)
     hyps, sb, d4 = [], [], []
     for cands in candidates:
         m = metrics.pairwise_bleu(cands)
@@ -90,7 +92,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
         sb.append(metrics.self_bleu(m))
         d4.append(metrics.div_4(cands))
     diversity = {"self_bleu": sum(sb) / len(sb), "div_4": sum(d4) / len(d4)}
-    return Decoded(hyps, candidates, seconds, len(timesteps), timesteps, diversity)
+    return Decoded(hyps, candidates, seconds, len(timesteps), timesteps, diversity, truncated=packed.truncated)
 
 
 def _to_text(ids: torch.Tensor, target_mask: torch.Tensor, vocab) -> list[str]:

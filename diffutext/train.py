@@ -23,7 +23,8 @@ from . import checkpoint as ckpt
 from .config import RunConfig, with_vocab
 from .data import tokenizer as tok
 from .data.batches import Packed, pack_split
-from .data.tasks import load_split
+from .data.tasks import MissingSplit, load_split
+from .data.tasks import resolve as resolve_task
 from .diffusion import alpha_bar_table
 from .losses import diffusion_loss, dp_window
 from .model import Denoiser, count_parameters
@@ -71,11 +72,15 @@ def prepare_vocab(config: RunConfig, run_dir: Path, resume: bool, train_ds) -> t
     if resume:
         return ckpt.open_run(run_dir).vocab
     if config.train.init_from:
-        return ckpt.open_run(Path(config.train.init_from)).vocab
+        vocab = ckpt.open_run(Path(config.train.init_from)).vocab
+        if config.train.tokenizer and tok.load(config.train.tokenizer).to_str() != vocab.to_str():
+            raise TrainError(f"--tokenizer {config.train.tokenizer} differs from the tokenizer of --init-from {config.train.init_from}; "
+                             "a post-trained run keeps its initial run's tokenizer (drop --tokenizer)")
+        return vocab
     if config.train.tokenizer:
-        return tok.load(Path(config.train.tokenizer))
+        return tok.load(config.train.tokenizer)
     texts = list(train_ds["src"]) + list(train_ds["trg"])
-    return tok.train_bpe(texts, config.train.vocab_size)
+    return tok.train(texts, config.train.vocab_size, config.train.tokenizer_type)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -166,11 +171,12 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
 
     torch.manual_seed(t_cfg.seed)
     random.seed(t_cfg.seed)
-    emit("status", {"message": f"loading task {t_cfg.task}"})
-    train_ds = load_split(t_cfg.task, "train")
+    task_source = resolve_task(t_cfg.task, t_cfg.data_dir).describe()
+    emit("status", {"message": f"loading task {task_source}"})
+    train_ds = load_split(t_cfg.task, t_cfg.train_split, t_cfg.data_dir)
     try:
-        valid_ds = load_split(t_cfg.task, "valid") if t_cfg.eval_every else None
-    except ValueError:
+        valid_ds = load_split(t_cfg.task, "valid", t_cfg.data_dir) if t_cfg.eval_every else None
+    except MissingSplit:  # no validation split: train without validation loss (a broken one is an error)
         valid_ds = None
     vocab = prepare_vocab(config, run_dir, resume, train_ds)
     config = with_vocab(config, vocab.size)
@@ -211,7 +217,7 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
         folder = ckpt.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), state, keep=keep)
         emit("save", {"step": step, "path": str(folder)})
 
-    emit("start", {"run_dir": str(run_dir), "parameters": count_parameters(model), "train_examples": len(data.train),
+    emit("start", {"run_dir": str(run_dir), "parameters": count_parameters(model), "train_examples": len(data.train), "task_source": task_source,
                    "truncated": data.train.truncated, "vocab_size": vocab.size, "max_steps": t_cfg.max_steps,
                    "step": step, "device": str(dev), "config": config.to_dict()})
     model.train()
