@@ -114,6 +114,11 @@ class Weights(str, Enum):
     model = "model"
 
 
+class TimestepSampler(str, Enum):
+    uniform = "uniform"
+    lossaware = "lossaware"
+
+
 class Schedule(str, Enum):
     sqrt = "sqrt"
     linear = "linear"
@@ -152,7 +157,7 @@ def run_guarded(fn, *args, **kwargs):
 
 @app.command()
 def train(
-    task: Annotated[str, typer.Option(help="Task name (bible-basic, bible-modern; wiki-auto, qqp, quasar-t, roc, ccd, iwslt14) or a DiffuSeq folder with train/valid/test.jsonl.")] = "bible-basic",
+    task: Annotated[Optional[str], typer.Option(help="Task name (bible-basic, bible-modern; wiki-auto, qqp, quasar-t, roc, ccd, iwslt14) or a DiffuSeq folder with train/valid/test.jsonl.  [default: bible-basic]", show_default=False)] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the paper tasks' DiffuSeq folders (wiki-auto/ or WA/, QQP/, ...); default $DIFFUTEXT_DATA.")] = None,
     train_split: Annotated[Split, typer.Option(help="Split to train on (valid for sets that ship only a valid split).")] = Split.train,
     preset: Annotated[Preset, typer.Option(help="Model and training preset.")] = Preset(DEFAULT_PRESET),
@@ -170,6 +175,7 @@ def train(
     vocab_size: Annotated[Optional[int], typer.Option(min=50, help="Size of the trained vocabulary.")] = None,
     diffusion_steps: Annotated[Optional[int], typer.Option(min=2, help="T, the number of diffusion timesteps (paper: 2000).")] = None,
     schedule: Annotated[Optional[Schedule], typer.Option(help="Noise schedule.")] = None,
+    timestep_sampler: Annotated[Optional[TimestepSampler], typer.Option(help="How training draws t: uniform, or DiffuSeq's loss-aware importance sampler.")] = None,
     precision: Annotated[Optional[Precision], typer.Option(help="fp32, or bf16 autocast.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<task>-<preset>-<time>).")] = None,
@@ -201,6 +207,8 @@ def train(
         overrides["diffusion"]["T"] = diffusion_steps
     if schedule is not None:
         overrides["diffusion"]["schedule"] = schedule.value
+    if timestep_sampler is not None:
+        overrides["diffusion"]["timestep_sampler"] = timestep_sampler.value
     try:
         cfg = resolve(preset_name, overrides)
     except ConfigError as e:

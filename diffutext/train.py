@@ -27,6 +27,7 @@ from .data.tasks import MissingSplit, load_split
 from .data.tasks import resolve as resolve_task
 from .diffusion import alpha_bar_table
 from .losses import diffusion_loss, dp_window
+from .timesteps import make_timesteps
 from .model import Denoiser, count_parameters
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -196,6 +197,7 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
     ema.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
     alpha_bar = alpha_bar_table(config.diffusion.schedule, config.diffusion.T).float().to(dev)
+    timesteps = make_timesteps(config.diffusion.timestep_sampler, config.diffusion.T, dev)
     window = tuple(w.to(dev) for w in dp_window(alpha_bar_table(config.diffusion.schedule, config.diffusion.T), t_cfg.dp_window))
 
     step, elapsed_before = 0, 0.0
@@ -208,11 +210,13 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
         step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
         batches = Batches(data.train, t_cfg.batch_size, t_cfg.seed, **state["data"])
         _set_rng_state(state["rng"])
+        timesteps.load_state_dict(state.get("timesteps", {}))
     else:
         ckpt.init_run(run_dir, config, vocab)
 
     def save() -> None:
         state = {"optimizer": opt.state_dict(), "step": step, "rng": _rng_state(), "data": batches.position(),
+                 "timesteps": timesteps.state_dict(),
                  "elapsed": elapsed_before + (time.perf_counter() - start)}
         folder = ckpt.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), state, keep=keep)
         emit("save", {"step": step, "path": str(folder)})
@@ -237,11 +241,12 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
             group["lr"] = lr
         ids, mask = batches.next()
         ids, mask = ids.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
-        t = torch.randint(0, config.diffusion.T, (ids.shape[0],), device=dev)
+        t, weights = timesteps.sample(ids.shape[0])
         with autocast(dev, t_cfg.precision):
             terms = diffusion_loss(model, ids, mask, t, alpha_bar, dp_weight=t_cfg.distance_penalty,
                                    window=window, dp_partner=t_cfg.dp_partner)
-        loss = terms["loss"].mean()
+        loss = (terms["loss"] if weights is None else terms["loss"] * weights).mean()
+        timesteps.update(t, terms["loss"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf"))
