@@ -96,11 +96,6 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
 
 
 def _to_text(ids: torch.Tensor, target_mask: torch.Tensor, vocab) -> list[str]:
-    """Target-side tokens of each row, cut at the first [SEP]; special tokens dropped by the decoder."""
-    rows = []
-    for row, m in zip(ids.tolist(), target_mask.tolist()):
-        toks = [tok for tok, keep in zip(row, m) if keep]
-        if vocab.sep in toks:
-            toks = toks[:toks.index(vocab.sep)]
-        rows.append(toks)
-    return vocab.decode(rows)
+    """The target side of each row with every special token ([SEP], [PAD], ...) dropped, as DiffuSeq's
+    evaluation does (not cut at the first [SEP]: a stray [SEP] mid-sentence must not end the output)."""
+    return vocab.decode([[tok for tok, keep in zip(row, m) if keep] for row, m in zip(ids.tolist(), target_mask.tolist())])
