@@ -30,6 +30,12 @@ from typer.core import TyperGroup
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 prints (and writes files)
+    out.quiet = err.quiet = True
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 class _OneLineErrors(TyperGroup):
@@ -94,6 +100,7 @@ class Split(str, Enum):
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
+    fp16 = "fp16"
 
 
 class Partner(str, Enum):
@@ -158,7 +165,9 @@ def train(
     vocab_size: Annotated[Optional[int], typer.Option(min=50, help="Size of the trained BPE vocabulary.")] = None,
     diffusion_steps: Annotated[Optional[int], typer.Option(min=2, help="T, the number of diffusion timesteps (paper: 2000).")] = None,
     schedule: Annotated[Optional[Schedule], typer.Option(help="Noise schedule.")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(help="fp32, or bf16 autocast.")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="fp32, or bf16/fp16 autocast (fp16 with a gradient scaler).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(min=1, help="Micro-steps per optimizer step (the batch size stays the global batch).")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the denoiser (slow first step; measure before use).")] = False,
     seed: Annotated[Optional[int], typer.Option()] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<task>-<preset>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
@@ -180,7 +189,7 @@ def train(
                   "distance_penalty": distance_penalty, "dp_window": dp_window,
                   "dp_partner": dp_partner.value if dp_partner else None, "init_from": str(init_from) if init_from else None,
                   "tokenizer": str(tokenizer) if tokenizer else None, "vocab_size": vocab_size,
-                  "precision": precision.value if precision else None, "seed": seed}
+                  "precision": precision.value if precision else None, "grad_accum": grad_accum, "seed": seed}
     overrides["train"].update({k: v for k, v in train_over.items() if v is not None})
     if diffusion_steps is not None:
         overrides["diffusion"]["T"] = diffusion_steps
@@ -199,7 +208,7 @@ def train(
     from .train import train as train_run
 
     with _TrainView() as view:
-        run_guarded(train_run, cfg, run_dir, resume=resume, device=device, callback=view, keep=keep)
+        run_guarded(train_run, cfg, run_dir, resume=resume, device=device, callback=view, keep=keep, compile=compile)
     out.print(f"run folder: {run_dir}")
 
 
@@ -241,7 +250,8 @@ class _TrainView:
 # ---------------------------------------------------------------- sampling options shared by sample/evaluate/ablate
 
 def _sample_config(sampler: str, steps: int, update: Update, variance: Variance, eta: float, clamp: bool,
-                   ads_shares: Optional[str], batch_size: int, seed: int, seeds: int, weights: Weights) -> SampleConfig:
+                   ads_shares: Optional[str], batch_size: int, seed: int, seeds: int, weights: Weights,
+                   precision: "Precision" = None) -> SampleConfig:
     shares = None
     if ads_shares:
         try:
@@ -251,16 +261,18 @@ def _sample_config(sampler: str, steps: int, update: Update, variance: Variance,
         if len(shares) != 3 or any(s < 0 for s in shares):
             fail(f"--ads-shares must be three non-negative comma-separated numbers, got {ads_shares!r}")
     return SampleConfig(sampler=sampler, steps=steps, update=update.value, variance=variance.value, eta=eta, clamp=clamp,
-                        ads_shares=shares, batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value)
+                        ads_shares=shares, batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value,
+                        precision=(precision or Precision(SampleConfig.precision)).value)
 
 
 def _open(checkpoint: Optional[Path], weights: Weights, device: str):
     from .checkpoint import newest_run
+    from .distributed import setup
     from .evaluate import load_model
     from .train import resolve_device
 
     run_dir = checkpoint if checkpoint is not None else run_guarded(newest_run, RUNS_DIR)
-    dev = run_guarded(resolve_device, device)
+    dev = setup(run_guarded(resolve_device, device))  # under torchrun: join the group, one GPU per rank
     loaded = run_guarded(load_model, run_dir, weights.value, dev)
     err.print(f"checkpoint {loaded.checkpoint.folder} (step {loaded.checkpoint.step}, {weights.value} weights)")
     return loaded
@@ -340,6 +352,8 @@ def _metrics_table(title: str, scores: dict[str, Any]) -> Table:
 def _write_atomic(path: Path, text: str) -> None:
     from .checkpoint import atomic_write
 
+    if not _is_main_rank():
+        return
     try:
         atomic_write(path, text.encode("utf-8"))
     except OSError as e:
@@ -365,6 +379,7 @@ InputOpt = Annotated[Optional[Path], typer.Option("--input", help="A jsonl file 
 TextOpt = Annotated[Optional[str], typer.Option(help="One source sentence to decode.")]
 LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Decode only the first N inputs.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+SamplePrecisionOpt = Annotated[Precision, typer.Option("--precision", help="Denoiser autocast: fp32, bf16 or fp16 (the chain stays float32).")]
 
 
 @app.command()
@@ -388,12 +403,15 @@ def sample(
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Write {src, trg, hyp} lines to this jsonl file.")] = None,
     show: Annotated[int, typer.Option(min=0, help="Print this many source / output / reference triples.")] = 3,
     device: DeviceOpt = "auto",
+    precision: SamplePrecisionOpt = Precision(SampleConfig.precision),
 ) -> None:
     """Generate text with a trained run; print examples and, when references are known, the metrics."""
-    cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights)
+    cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights, precision)
     loaded = _open(checkpoint, weights, device)
     ds = _inputs(loaded, split, input_file, text, limit)
     decoded = _decode(loaded, ds, cfg)
+    if not _is_main_rank():  # every rank decoded its share; rank 0 reports
+        return
     srcs, refs = ds["src"], ds["trg"]
     if out_file is not None:
         lines = []
@@ -472,6 +490,7 @@ def evaluate(
     weights: WeightsOpt = Weights.ema,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics to this JSON file.")] = None,
     device: DeviceOpt = "auto",
+    precision: SamplePrecisionOpt = Precision(SampleConfig.precision),
 ) -> None:
     """Score predictions (a file) or a run decoded on the spot: sacreBLEU, sentence BLEU, ROUGE-L, dist-1, length."""
     from .metrics import score
@@ -482,12 +501,14 @@ def evaluate(
         title = f"{predictions} ({len(hyps)} sentences)"
         extra: dict[str, Any] = {"predictions": str(predictions)}
     else:
-        cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights)
+        cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights, precision)
         loaded = _open(checkpoint, weights, device)
         ds = _inputs(loaded, split, input_file, None, limit)
         if not _has_refs(ds):
             fail("these inputs have no references ('trg') to score against")
         decoded = _decode(loaded, ds, cfg)
+        if not _is_main_rank():
+            return
         scores = {**score(decoded.hyps, [[r] for r in ds["trg"]]), **decoded.diversity, "seconds": decoded.seconds,
                   "sentences_per_s": len(ds) * seeds / max(decoded.seconds, 1e-9)}
         title = f"{cfg.sampler}-{decoded.steps} steps" + (f", MBR of {seeds}" if seeds > 1 else "") + f" on {len(ds)} sentences"
@@ -514,6 +535,7 @@ def ablate(
     clamp: ClampOpt = True,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the grid to this JSON file.")] = None,
     device: DeviceOpt = "auto",
+    precision: SamplePrecisionOpt = Precision(SampleConfig.precision),
 ) -> None:
     """Compare samplers × steps on one checkpoint: quality and wall time side by side."""
     from .evaluate import ablate as run_ablate
@@ -534,9 +556,11 @@ def ablate(
     ds = _inputs(loaded, split, None, None, limit)
     if not _has_refs(ds):
         fail("this split has no references to score against")
-    base = SampleConfig(batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value, clamp=clamp)
+    base = SampleConfig(batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value, clamp=clamp, precision=precision.value)
     with _DecodeView("ablate") as view:
         cells = run_guarded(run_ablate, loaded, ds, grid, base, view)
+    if not _is_main_rank():
+        return
     full = next((c for c in cells if c.sampler == "ddpm"), None)
     table = Table(title=f"{loaded.checkpoint.run_dir} (step {loaded.checkpoint.step}), {split.value} split, {len(ds)} sentences × {seeds} seed(s)")
     for col in ("sampler", "steps", "sacreBLEU", "sent. BLEU", "ROUGE-L", "dist-1", "length", "seconds", "sent/s", "speed-up"):
@@ -560,6 +584,11 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    finally:
+        if "torch.distributed" in sys.modules:  # leave a torchrun process group cleanly
+            from .distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":
