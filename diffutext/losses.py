@@ -162,6 +162,13 @@ def reverse_partner(z_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t2
 
 # ---- the tied head's cross-entropy, in row chunks ----
 
+def _exp_(x: torch.Tensor) -> torch.Tensor:
+    """exp in place of arguments ≤ 0, with those below −80 raised to −80 first: exp(−80) ≈ 2e−35 adds
+    nothing a float32 sum of terms ≥ 1 can hold, and it keeps exp out of subnormal results, which
+    run tens of times slower on x86 CPUs (the tied head's logits span hundreds of units)."""
+    return x.clamp_(min=-80.0).exp_()
+
+
 def _chunk_rows(vocab: int) -> int:
     """Rows per chunk: one (vocab × rows) block of float32 logits of about 32 MB (fastest measured on a
     2-core CPU with a 32 MB L3 at vocabulary 30,522: 256 rows)."""
@@ -171,56 +178,89 @@ def _chunk_rows(vocab: int) -> int:
 class _TiedNLL(torch.autograd.Function):
     """nll_n = logsumexp_v(x_n·E_v + b_v) − (x_n·E_{y_n} + b_{y_n}), one row chunk at a time.
 
-    Forward keeps only the per-row logsumexp; backward recomputes each chunk's logits, so memory
-    is O(rows × D + V × D) instead of the (rows × V) logits and their softmax. The products run in
-    the autocast dtype when autocast is on (as `x @ E.t()` would); softmax sums are in float32.
+    Memory is O(rows × D + V × D), never the (rows × V) logits and their softmax. The products run
+    in the autocast dtype when autocast is on (as `x @ E.t()` would); softmax sums are in float32.
+
+    Gradients: on CPU, when a gradient will be needed, forward also computes the gradient for a
+    unit upstream gradient from the chunk it already holds (three products in all, as plain
+    autograd does); backward scales it when the upstream gradient is the same for every row, as a
+    mean-reduced loss gives (checked, no device there to sync with). Otherwise (a weighted loss,
+    or CUDA, where the check would sync) backward recomputes each chunk's logits: exact either way.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, dtype):
+        need = ctx.needs_input_grad[:3]
+        ahead = any(need) and x.device.type == "cpu"
         with torch.autocast(x.device.type, enabled=False):
             xc, wc, bc = x.to(dtype), weight.to(dtype), bias.to(dtype)
             lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+            if ahead:
+                grads = _zero_grads(xc, wc, bc)
             step = _chunk_rows(weight.shape[0])
             for i in range(0, x.shape[0], step):  # a handful of chunks, each one big matrix product
-                logits = torch.addmm(bc[:, None], wc, xc[i:i + step].t())  # (V, c): the fast layout for D ≪ V
-                lse[i:i + step] = logits.float().logsumexp(0)
+                rows = slice(i, i + step)
+                logits = torch.addmm(bc[:, None], wc, xc[rows].t()).float()  # (V, c): the fast layout for D ≪ V
+                top = logits.amax(0)
+                e = _exp_(logits.sub_(top))  # exp(logit − max), in place
+                total = e.sum(0)
+                lse[rows] = top + total.log()
+                if ahead:
+                    _add_softmax_grads(e.div_(total), rows, xc, wc, grads, need)
             picked = (wc[target].float() * xc.float()).sum(-1) + bc[target].float()
+            if ahead:
+                _sub_one_hot(torch.ones_like(lse), target, xc, wc, grads)
         ctx.save_for_backward(xc, wc, bc, target, lse)
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        ctx.unit_grads = grads if ahead else None
         return lse - picked
 
     @staticmethod
     def backward(ctx, grad):
         xc, wc, bc, target, lse = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need = ctx.needs_input_grad[:3]
         grad = grad.float()
-        with torch.autocast(xc.device.type, enabled=False):
-            gx = torch.empty(xc.shape, dtype=torch.float32, device=xc.device)
-            gw = torch.zeros(wc.shape, dtype=torch.float32, device=xc.device)
-            gb = torch.zeros(bc.shape, dtype=torch.float32, device=xc.device)
-            step = _chunk_rows(wc.shape[0])
-            for i in range(0, xc.shape[0], step):
-                rows = slice(i, i + step)
-                logits = torch.addmm(bc[:, None], wc, xc[rows].t())  # (V, c)
-                p = logits.float().sub_(lse[rows]).exp_().mul_(grad[rows])  # softmax · upstream gradient
-                if need_b:
-                    gb += p.sum(1)
-                p = p.to(wc.dtype)
-                if need_x:
-                    gx[rows] = (p.t() @ wc).float()
-                if need_w:
-                    if wc.dtype == torch.float32:
-                        gw.addmm_(p, xc[rows])
-                    else:
-                        gw += p @ xc[rows]
-            # minus the one-hot of the target
-            gx -= grad[:, None] * wc[target].float()
-            gw.index_add_(0, target, -grad[:, None] * xc.float())
-            gb.index_add_(0, target, -grad)
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        return (gx.to(x_dtype) if need_x else None, gw.to(w_dtype) if need_w else None,
-                gb.to(b_dtype) if need_b else None, None, None)
+        grads, ctx.unit_grads = ctx.unit_grads, None
+        if grads is not None and bool((grad == grad[0]).all()):
+            grads = tuple(g.mul_(grad[0]) for g in grads)
+        else:
+            with torch.autocast(xc.device.type, enabled=False):
+                grads = _zero_grads(xc, wc, bc)
+                step = _chunk_rows(wc.shape[0])
+                for i in range(0, xc.shape[0], step):
+                    rows = slice(i, i + step)
+                    logits = torch.addmm(bc[:, None], wc, xc[rows].t())  # (V, c)
+                    p = _exp_(logits.float().sub_(lse[rows])).mul_(grad[rows])  # softmax · upstream gradient
+                    _add_softmax_grads(p, rows, xc, wc, grads, need)
+                _sub_one_hot(grad, target, xc, wc, grads)
+        return tuple(g.to(dt) if n else None for g, dt, n in zip(grads, ctx.dtypes, need)) + (None, None)
+
+
+def _zero_grads(xc, wc, bc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (xc, wc, bc))
+
+
+def _add_softmax_grads(p: torch.Tensor, rows: slice, xc, wc, grads, need) -> None:
+    """Add one chunk's softmax part: p (V, c) holds softmax × upstream gradient of rows."""
+    gx, gw, gb = grads
+    if need[2]:
+        gb += p.sum(1)
+    p = p.to(wc.dtype)
+    if need[0]:
+        gx[rows] = (p.t() @ wc).float()
+    if need[1]:
+        if wc.dtype == torch.float32:
+            gw.addmm_(p, xc[rows])
+        else:
+            gw += p @ xc[rows]
+
+
+def _sub_one_hot(grad: torch.Tensor, target, xc, wc, grads) -> None:
+    """Subtract the one-hot part of the cross-entropy gradient, weighted by the upstream gradient."""
+    gx, gw, gb = grads
+    gx -= grad[:, None] * wc[target].float()
+    gw.index_add_(0, target, -grad[:, None] * xc.float())
+    gb.index_add_(0, target, -grad)
 
 
 def tied_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
