@@ -254,6 +254,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write every figure to this file")
     ap.add_argument("--_rss", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each table row as soon as it is measured
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._rss:

@@ -103,6 +103,13 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class SamplePrecision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class Partner(str, Enum):
     forward = "forward"
     reverse = "reverse"
@@ -251,7 +258,7 @@ class _TrainView:
 
 def _sample_config(sampler: str, steps: int, update: Update, variance: Variance, eta: float, clamp: bool,
                    ads_shares: Optional[str], batch_size: int, seed: int, seeds: int, weights: Weights,
-                   precision: "Precision" = None) -> SampleConfig:
+                   precision: Optional[SamplePrecision] = None) -> SampleConfig:
     shares = None
     if ads_shares:
         try:
@@ -262,7 +269,7 @@ def _sample_config(sampler: str, steps: int, update: Update, variance: Variance,
             fail(f"--ads-shares must be three non-negative comma-separated numbers, got {ads_shares!r}")
     return SampleConfig(sampler=sampler, steps=steps, update=update.value, variance=variance.value, eta=eta, clamp=clamp,
                         ads_shares=shares, batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value,
-                        precision=(precision or Precision(SampleConfig.precision)).value)
+                        precision=(precision or SamplePrecision(SampleConfig.precision)).value)
 
 
 def _open(checkpoint: Optional[Path], weights: Weights, device: str):
@@ -379,7 +386,7 @@ InputOpt = Annotated[Optional[Path], typer.Option("--input", help="A jsonl file 
 TextOpt = Annotated[Optional[str], typer.Option(help="One source sentence to decode.")]
 LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Decode only the first N inputs.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-SamplePrecisionOpt = Annotated[Precision, typer.Option("--precision", help="Denoiser autocast: fp32, bf16 or fp16 (the chain stays float32).")]
+SamplePrecisionOpt = Annotated[SamplePrecision, typer.Option("--precision", help="Denoiser autocast: auto (bf16 where the device has native bf16, else fp32), fp32, bf16 or fp16; the chain stays float32.")]
 
 
 @app.command()
@@ -403,7 +410,7 @@ def sample(
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Write {src, trg, hyp} lines to this jsonl file.")] = None,
     show: Annotated[int, typer.Option(min=0, help="Print this many source / output / reference triples.")] = 3,
     device: DeviceOpt = "auto",
-    precision: SamplePrecisionOpt = Precision(SampleConfig.precision),
+    precision: SamplePrecisionOpt = SamplePrecision(SampleConfig.precision),
 ) -> None:
     """Generate text with a trained run; print examples and, when references are known, the metrics."""
     cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights, precision)
@@ -490,7 +497,7 @@ def evaluate(
     weights: WeightsOpt = Weights.ema,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics to this JSON file.")] = None,
     device: DeviceOpt = "auto",
-    precision: SamplePrecisionOpt = Precision(SampleConfig.precision),
+    precision: SamplePrecisionOpt = SamplePrecision(SampleConfig.precision),
 ) -> None:
     """Score predictions (a file) or a run decoded on the spot: sacreBLEU, sentence BLEU, ROUGE-L, dist-1, length."""
     from .metrics import score
@@ -512,7 +519,8 @@ def evaluate(
         scores = {**score(decoded.hyps, [[r] for r in ds["trg"]]), **decoded.diversity, "seconds": decoded.seconds,
                   "sentences_per_s": len(ds) * seeds / max(decoded.seconds, 1e-9)}
         title = f"{cfg.sampler}-{decoded.steps} steps" + (f", MBR of {seeds}" if seeds > 1 else "") + f" on {len(ds)} sentences"
-        extra = {"checkpoint": str(loaded.checkpoint.folder), "sampler": cfg.sampler, "steps": decoded.steps, "seeds": seeds}
+        extra = {"checkpoint": str(loaded.checkpoint.folder), "sampler": cfg.sampler, "steps": decoded.steps, "seeds": seeds,
+                 "precision": decoded.precision}
     out.print(_metrics_table(title, scores))
     if json_file is not None:
         _write_atomic(json_file, json.dumps({**extra, **scores}, indent=2) + "\n")
@@ -535,7 +543,7 @@ def ablate(
     clamp: ClampOpt = True,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the grid to this JSON file.")] = None,
     device: DeviceOpt = "auto",
-    precision: SamplePrecisionOpt = Precision(SampleConfig.precision),
+    precision: SamplePrecisionOpt = SamplePrecision(SampleConfig.precision),
 ) -> None:
     """Compare samplers × steps on one checkpoint: quality and wall time side by side."""
     from .evaluate import ablate as run_ablate

@@ -26,7 +26,7 @@ from .config import SampleConfig
 from .data.batches import pack_one
 from .diffusion import alpha_bar_table
 from .model import Denoiser
-from .samplers import generate, make_sampler
+from .samplers import generate, make_sampler, resolve_precision
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -57,6 +57,7 @@ class Decoded:
     steps: int  # visited timesteps per decode
     timesteps: list[int]
     diversity: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"  # the denoiser's precision, "auto" resolved
 
 
 def _pack_batch(srcs: list[str], vocab, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +89,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
     total, done, seconds = n * cfg.seeds, 0, 0.0
     mine: dict[int, tuple[list[str], list[list[str]], list[float], list[float]]] = {}
     generator = torch.Generator(device=loaded.device)
+    precision = resolve_precision(cfg.precision, loaded.device)
     for b in range(rank, -(-n // bs), world):
         ids, mask = _pack_batch(dataset[b * bs:(b + 1) * bs]["src"], vocab, seq_len)
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)
@@ -96,7 +98,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             generator.manual_seed(batch_seed(cfg.seed + k, b))
             t0 = time.perf_counter()
             out = generate(model, loaded.alpha_bar, sampler, cfg.steps, ids, mask, clamp=cfg.clamp, generator=generator,
-                           precision=cfg.precision)
+                           precision=precision)
             out = out.cpu()  # one sync per batch
             seconds += time.perf_counter() - t0
             per_seed.append(_to_text(out, mask.cpu(), vocab))
@@ -115,7 +117,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
         sb += parts[b][2]
         d4 += parts[b][3]
     diversity = {"self_bleu": sum(sb) / len(sb), "div_4": sum(d4) / len(d4)} if cfg.seeds > 1 and sb else {}
-    return Decoded(hyps, candidates, seconds, len(timesteps), timesteps, diversity)
+    return Decoded(hyps, candidates, seconds, len(timesteps), timesteps, diversity, precision)
 
 
 def _pick(candidates: list[list[str]]) -> tuple[list[str], list[list[str]], list[float], list[float]]:

@@ -203,6 +203,20 @@ def nearest_embedding(x: torch.Tensor, weight: torch.Tensor, half_sq_norm: torch
     return weight[nearest_indices(flat, weight.t().contiguous(), -half_sq_norm)].view_as(x)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" is bf16 where the device multiplies bf16 natively (a CUDA GPU with bf16, a CPU with
+    AVX512-BF16/AMX, where a bf16 denoiser step measured ~1.5-1.8× faster), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        native = device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bf16" if native else "fp32"
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()

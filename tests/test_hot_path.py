@@ -130,3 +130,18 @@ def test_decode_streams_inputs_in_batches(tiny_run, monkeypatch):
     ds = datasets.Dataset.from_dict({"src": [f"And the {i} day" for i in range(11)], "trg": [""] * 11})
     out = evaluate.decode(loaded, ds, SampleConfig(sampler="ads", steps=3, batch_size=4))
     assert seen == [4, 4, 3] and len(out.hyps) == 11
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+def test_sample_precision_option(tiny_run, tmp_path, precision):
+    import json
+
+    from typer.testing import CliRunner
+
+    from diffutext.cli import app
+
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tiny_run), "--steps", "3", "--limit", "3", "--device", "cpu",
+                                      "--precision", precision, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["precision"] in (("fp32", "bf16") if precision == "auto" else (precision,))
