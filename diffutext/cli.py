@@ -34,6 +34,13 @@ for _console in (out, err):
     if not _console.is_terminal:  # logs and pipes: wide enough that tables never truncate
         _console.width = 200
 
+if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 prints (and writes files)
+    out.quiet = err.quiet = True
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
 
 class _OneLineErrors(TyperGroup):
     """Usage errors (unknown option, bad value) become one line on stderr with exit code 2."""
@@ -102,6 +109,14 @@ class TokenizerType(str, Enum):
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class SamplePrecision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 class Partner(str, Enum):
@@ -176,7 +191,9 @@ def train(
     diffusion_steps: Annotated[Optional[int], typer.Option(min=2, help="T, the number of diffusion timesteps (paper: 2000).")] = None,
     schedule: Annotated[Optional[Schedule], typer.Option(help="Noise schedule.")] = None,
     timestep_sampler: Annotated[Optional[TimestepSampler], typer.Option(help="How training draws t: uniform, or DiffuSeq's loss-aware importance sampler.")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(help="fp32, or bf16 autocast.")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="fp32, or bf16/fp16 autocast (fp16 with a gradient scaler).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(min=1, help="Micro-steps per optimizer step (the batch size stays the global batch).")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the denoiser (slow first step; measure before use).")] = False,
     seed: Annotated[Optional[int], typer.Option()] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<task>-<preset>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
@@ -201,7 +218,7 @@ def train(
                   "tokenizer_type": tokenizer_type.value if tokenizer_type else None,
                   "data_dir": str(data_dir.resolve()) if data_dir else None,
                   "train_split": train_split.value if train_split != Split.train else None,
-                  "precision": precision.value if precision else None, "seed": seed}
+                  "precision": precision.value if precision else None, "grad_accum": grad_accum, "seed": seed}
     overrides["train"].update({k: v for k, v in train_over.items() if v is not None})
     if diffusion_steps is not None:
         overrides["diffusion"]["T"] = diffusion_steps
@@ -222,7 +239,7 @@ def train(
     from .train import train as train_run
 
     with _TrainView() as view:
-        run_guarded(train_run, cfg, run_dir, resume=resume, device=device, callback=view, keep=keep)
+        run_guarded(train_run, cfg, run_dir, resume=resume, device=device, callback=view, keep=keep, compile=compile)
     out.print(f"run folder: {run_dir}")
 
 
@@ -280,7 +297,8 @@ class _TrainView:
 # ---------------------------------------------------------------- sampling options shared by sample/evaluate/ablate
 
 def _sample_config(sampler: str, steps: int, update: Update, variance: Variance, eta: float, clamp: bool,
-                   ads_shares: Optional[str], batch_size: int, seed: int, seeds: int, weights: Weights) -> SampleConfig:
+                   ads_shares: Optional[str], batch_size: int, seed: int, seeds: int, weights: Weights,
+                   precision: Optional[SamplePrecision] = None) -> SampleConfig:
     shares = None
     if ads_shares:
         try:
@@ -290,16 +308,18 @@ def _sample_config(sampler: str, steps: int, update: Update, variance: Variance,
         if len(shares) != 3 or any(s < 0 for s in shares):
             fail(f"--ads-shares must be three non-negative comma-separated numbers, got {ads_shares!r}")
     return SampleConfig(sampler=sampler, steps=steps, update=update.value, variance=variance.value, eta=eta, clamp=clamp,
-                        ads_shares=shares, batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value)
+                        ads_shares=shares, batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value,
+                        precision=(precision or SamplePrecision(SampleConfig.precision)).value)
 
 
 def _open(checkpoint: Optional[Path], weights: Weights, device: str):
     from .checkpoint import newest_run
+    from .distributed import setup
     from .evaluate import load_model
     from .train import resolve_device
 
     run_dir = checkpoint if checkpoint is not None else run_guarded(newest_run, RUNS_DIR)
-    dev = run_guarded(resolve_device, device)
+    dev = setup(run_guarded(resolve_device, device))  # under torchrun: join the group, one GPU per rank
     return run_guarded(load_model, run_dir, weights.value, dev)
 
 
@@ -392,6 +412,8 @@ def _metrics_table(title: str, scores: dict[str, Any]) -> Table:
 def _write_atomic(path: Path, text: str) -> None:
     from .checkpoint import atomic_write
 
+    if not _is_main_rank():
+        return
     try:
         atomic_write(path, text.encode("utf-8"))
     except OSError as e:
@@ -417,6 +439,7 @@ InputOpt = Annotated[Optional[Path], typer.Option("--input", help="A jsonl file 
 TextOpt = Annotated[Optional[str], typer.Option(help="One source sentence to decode.")]
 LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Decode only the first N inputs.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+SamplePrecisionOpt = Annotated[SamplePrecision, typer.Option("--precision", help="Denoiser autocast: auto (bf16 where the device has native bf16, else fp32), fp32, bf16 or fp16; the chain stays float32.")]
 
 
 @app.command()
@@ -440,12 +463,15 @@ def sample(
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Write {src, trg, hyp} lines to this jsonl file.")] = None,
     show: Annotated[int, typer.Option(min=0, help="Print this many source / output / reference triples.")] = 3,
     device: DeviceOpt = "auto",
+    precision: SamplePrecisionOpt = SamplePrecision(SampleConfig.precision),
 ) -> None:
     """Generate text with a trained run; print examples and, when references are known, the metrics."""
-    cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights)
+    cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights, precision)
     loaded = _open(checkpoint, weights, device)
     ds = _inputs(loaded, split, input_file, text, limit)
     decoded = _decode(loaded, ds, cfg)
+    if not _is_main_rank():  # every rank decoded its share; rank 0 reports
+        return
     srcs, refs = ds["src"], _refs(ds)
     if out_file is not None:
         lines = []
@@ -528,6 +554,7 @@ def evaluate(
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics to this JSON file.")] = None,
     bertscore_model: Annotated[Optional[Path], typer.Option(help="Also score BERTScore F1 with this local model folder (pip install 'diffutext[bertscore]'; offline).")] = None,
     device: DeviceOpt = "auto",
+    precision: SamplePrecisionOpt = SamplePrecision(SampleConfig.precision),
 ) -> None:
     """Score predictions (a file) or a run decoded on the spot: sacreBLEU, sentence BLEU, ROUGE-L, dist-1, length (all references count)."""
     from .metrics import score
@@ -538,18 +565,21 @@ def evaluate(
         title = f"{predictions} ({len(hyps)} sentences)"
         extra: dict[str, Any] = {"predictions": str(predictions)}
     else:
-        cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights)
+        cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights, precision)
         loaded = _open(checkpoint, weights, device)
         ds = _inputs(loaded, split, input_file, None, limit)
         if not _has_refs(ds):
             fail("these inputs have no references ('trg') to score against")
         decoded = _decode(loaded, ds, cfg)
+        if not _is_main_rank():
+            return
         refs = _refs(ds)
         hyps = decoded.hyps
         scores = {**score(hyps, refs), **decoded.diversity, "seconds": decoded.seconds,
                   "sentences_per_s": len(ds) * seeds / max(decoded.seconds, 1e-9)}
         title = f"{cfg.sampler}-{decoded.steps} steps" + (f", MBR of {seeds}" if seeds > 1 else "") + f" on {len(ds)} sentences"
-        extra = {"checkpoint": str(loaded.checkpoint.folder), "sampler": cfg.sampler, "steps": decoded.steps, "seeds": seeds}
+        extra = {"checkpoint": str(loaded.checkpoint.folder), "sampler": cfg.sampler, "steps": decoded.steps, "seeds": seeds,
+                 "precision": decoded.precision}
     if bertscore_model is not None:
         from .metrics import bertscore
 
@@ -591,6 +621,7 @@ def ablate(
     weights: WeightsOpt = Weights.ema,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for results.csv/json and plots (default: RUN/ablate).")] = None,
     device: DeviceOpt = "auto",
+    precision: SamplePrecisionOpt = SamplePrecision(SampleConfig.precision),
 ) -> None:
     """Checkpoints × samplers × steps: quality and wall time side by side, saved as CSV, JSON and PNG plots."""
     names = _split_list(samplers, "--sampler", str)
@@ -600,7 +631,7 @@ def ablate(
     counts = _split_list(steps, "--steps", int)
     if any(c < 1 for c in counts):
         fail(f"--steps takes comma-separated positive integers; got {steps!r}")
-    base = _sample_config("ads", 20, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights)
+    base = _sample_config("ads", 20, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights, precision)
     from . import ablation
     from .diffusion import sigma
 
@@ -618,6 +649,8 @@ def ablate(
         run_guarded(lambda: _check_cell(name, n, T, base))
     with _DecodeView("ablate") as view:
         rows = run_guarded(ablation.run, opened, ds, cells, base, view)
+    if not _is_main_rank():  # every rank decoded its share; rank 0 reports and writes
+        return
     marks = ablation.best(rows)
     for label in dict.fromkeys(r["checkpoint"] for r in rows):
         out.print(_ablation_table(rows, marks, label, split.value, len(ds), seeds))
@@ -666,6 +699,11 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    finally:
+        if "torch.distributed" in sys.modules:  # leave a torchrun process group cleanly
+            from .distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -51,14 +51,15 @@ class TrainConfig:
     train_split: str = "train"  # the split trained on (e.g. "valid" for a set that ships only a valid split)
     max_steps: int = 2000
     max_minutes: float = 0.0  # 0: no wall-time limit; else stop (and decay the lr) by time too
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch: split over processes (torchrun) and grad_accum micro-steps
+    grad_accum: int = 1  # micro-steps per optimizer step (the all-reduce runs on the last one only)
     lr: float = 1e-4
     lr_schedule: str = "linear"  # linear (warm-up, then linear decay to 0) | constant (after warm-up)
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
     eval_every: int = 500  # validation loss every N steps (0: never)
     eval_batches: int = 4
     save_every: int = 1000  # checkpoint every N steps (a final one is always written)
@@ -109,6 +110,8 @@ class SampleConfig:
     seed: int = 0
     seeds: int = 1  # decode K times and keep the MBR pick
     weights: str = "ema"  # ema | model
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast for the denoiser; the chain stays float32.
+    # auto: bf16 where the device has native bf16 products (measured faster there), else fp32
 
 
 def _build(cls, values: dict[str, Any]):
@@ -210,7 +213,9 @@ def validate(config: RunConfig) -> None:
         (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
-        (t.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
+        (t.grad_accum > 0, "train.grad_accum must be positive"),
+        (t.batch_size % t.grad_accum == 0, f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})"),
+        (t.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
         (t.eval_every >= 0 and t.save_every >= 0 and t.log_every > 0, "eval_every/save_every must be >= 0, log_every > 0"),
         (t.eval_batches > 0, "train.eval_batches must be positive"),
         (t.vocab_size >= 50, "train.vocab_size must be at least 50"),

@@ -13,11 +13,14 @@ import torch
 
 
 class UniformTimesteps:
+    learns = False  # no use for the losses
+
     def __init__(self, T: int, device: torch.device):
         self.T, self.device = T, device
 
-    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return torch.randint(0, self.T, (batch_size,), device=self.device), None
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """t (B,) and the per-example loss weights (None: all 1)."""
+        return torch.randint(0, self.T, (batch_size,), generator=generator, device=self.device), None
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         pass
@@ -30,6 +33,8 @@ class UniformTimesteps:
 
 
 class LossAwareTimesteps:
+    learns = True  # wants every example's loss through update()
+
     def __init__(self, T: int, device: torch.device, history: int = 10, uniform_prob: float = 0.001):
         self.T, self.device, self.history, self.uniform_prob = T, device, history, uniform_prob
         self.losses = torch.zeros(T, history, device=device)  # ring buffer of recent losses per t
@@ -42,9 +47,9 @@ class LossAwareTimesteps:
         w = w / w.sum().clamp_min(1e-30)
         return torch.where(warm, w * (1 - self.uniform_prob) + self.uniform_prob / self.T, torch.full_like(w, 1.0 / self.T))
 
-    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         p = self.weights()
-        t = torch.multinomial(p, batch_size, replacement=True)
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         return t, 1.0 / (self.T * p[t])
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
