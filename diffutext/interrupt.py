@@ -1,4 +1,4 @@
-"""Graceful stop on SIGINT / SIGTERM for long commands (issue 6), installed by the CLI, never by the engine.
+"""Graceful stop on SIGINT / SIGTERM for long commands, installed by the CLI, never by the engine.
 
 The first SIGINT or SIGTERM only raises a flag: the training loop polls `StopSignals.requested`
 once per step, writes a checkpoint and returns, and the CLI exits 128 + the signal number

@@ -10,12 +10,17 @@ Per example, with E(w) the word embeddings of the packed sequence:
 Distance Penalty, with partner timestep t′ drawn from the noise-level window of t:
   loss = ½·[mse(t) + mse(t′) + 2·decoder_nll + 2·tT + λ·1[t′≠t]·mean‖f(z_t′,t′) − f(z_t,t)‖²]
 With λ = 0 the partner pass is skipped and the loss is the base loss exactly.
+
+Hot path: decoder_nll is `tied_nll`, a cross-entropy over the full vocabulary computed in row
+chunks that never hold the (tokens × vocabulary) logits, and every random draw of a step can be
+made up front (`draw_noise`) so that data-parallel ranks slice one global batch's noise.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
-import torch.nn.functional as F
 
 from .diffusion import q_sample, sigma
 
@@ -38,14 +43,19 @@ def dp_window(alpha_bar: torch.Tensor, delta: float) -> tuple[torch.Tensor, torc
 
 
 def partner_timesteps(t: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      generator: torch.Generator | None = None,
+                      uniforms: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw t′ per example: with probability ½ uniformly from [t+1, U(t)], else from [D(t), t−1].
 
+    `uniforms` (two (B,) draws in [0, 1): the side, the offset) replaces the draws from `generator`.
     Returns (t′, valid); where the chosen range is empty, t′ = t and valid is False.
     """
     u, d = upper[t], lower[t]
-    up = torch.rand(t.shape, generator=generator, device=t.device) < 0.5
-    r = torch.rand(t.shape, generator=generator, device=t.device)
+    if uniforms is None:
+        uniforms = (torch.rand(t.shape, generator=generator, device=t.device),
+                    torch.rand(t.shape, generator=generator, device=t.device))
+    up = uniforms[0] < 0.5
+    r = uniforms[1]
     size = torch.where(up, u - t, t - d)  # number of candidates on the chosen side
     start = torch.where(up, t + 1, d)
     offset = (r * size).floor().long().clamp(max=(size - 1).clamp(min=0))
@@ -53,19 +63,55 @@ def partner_timesteps(t: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor,
     return torch.where(valid, start + offset, t), valid
 
 
+@dataclass
+class Noise:
+    """Every random draw of one `diffusion_loss` call, made up front (`draw_noise`).
+
+    Data-parallel ranks draw the noise of the whole global batch from one shared generator and
+    each takes its rows (`noise[rows]`), so N processes see exactly the t and noise of one.
+    """
+
+    eps0: torch.Tensor  # (B, L, D) the jitter of z0 = E(w) + σ0·eps0
+    eps: torch.Tensor  # (B, L, D) forward-process noise of z_t
+    side: torch.Tensor | None = None  # (B,) uniform: which side of t the partner lies on
+    offset: torch.Tensor | None = None  # (B,) uniform: where in that side
+    eps2: torch.Tensor | None = None  # (B, L, D) the partner's own noise (forward or reverse)
+
+    def __getitem__(self, rows) -> "Noise":
+        return Noise(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows] for f in fields(self)})
+
+    def to(self, device: torch.device) -> "Noise":
+        return Noise(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def draw_noise(shape: tuple[int, int, int], partner: bool, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> Noise:
+    """The draws of one loss evaluation for a batch of `shape` (B, L, D), in the order
+    `diffusion_loss` would make them itself; `partner` adds the Distance Penalty's draws."""
+    B = shape[0]
+    eps0 = torch.randn(shape, generator=generator, device=device)
+    eps = torch.randn(shape, generator=generator, device=device)
+    if not partner:
+        return Noise(eps0, eps)
+    side = torch.rand(B, generator=generator, device=device)
+    offset = torch.rand(B, generator=generator, device=device)
+    return Noise(eps0, eps, side, offset, torch.randn(shape, generator=generator, device=device))
+
+
 def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
                    dp_weight: float = 0.0, window: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   dp_partner: str = "forward") -> dict[str, torch.Tensor]:
+                   dp_partner: str = "forward", noise: Noise | None = None) -> dict[str, torch.Tensor]:
     """Every loss term per example, shape (B,); "loss" is the one to optimise.
 
     ids, target_mask: (B, L); t: (B,) long; alpha_bar: (T,) on the model's device.
     With dp_weight > 0, `window` (from `dp_window`) gives the partner ranges.
+    `noise` (from `draw_noise`) replaces the draws from the global generator.
     """
     x0 = model.embed(ids)  # E(w): (B, L, D)
-    z0 = x0 + sigma(alpha_bar[:1]).to(x0.dtype) * torch.randn_like(x0)
-    z_t = q_sample(z0, t, alpha_bar, torch.randn_like(z0), target_mask)
+    z0 = x0 + sigma(alpha_bar[:1]).to(x0.dtype) * (noise.eps0 if noise is not None else torch.randn_like(x0))
+    z_t = q_sample(z0, t, alpha_bar, noise.eps if noise is not None else torch.randn_like(z0), target_mask)
     T = alpha_bar.shape[0]
-    decoder_nll = F.cross_entropy(model.logits(z0).flatten(0, 1).float(), ids.flatten(), reduction="none").view(ids.shape).mean(1)
+    decoder_nll = tied_nll(z0.flatten(0, 1), model.embedding.weight, getattr(model, "head_bias", None), ids.flatten()).view(ids.shape).mean(1)
     tT = mean_flat((alpha_bar[T - 1].sqrt().to(z0.dtype) * z0) ** 2)
 
     if dp_weight <= 0:
@@ -75,13 +121,14 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
 
     if window is None:
         raise ValueError("the Distance Penalty needs the partner window (losses.dp_window)")
-    t2, valid = partner_timesteps(t, *window)
+    t2, valid = partner_timesteps(t, *window, uniforms=(noise.side, noise.offset) if noise is not None else None)
+    eps2 = noise.eps2 if noise is not None else None
     if dp_partner == "forward":  # reference code: same z0, fresh independent noise, one batched pass
-        z_t2 = q_sample(z0, t2, alpha_bar, torch.randn_like(z0), target_mask)
+        z_t2 = q_sample(z0, t2, alpha_bar, eps2 if eps2 is not None else torch.randn_like(z0), target_mask)
         x0_hat, x0_hat2 = model(torch.cat([z_t, z_t2]), torch.cat([t, t2])).chunk(2)
     elif dp_partner == "reverse":  # paper wording: the partner comes from z_t through the model's own step
         x0_hat = model(z_t, t)
-        z_t2 = reverse_partner(z_t, x0_hat.detach(), t, t2, alpha_bar)
+        z_t2 = reverse_partner(z_t, x0_hat.detach(), t, t2, alpha_bar, eps2)
         z_t2 = torch.where(target_mask.unsqueeze(-1), z_t2, z0)
         x0_hat2 = model(z_t2, t2)
     else:
@@ -95,12 +142,12 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
 
 
 def reverse_partner(z_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t2: torch.Tensor,
-                    alpha_bar: torch.Tensor) -> torch.Tensor:
+                    alpha_bar: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
     """z_t′ made from z_t: for t′ < t the model's ancestral step (posterior q(z_t′ | z_t, x0_hat));
     for t′ > t the forward process q(z_t′ | z_t), which needs no model. For t′ = t, z_t itself."""
     ab_t = alpha_bar[t].view(-1, 1, 1).to(z_t.dtype)
     ab_2 = alpha_bar[t2].view(-1, 1, 1).to(z_t.dtype)
-    noise = torch.randn_like(z_t)
+    noise = torch.randn_like(z_t) if noise is None else noise.to(z_t.dtype)
     # down: respaced ancestral step from t to t′ with the "large" variance β′ = 1 − ᾱ_t/ᾱ_t′
     beta = (1 - ab_t / ab_2).clamp(min=0)
     c_x0 = ab_2.sqrt() * beta / (1 - ab_t)
@@ -111,3 +158,119 @@ def reverse_partner(z_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t2
     up = ratio.sqrt() * z_t + (1 - ratio).sqrt() * noise
     side = (t2 - t).view(-1, 1, 1)
     return torch.where(side < 0, down, torch.where(side > 0, up, z_t))
+
+
+# ---- the tied head's cross-entropy, in row chunks ----
+
+def _exp_(x: torch.Tensor) -> torch.Tensor:
+    """exp in place of arguments ≤ 0, with those below −80 raised to −80 first: exp(−80) ≈ 2e−35 adds
+    nothing a float32 sum of terms ≥ 1 can hold, and it keeps exp out of subnormal results, which
+    run tens of times slower on x86 CPUs (the tied head's logits span hundreds of units)."""
+    return x.clamp_(min=-80.0).exp_()
+
+
+def _chunk_rows(vocab: int) -> int:
+    """Rows per chunk: one (vocab × rows) block of float32 logits of about 32 MB (fastest measured on a
+    2-core CPU with a 32 MB L3 at vocabulary 30,522: 256 rows)."""
+    return max(32, min(4096, (1 << 23) // max(vocab, 1)))
+
+
+class _TiedNLL(torch.autograd.Function):
+    """nll_n = logsumexp_v(x_n·E_v + b_v) − (x_n·E_{y_n} + b_{y_n}), one row chunk at a time.
+
+    Memory is O(rows × D + V × D), never the (rows × V) logits and their softmax. The products run
+    in the autocast dtype when autocast is on (as `x @ E.t()` would); softmax sums are in float32.
+
+    Gradients: on CPU, when a gradient will be needed, forward also computes the gradient for a
+    unit upstream gradient from the chunk it already holds (three products in all, as plain
+    autograd does); backward scales it when the upstream gradient is the same for every row, as a
+    mean-reduced loss gives (checked, no device there to sync with). Otherwise (a weighted loss,
+    or CUDA, where the check would sync) backward recomputes each chunk's logits: exact either way.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, dtype):
+        need = ctx.needs_input_grad[:3]
+        ahead = any(need) and x.device.type == "cpu"
+        with torch.autocast(x.device.type, enabled=False):
+            xc, wc, bc = x.to(dtype), weight.to(dtype), bias.to(dtype)
+            lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+            if ahead:
+                grads = _zero_grads(xc, wc, bc)
+            step = _chunk_rows(weight.shape[0])
+            for i in range(0, x.shape[0], step):  # a handful of chunks, each one big matrix product
+                rows = slice(i, i + step)
+                logits = torch.addmm(bc[:, None], wc, xc[rows].t()).float()  # (V, c): the fast layout for D ≪ V
+                top = logits.amax(0)
+                e = _exp_(logits.sub_(top))  # exp(logit − max), in place
+                total = e.sum(0)
+                lse[rows] = top + total.log()
+                if ahead:
+                    _add_softmax_grads(e.div_(total), rows, xc, wc, grads, need)
+            picked = (wc[target].float() * xc.float()).sum(-1) + bc[target].float()
+            if ahead:
+                _sub_one_hot(torch.ones_like(lse), target, xc, wc, grads)
+        ctx.save_for_backward(xc, wc, bc, target, lse)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        ctx.unit_grads = grads if ahead else None
+        return lse - picked
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, wc, bc, target, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        grad = grad.float()
+        grads, ctx.unit_grads = ctx.unit_grads, None
+        if grads is not None and bool((grad == grad[0]).all()):
+            grads = tuple(g.mul_(grad[0]) for g in grads)
+        else:
+            with torch.autocast(xc.device.type, enabled=False):
+                grads = _zero_grads(xc, wc, bc)
+                step = _chunk_rows(wc.shape[0])
+                for i in range(0, xc.shape[0], step):
+                    rows = slice(i, i + step)
+                    logits = torch.addmm(bc[:, None], wc, xc[rows].t())  # (V, c)
+                    p = _exp_(logits.float().sub_(lse[rows])).mul_(grad[rows])  # softmax · upstream gradient
+                    _add_softmax_grads(p, rows, xc, wc, grads, need)
+                _sub_one_hot(grad, target, xc, wc, grads)
+        return tuple(g.to(dt) if n else None for g, dt, n in zip(grads, ctx.dtypes, need)) + (None, None)
+
+
+def _zero_grads(xc, wc, bc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (xc, wc, bc))
+
+
+def _add_softmax_grads(p: torch.Tensor, rows: slice, xc, wc, grads, need) -> None:
+    """Add one chunk's softmax part: p (V, c) holds softmax × upstream gradient of rows."""
+    gx, gw, gb = grads
+    if need[2]:
+        gb += p.sum(1)
+    p = p.to(wc.dtype)
+    if need[0]:
+        gx[rows] = (p.t() @ wc).float()
+    if need[1]:
+        if wc.dtype == torch.float32:
+            gw.addmm_(p, xc[rows])
+        else:
+            gw += p @ xc[rows]
+
+
+def _sub_one_hot(grad: torch.Tensor, target, xc, wc, grads) -> None:
+    """Subtract the one-hot part of the cross-entropy gradient, weighted by the upstream gradient."""
+    gx, gw, gb = grads
+    gx -= grad[:, None] * wc[target].float()
+    gw.index_add_(0, target, -grad[:, None] * xc.float())
+    gb.index_add_(0, target, -grad)
+
+
+def tied_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy of the tied head, logits = x·Eᵀ + b, against target: (N, D) -> (N,) float32.
+
+    The same numbers as `F.cross_entropy(x @ weight.t() + bias, target, reduction="none")`, without
+    ever holding the (N × V) logits.
+    """
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return _TiedNLL.apply(x, weight, bias, target, dtype)

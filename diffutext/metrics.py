@@ -6,6 +6,8 @@
 - `rouge_l`: ROUGE-L F (rouge-score), averaged; with several references the best one counts.
 - `dist_1`: distinct unigrams over all unigrams of the corpus (DiffuSeq's inter-sentence dist-1).
 - `mbr_pick`, `self_bleu`, `div_4`: over the K candidates decoded for one source.
+- `bertscore`: BERTScore F1 with a local model folder (optional extra `diffutext[bertscore]`),
+  offline, labelled with its model and layer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from functools import lru_cache
 from typing import Sequence
 
 Refs = Sequence[Sequence[str]]  # per hypothesis, one or more references
+
+
+class MetricError(ValueError):
+    """A metric that cannot be computed as asked (missing optional package or model); one clear line."""
 
 
 @lru_cache(maxsize=1)
@@ -110,3 +116,46 @@ def score(hyps: Sequence[str], refs: Refs) -> dict[str, float | str]:
         "count": len(hyps),
         "sacrebleu_signature": signature,
     }
+
+
+def bertscore(hyps: Sequence[str], refs: Refs, model_dir, num_layers: int | None = None,
+              batch_size: int = 32) -> tuple[float, str]:
+    """Mean BERTScore F1 (best reference each) with a local model folder, and a label naming model and layer.
+
+    Offline only: the folder must hold a Hugging Face model (config.json and weights). The layer is
+    bert-score's own choice when the folder is named like a model it knows (e.g.
+    deberta-xlarge-mnli, DiffuSeq's choice), else the model's last layer.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise MetricError(f"--bertscore-model {folder}: not a local model folder (expected config.json and weights in it)")
+    try:
+        layers = int(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers", 0))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise MetricError(f"{folder / 'config.json'}: not a valid model config") from None
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder only: never reach for the network
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        import bert_score
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise MetricError("BERTScore needs the optional extra: pip install 'diffutext[bertscore]'") from None
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if num_layers is None:
+        num_layers = bert_score.utils.model2layers.get(folder.name) or layers
+    if not num_layers:
+        raise MetricError(f"{folder / 'config.json'}: no num_hidden_layers; cannot choose a BERTScore layer")
+    if not hyps:
+        return 0.0, f"{folder.name}, layer {num_layers}"
+    try:
+        _, _, f1 = bert_score.score(list(hyps), [list(r) for r in refs], model_type=str(folder), num_layers=num_layers,
+                                    batch_size=batch_size, lang=None, verbose=False)
+    except Exception as e:  # a broken model folder fails deep inside transformers: report it in one line
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise MetricError(f"--bertscore-model {folder}: could not score with it ({type(e).__name__}: {first})") from None
+    return float(f1.mean()), f"{folder.name}, layer {num_layers}"

@@ -6,11 +6,16 @@ noise level of one visited timestep to the next (`abar_prev = 1` after the last,
 update then returns x0_hat). `generate` walks the explicit (t, ᾱ_t, ᾱ_prev) triples: predict
 x0_hat, optionally snap it to the nearest word embedding (one matrix product), update, and
 re-impose the source. Adding a sampler is one function and one entry in SAMPLERS.
+
+Hot path: the loop runs under `torch.inference_mode`, takes ᾱ as host floats (no device sync per
+step), snaps only the target positions (the source is re-imposed anyway, so the result is the
+same) in cache-sized blocks of the vocabulary, and can run the denoiser under bf16/fp16 autocast.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -170,33 +175,84 @@ def make_sampler(name: str, update: str = "", variance: str = "large", eta: floa
 
 # ---- the loop ----
 
+ROW_BLOCK, VOCAB_BLOCK = 256, 4096  # a (rows × vocabulary) block of scores is 4 MB: it stays in cache
+
+
+def nearest_indices(flat: torch.Tensor, weight_t: torch.Tensor, neg_half_sq_norm: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest row of the embedding table for every row of flat (N, D), in L2:
+    argmin ‖x − e‖² = argmax (x·e − ½‖e‖²). weight_t is the table transposed, (D, V), contiguous.
+
+    The same answer as one (N × V) product and an argmax, computed block by block with a running
+    maximum (earlier blocks win ties, as argmax's first index does), so the scores never leave cache.
+    """
+    V = weight_t.shape[1]
+    out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+    for i in range(0, flat.shape[0], ROW_BLOCK):
+        rows = flat[i:i + ROW_BLOCK]
+        best, best_idx = torch.addmm(neg_half_sq_norm[:VOCAB_BLOCK], rows, weight_t[:, :VOCAB_BLOCK]).max(-1)
+        for j in range(VOCAB_BLOCK, V, VOCAB_BLOCK):
+            value, idx = torch.addmm(neg_half_sq_norm[j:j + VOCAB_BLOCK], rows, weight_t[:, j:j + VOCAB_BLOCK]).max(-1)
+            better = value > best
+            best = torch.where(better, value, best)
+            best_idx = torch.where(better, idx + j, best_idx)
+        out[i:i + ROW_BLOCK] = best_idx
+    return out
+
+
 def nearest_embedding(x: torch.Tensor, weight: torch.Tensor, half_sq_norm: torch.Tensor) -> torch.Tensor:
-    """Snap every vector of x (..., D) to its nearest row of weight (V, D) in L2, as one matmul + argmax:
-    argmin ‖x − e‖² = argmax (x·e − ½‖e‖²)."""
+    """Snap every vector of x (..., D) to its nearest row of weight (V, D) in L2 (see `nearest_indices`)."""
     flat = x.reshape(-1, x.shape[-1])
-    idx = torch.addmm(half_sq_norm, flat, weight.t(), alpha=1.0, beta=-1.0).argmax(-1)
-    return weight[idx].view_as(x)
+    return weight[nearest_indices(flat, weight.t().contiguous(), -half_sq_norm)].view_as(x)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" is bf16 where the device multiplies bf16 natively (a CUDA GPU with bf16, a CPU with
+    AVX512-BF16/AMX, where a bf16 denoiser step measured ~1.5-1.8× faster), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        native = device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bf16" if native else "fp32"
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise SamplerError(f"unknown precision {precision!r}; expected fp32, bf16 or fp16")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 @torch.inference_mode()
 def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
             clamp: bool = True, generator: torch.Generator | None = None,
-            callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+            callback: Callable[[int, int], None] | None = None, precision: str = "fp32") -> torch.Tensor:
     """Run the reverse chain on one batch and return the final continuous sample z (B, L, D).
 
     ids/target_mask (B, L) carry the source; target positions start from z_T ~ N(0, I), source
-    positions hold the clean source embedding throughout.
+    positions hold the clean source embedding throughout. `precision` bf16/fp16 runs the denoiser
+    under autocast; the chain itself (z, the updates, the snapping) stays in float32.
     """
-    weight = model.embedding.weight
-    half_sq_norm = 0.5 * (weight * weight).sum(-1)
-    x_src = model.embed(ids)  # (B, L, D)
+    weight = model.embedding.weight.float()
+    weight_t = weight.t().contiguous()  # (D, V)
+    neg_half_sq_norm = -0.5 * (weight * weight).sum(-1)
+    x_src = model.embed(ids).float()  # (B, L, D)
     mask = target_mask.unsqueeze(-1)
+    target_rows = target_mask.reshape(-1).nonzero().squeeze(1)  # once per batch, not per step
     z = torch.where(mask, _noise(x_src, generator), x_src)
     t_vec = torch.empty(ids.shape[0], dtype=torch.long, device=ids.device)
     for i, (t, abar_t, abar_prev) in enumerate(sampler.triples(alpha_bar, steps)):
-        x0_hat = model(z, t_vec.fill_(t))
-        if clamp:
-            x0_hat = nearest_embedding(x0_hat, weight, half_sq_norm)
+        with _autocast(ids.device, precision):
+            x0_hat = model(z, t_vec.fill_(t))
+        x0_hat = x0_hat.float()
+        if clamp:  # snap the target rows only: the source rows are replaced by x_src below
+            flat = x0_hat.reshape(-1, x0_hat.shape[-1])
+            picked = nearest_indices(flat.index_select(0, target_rows), weight_t, neg_half_sq_norm)
+            flat.index_copy_(0, target_rows, weight.index_select(0, picked))
         z = torch.where(mask, sampler.update(z, x0_hat, abar_t, abar_prev, generator), x_src)
         if callback is not None:
             callback(i, t)
@@ -206,7 +262,14 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
 @torch.inference_mode()
 def generate(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
              clamp: bool = True, generator: torch.Generator | None = None,
-             callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Decode one batch to token ids (B, L): the tied head's argmax on the final sample."""
-    z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback)
-    return model.logits(z).argmax(-1)
+             callback: Callable[[int, int], None] | None = None, precision: str = "fp32") -> torch.Tensor:
+    """Decode one batch to token ids (B, L): the tied head's argmax on the final sample at target
+    positions, computed in row blocks (never the whole (B·L × V) logits); source positions keep ids."""
+    z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback, precision)
+    rows = target_mask.reshape(-1).nonzero().squeeze(1)
+    z_rows = z.reshape(-1, z.shape[-1]).index_select(0, rows)
+    picked = torch.cat([model.logits(z_rows[i:i + ROW_BLOCK]).argmax(-1) for i in range(0, z_rows.shape[0], ROW_BLOCK)]
+                       or [ids.new_empty(0)])
+    out = ids.clone()
+    out.view(-1).index_copy_(0, rows, picked)
+    return out

@@ -1,4 +1,4 @@
-"""Helpers shared by the reliability tests (issue 6): CLI invocation, the one-line-error check, run copies."""
+"""Helpers shared by the reliability tests: CLI invocation, the one-line-error check, run copies."""
 
 from __future__ import annotations
 

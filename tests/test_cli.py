@@ -66,15 +66,31 @@ def test_text_and_input_file(cli_run, tmp_path):
     assert [json.loads(x)["src"] for x in (tmp_path / "o.jsonl").read_text().splitlines()] == ["In the beginning", "And the evening"]
 
 
-def test_evaluate_from_a_checkpoint_and_ablate(cli_run, tmp_path):
+def test_evaluate_from_a_checkpoint_with_mbr(cli_run):
     result = invoke("evaluate", "--checkpoint", cli_run, "--steps", 4, "--limit", 4, "--seeds", 2, "--device", "cpu")
-    assert result.exit_code == 0, result.output and "self-BLEU" in result.output
-    grid = tmp_path / "grid.json"
-    result = invoke("ablate", "--checkpoint", cli_run, "--sampler", "uniform,ads", "--steps", "5,4", "--limit", 3, "--device", "cpu", "--json", grid)
     assert result.exit_code == 0, result.output
-    cells = json.loads(grid.read_text())["cells"]
-    assert [(c["sampler"], c["steps"]) for c in cells] == [("uniform", 5), ("uniform", 4), ("ads", 5), ("ads", 4)]
-    assert cells[-1]["timesteps"] == [1999, 1334, 667, 0]
+    assert "self-BLEU" in result.output and "div-4" in result.output
+
+
+def test_ablate_writes_tables_csv_json_and_plots(cli_run, tmp_path):
+    out_dir = tmp_path / "grid"
+    result = invoke("ablate", "--checkpoint", cli_run, "--checkpoint", cli_run, "--sampler", "uniform,ads", "--steps", "5,4",
+                    "--limit", 3, "--seeds", 2, "--device", "cpu", "--out", out_dir)
+    assert result.exit_code == 0, result.output
+    assert "copy source" in result.output and "self-BLEU" in result.output
+    data = json.loads((out_dir / "results.json").read_text())
+    cells = [(r["sampler"], r["steps"]) for r in data["rows"]]
+    assert cells == [("uniform", 5), ("uniform", 4), ("ads", 5), ("ads", 4), ("copy source", 0)] * 2
+    assert data["rows"][3]["timesteps"] == [1999, 1334, 667, 0]
+    assert (out_dir / "results.csv").read_text().splitlines()[0].startswith("checkpoint,step,sampler,steps,sacrebleu")
+    for png in ("sacrebleu_vs_steps.png", "sentence_bleu_vs_steps.png", "timesteps.png"):
+        assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablate_refuses_impossible_cells_before_decoding(cli_run, tmp_path):
+    result = invoke("ablate", "--checkpoint", cli_run, "--sampler", "ads", "--steps", "2", "--device", "cpu", "--out", tmp_path / "g")
+    assert result.exit_code == 2 and "no step for the noisiest third" in result.output
+    assert not (tmp_path / "g").exists()
 
 
 def test_sample_uses_the_newest_run(cli_run, tmp_path, monkeypatch):

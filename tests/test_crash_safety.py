@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints and outputs (issue 6 §1, §6): a save interrupted midway (exception, SIGKILL,
+"""Crash-safe checkpoints and outputs: a save interrupted midway (exception, SIGKILL,
 full disk) leaves the previous checkpoint loadable and no half checkpoint visible; nothing is clobbered."""
 
 import errno

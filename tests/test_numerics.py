@@ -1,4 +1,4 @@
-"""Numerical faults (issue 6 §5): a NaN/inf loss stops training with one line naming the step and the
+"""Numerical faults: a NaN/inf loss stops training with one line naming the step and the
 terms, exit 1, and no checkpoint with non-finite weights is ever written; --detect-anomaly names the op."""
 
 import math

@@ -1,4 +1,4 @@
-"""Safe loading from the command line (issue 6 §4): tampered, truncated, corrupted or mismatched
+"""Safe loading from the command line: tampered, truncated, corrupted or mismatched
 checkpoints exit 2 with one line naming the file and the problem; a pickle is never executed."""
 
 import io

@@ -58,3 +58,27 @@ def test_existing_run_folder_is_not_clobbered(tiny_run):
     with pytest.raises(TrainError, match="already exists"):
         train(resolve("tiny"), tiny_run, device="cpu")
     assert sorted(p.name for p in tiny_run.rglob("*")) == before
+
+
+def test_lossaware_timesteps_warm_up_then_favour_high_loss_and_stay_unbiased():
+    from diffutext.timesteps import LossAwareTimesteps
+
+    ts = LossAwareTimesteps(T=20, device=torch.device("cpu"))
+    t, w = ts.sample(64)
+    assert torch.allclose(w, torch.ones(64))  # uniform until every t has 10 losses
+    for _ in range(10):  # every t seen 10 times, in one batch with repeats
+        ts.update(torch.arange(20).repeat(3), torch.arange(20).float().repeat(3) + 1)
+    assert (ts.counts == 30).all() and torch.allclose(ts.losses, (torch.arange(20).float() + 1)[:, None].expand(20, 10))
+    p = ts.weights()
+    assert p[19] > p[0] * 10 and p.sum().item() == pytest.approx(1.0)
+    torch.manual_seed(0)
+    t, w = ts.sample(20000)
+    assert torch.allclose(w, 1 / (20 * p[t]))
+    assert (w * 1.0).mean().item() == pytest.approx(1.0, rel=0.05)  # importance weights keep the mean
+
+
+def test_lossaware_training_resumes_with_its_history(tmp_path):
+    cfg = resolve("tiny", {"diffusion": {"timestep_sampler": "lossaware", "T": 50}, "train": {"max_steps": 12, "save_every": 6, "eval_every": 0}})
+    train(cfg, tmp_path / "run", device="cpu")
+    state = open_run(tmp_path / "run").state()
+    assert state["timesteps"]["counts"].sum() == 12 * cfg.train.batch_size

