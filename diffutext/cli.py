@@ -196,7 +196,7 @@ def train(
     train_split: Annotated[Split, typer.Option(help="Split to train on (valid for sets that ship only a valid split).")] = Split.train,
     preset: Annotated[Preset, typer.Option(help="Model and training preset.")] = Preset(DEFAULT_PRESET),
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with [model], [diffusion], [train] overrides.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps (alone, it replaces the preset's wall-time budget).")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(min=0, help="Stop after this much wall time (the lr decays by time too, so a resumed run is not bitwise the same).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     lr: Annotated[Optional[float], typer.Option(min=0, help="Peak learning rate.")] = None,
@@ -233,6 +233,8 @@ def train(
         preset_name = data.pop("preset", preset_name)
         for section, values in data.items():
             overrides[section].update(values)
+    if max_steps is not None and max_minutes is None:
+        max_minutes = 0.0  # an explicit step count is the budget: the preset's minutes no longer cut it short
     train_over = {"task": task, "max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size, "lr": lr,
                   "distance_penalty": distance_penalty, "dp_window": dp_window,
                   "dp_partner": dp_partner.value if dp_partner else None, "init_from": str(init_from) if init_from else None,

@@ -144,3 +144,13 @@ def test_a_failed_sample_keeps_the_previous_output(cli_run, tmp_path):
     out_file.write_text("previous\n")
     result = invoke("sample", "--checkpoint", cli_run, "--sampler", "ads", "--steps", 2, "--out", out_file, "--device", "cpu")
     assert result.exit_code == 2 and out_file.read_text() == "previous\n"
+
+
+def test_an_explicit_step_count_replaces_the_presets_minutes(tmp_path):
+    (tmp_path / "c.toml").write_text('preset = "tiny"\n[train]\nmax_minutes = 5.0\n')
+    timed = invoke("train", "--config", tmp_path / "c.toml", "--max-steps", 2, "--out", tmp_path / "a", "--device", "cpu")
+    both = invoke("train", "--config", tmp_path / "c.toml", "--max-steps", 2, "--max-minutes", 3, "--out", tmp_path / "b", "--device", "cpu")
+    assert timed.exit_code == 0 and both.exit_code == 0, timed.output + both.output
+    stored = lambda run: json.loads((tmp_path / run / "config.json").read_text())["train"]
+    assert stored("a")["max_minutes"] == 0.0 and stored("a")["max_steps"] == 2
+    assert stored("b")["max_minutes"] == 3.0
