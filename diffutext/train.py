@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
+from .allocator import limit_heap_fragmentation
 from . import distributed as dist
 from .config import RunConfig, with_vocab
 from .data import tokenizer as tok
@@ -219,6 +220,8 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
 def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callback: Callback | None, keep: int,
            compile: bool, should_stop: Callable[[], bool] | None) -> Path:
     dev = dist.setup(resolve_device(device))
+    if dev.type == "cpu":
+        limit_heap_fragmentation()
     rank, world, main = dist.rank(), dist.world(), dist.is_main()
     run_dir = Path(dist.broadcast_object(str(run_dir)))  # rank 0's name (a default name holds the start time)
     emit = (callback or (lambda event, info: None)) if main else (lambda event, info: None)
