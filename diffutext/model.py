@@ -44,7 +44,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self._forward_lean(h) if torch.is_grad_enabled() else self._forward_plain(h)
+        lean = torch.is_grad_enabled() and not torch.compiler.is_compiling()  # torch.compile plans its own memory
+        return self._forward_lean(h) if lean else self._forward_plain(h)
 
     def _forward_plain(self, h: torch.Tensor) -> torch.Tensor:
         B, L, W = h.shape

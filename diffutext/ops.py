@@ -14,8 +14,9 @@ Each op here saves what its matrix products need and recomputes the rest in back
 
 Under autocast each op runs its products, GELU and softmax in the autocast dtype (softmax sums in
 float32 inside) and its LayerNorm in float32, as autocast does. The model uses these ops only while
-autograd records (training). Masks are drawn on CPU; on CUDA the model calls PyTorch's fused
-dropout and scaled_dot_product_attention, which already save little.
+autograd records (training), and not under torch.compile, which fuses and plans memory itself.
+Masks are drawn on CPU; on CUDA the model calls PyTorch's fused dropout and
+scaled_dot_product_attention, which already save little.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     fast mask of `drop_mask`, elsewhere PyTorch's fused kernel."""
     if not training or p <= 0.0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.dropout(x, p, True)
     return _Dropout.apply(x, p)
 
