@@ -170,11 +170,11 @@ def _exp_(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_(min=-60.0).exp_()
 
 
-def _chunk_rows(vocab: int) -> int:
-    """Rows per chunk: a (vocab × rows) block of up to 16 MB of float32, half the L3 cache of the 2-core
-    CPU it was tuned on, in a multiple of 64 rows (an odd count halves the products' speed there):
-    128 rows at vocabulary 30,522."""
-    rows = (1 << 22) // max(vocab, 1)
+def _chunk_rows(vocab: int, itemsize: int = 4) -> int:
+    """Rows per chunk: a (vocab × rows) block of up to 16 MB, half the L3 cache of the 2-core CPU it was
+    tuned on, in a multiple of 64 rows (an odd count halves the products' speed there): 128 rows of
+    float32 or 256 of bf16 at vocabulary 30,522."""
+    rows = (1 << 24) // (max(vocab, 1) * itemsize)
     return max(64, min(4096, rows - rows % 64))
 
 
@@ -211,7 +211,7 @@ class _TiedNLL(torch.autograd.Function):
             D = xc.shape[1]
             lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
             grads = _zero_grads(xc, wa) if ahead else None
-            step = _chunk_rows(weight.shape[0])
+            step = _chunk_rows(weight.shape[0], wc.element_size())
             buffer = _Buffer()
             for i in range(0, x.shape[0], step):  # a handful of chunks, each one big matrix product
                 rows = slice(i, i + step)
@@ -252,7 +252,7 @@ class _TiedNLL(torch.autograd.Function):
                 coef = grad * torch.exp(shift.float() - lse)  # softmax = e · exp(σ − lse), times the upstream gradient
                 D = xc.shape[1]
                 grads = _zero_grads(xc, wa)
-                step = _chunk_rows(wc.shape[0])
+                step = _chunk_rows(wc.shape[0], wc.element_size())
                 buffer = _Buffer()
                 for i in range(0, xc.shape[0], step):
                     rows = slice(i, i + step)
