@@ -18,8 +18,9 @@ def test_loss_goes_down(tmp_path):
     assert log[-1]["mse"] < 0.7 * log[0]["mse"]
 
 
-def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
-    cfg = resolve("tiny", {"train": {"max_steps": 16, "save_every": 8, "eval_every": 0}})
+@pytest.mark.parametrize("dropout", [0.0, 0.2])  # 0.2: the lean ops' dropout masks follow the resumed RNG
+def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, dropout):
+    cfg = resolve("tiny", {"model": {"dropout": dropout}, "train": {"max_steps": 16, "save_every": 8, "eval_every": 0}})
     train(cfg, tmp_path / "whole", device="cpu")
 
     class Killed(Exception):
