@@ -206,8 +206,7 @@ class _TiedNLL(torch.autograd.Function):
             xc, wc, bc = x.to(dtype), weight.to(dtype), bias.to(dtype)
             picked = (wc[target].float() * xc.float()).sum(-1) + bc[target].float()  # the target logits
             shift = picked.to(dtype)  # σ, exactly as the product will use it
-            wa = _augment(wc, bc[:, None], torch.ones_like(bc)[:, None])  # (V, D+2): [E, b, 1]
-            xa = _augment(xc, torch.ones_like(shift)[:, None], -shift[:, None])  # (N, D+2): [x, 1, −σ]
+            wa, xa = _augmented(xc, wc, bc, shift)
             D = xc.shape[1]
             lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
             grads = _zero_grads(xc, wa) if ahead else None
@@ -247,8 +246,7 @@ class _TiedNLL(torch.autograd.Function):
         else:
             with torch.autocast(xc.device.type, enabled=False):
                 shift = lse.to(xc.dtype)  # σ = the log-sum-exp, rounded: every shifted logit ≤ about 0
-                wa = _augment(wc, bc[:, None], torch.ones_like(bc)[:, None])
-                xa = _augment(xc, torch.ones_like(shift)[:, None], -shift[:, None])
+                wa, xa = _augmented(xc, wc, bc, shift)
                 coef = grad * torch.exp(shift.float() - lse)  # softmax = e · exp(σ − lse), times the upstream gradient
                 D = xc.shape[1]
                 grads = _zero_grads(xc, wa)
@@ -279,10 +277,13 @@ class _Buffer:
         return torch.mm(a, b, out=self.data[:n].view(a.shape[0], b.shape[1]))
 
 
-def _augment(a: torch.Tensor, *columns: torch.Tensor) -> torch.Tensor:
-    """[a, columns…], zero-padded to a multiple of 8 columns (an odd width slows the products by half)."""
-    pad = -(a.shape[1] + len(columns)) % 8
-    return torch.cat([a, *(c.to(a.dtype) for c in columns), a.new_zeros(a.shape[0], pad)], 1)
+def _augmented(xc, wc, bc, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, b, 1] (V, D+2) and [x, 1, −σ] (N, D+2), whose product is the logits minus σ per row; both
+    zero-padded to a multiple of 8 columns (an odd width slows the products by half)."""
+    pad = -(wc.shape[1] + 2) % 8
+    wa = torch.cat([wc, bc[:, None], torch.ones_like(bc)[:, None], wc.new_zeros(wc.shape[0], pad)], 1)
+    xa = torch.cat([xc, torch.ones_like(shift)[:, None], -shift[:, None], xc.new_zeros(xc.shape[0], pad)], 1)
+    return wa, xa
 
 
 def _zero_grads(xc, wa) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ head is tied to the word embedding: logits = x · Eᵀ + bias.
 Our choice (named): the encoder blocks are pre-LayerNorm and call PyTorch's fused
 `scaled_dot_product_attention`; DiffuSeq uses a post-LN BERT encoder. Pre-LN trains stably at the
 larger learning rates a CPU budget needs. While autograd records, a block runs the same maths
-through `ops`, which keeps about half the activations for backward (and draws dropout faster on CPU).
+through `ops`, which keeps less than half the activations for backward (and draws dropout faster on CPU).
 """
 
 from __future__ import annotations
