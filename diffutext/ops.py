@@ -56,19 +56,15 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 # ---- dropout ----
 
-def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Bool mask, True (drop) with probability p rounded to a multiple of 2⁻¹⁶, from the given or the
-    default generator: one 64-bit draw gives four independent 16-bit lanes."""
+def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device, seed: int | None = None) -> torch.Tensor:
+    """Bool mask, True (drop) with probability p rounded to a multiple of 2⁻¹⁶: one 64-bit draw gives four
+    independent 16-bit lanes. Drawn from a generator seeded with `seed`, or without one from the default."""
     n = math.prod(shape)
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     bits.random_(-(2**63), 2**63 - 1, generator=generator)
     threshold = -(2**15) + round(p * 2**16)
     return bits.view(torch.int16)[:n].lt(threshold).view(shape)
-
-
-def _mask_generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device).manual_seed(seed)
 
 
 def _new_seed() -> int:
@@ -82,12 +78,12 @@ class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p):
         ctx.seed, ctx.p = _new_seed(), p
-        drop = drop_mask(x.shape, p, x.device, _mask_generator(ctx.seed, x.device))
+        drop = drop_mask(x.shape, p, x.device, ctx.seed)
         return x.masked_fill(drop, 0).mul_(1.0 / (1.0 - p))
 
     @staticmethod
     def backward(ctx, g):
-        drop = drop_mask(g.shape, ctx.p, g.device, _mask_generator(ctx.seed, g.device))
+        drop = drop_mask(g.shape, ctx.p, g.device, ctx.seed)
         return g.masked_fill(drop, 0).mul_(1.0 / (1.0 - ctx.p)), None
 
 
@@ -180,7 +176,7 @@ class _Attention(torch.autograd.Function):
             scale = 1.0 / math.sqrt(q.shape[-1])
             probs = torch.softmax(torch.matmul(q, k.transpose(-2, -1)).mul_(scale), -1)  # float32 sums inside
             ctx.seed = _new_seed()
-            drop = drop_mask(probs.shape, p, q.device, _mask_generator(ctx.seed, q.device))
+            drop = drop_mask(probs.shape, p, q.device, ctx.seed)
             out = torch.matmul(probs.masked_fill_(drop, 0).mul_(1.0 / (1.0 - p)), v)
         ctx.save_for_backward(q, k, v)
         ctx.p, ctx.scale = p, scale
@@ -193,7 +189,7 @@ class _Attention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             g = g.to(q.dtype)
             probs = torch.softmax(torch.matmul(q, k.transpose(-2, -1)).mul_(scale), -1)
-            drop = drop_mask(probs.shape, p, q.device, _mask_generator(ctx.seed, q.device))
+            drop = drop_mask(probs.shape, p, q.device, ctx.seed)
             gv = torch.matmul(probs.masked_fill(drop, 0).mul_(1.0 / (1.0 - p)).transpose(-2, -1), g)
             gp = torch.matmul(g, v.transpose(-2, -1)).masked_fill_(drop, 0).mul_(1.0 / (1.0 - p))
             gs = torch.ops.aten._softmax_backward_data(gp, probs, -1, probs.dtype).mul_(scale)

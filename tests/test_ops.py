@@ -3,6 +3,7 @@ saving less for backward; the fast dropout drops with probability p; the chunked
 survives a target far below the top logit and stays close in bf16."""
 
 import math
+import platform
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffutext import ops
+from diffutext.allocator import limit_heap_fragmentation
 from diffutext.losses import tied_nll
 from diffutext.model import Block
 
@@ -50,7 +52,7 @@ def test_attention_with_dropout_equals_the_formula_with_the_same_mask():
     got = ops.attention(q, k, v, 0.3, training=True)
     torch.manual_seed(1)
     seed = int(torch.empty((), dtype=torch.int64).random_())  # the op's one draw from the default generator
-    drop = ops.drop_mask((2, 3, 6, 6), 0.3, q.device, torch.Generator().manual_seed(seed))
+    drop = ops.drop_mask((2, 3, 6, 6), 0.3, q.device, seed)
     ref = (torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(4), -1).masked_fill(drop, 0) / 0.7) @ v
     assert drop.any() and torch.allclose(got, ref, atol=1e-12)
     for a, b in zip(grads(got, (q, k, v)), grads(ref, (q, k, v))):
@@ -176,10 +178,6 @@ def test_tied_nll_under_bf16_autocast_is_as_close_as_plain_autocast_cross_entrop
 
 
 def test_the_heap_setting_applies_on_glibc_unless_the_user_set_one(monkeypatch):
-    import platform
-
-    from diffutext.allocator import limit_heap_fragmentation
-
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert limit_heap_fragmentation() is False
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
