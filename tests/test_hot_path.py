@@ -29,7 +29,7 @@ def test_tied_nll_equals_cross_entropy_in_value_and_gradient(weighted):
     got_grads = torch.autograd.grad((got * up).sum(), (x, weight, bias))
     assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-4)
     for a, b in zip(got_grads, ref_grads):
-        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_nearest_indices_match_brute_force_across_vocabulary_blocks(monkeypatch):
