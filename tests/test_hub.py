@@ -15,7 +15,8 @@ def write_parquet(folder: Path, split: str, data: dict, features: datasets.Featu
 
 
 def read_parquet(folder: Path, split: str):
-    return datasets.load_dataset("parquet", data_files=str(folder / f"{split}.parquet"), split="train")
+    """As load_dataset gives a hub split, with its cache beside the file (not in the user's datasets cache)."""
+    return datasets.load_dataset("parquet", data_files=str(folder / f"{split}.parquet"), split="train", cache_dir=str(folder / "hf-cache"))
 
 
 S = datasets.Value("string")

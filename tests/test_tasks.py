@@ -20,6 +20,12 @@ def diffuseq_folder(folder, n=3, splits=("train", "valid", "test")):
     return folder
 
 
+@pytest.fixture(autouse=True)
+def hf_cache(tmp_path, monkeypatch):
+    """A datasets cache of each test's own (the real sets here are large enough to be cached)."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
 @pytest.fixture
 def offline(monkeypatch):
     """No hub and no $DIFFUTEXT_DATA."""

@@ -3,27 +3,63 @@
 A sequence is `[CLS] src [SEP] trg [SEP]` padded with [PAD] to `seq_len`; `target_mask` is True
 on everything after the first [SEP] (padding included: the model generates the padding, which is
 how it chooses the output length). Too-long pairs lose tokens from the longer side first, and are
-counted. Tokenisation runs once per split through `datasets.map` (cached on disk for file-backed
-splits); the packed split lives in memory as two tensors.
+counted.
+
+`pack_split` tokenizes a split in chunks (`encode_batch`) and packs each chunk with array
+arithmetic, no loop over rows or tokens. The result is two (N, L) matrices: the ids at 16 bits
+(32 for vocabularies over 32,768) and the mask as bytes. For a split read from the cache
+(`store.py`, a memory-mapped Arrow file) they are written once as `.npy` files beside it, keyed
+by the split's fingerprint, the tokenizer's JSON and seq_len, and memory-mapped on every later
+load, which tokenizes nothing. Rows come back as int64 ids and bool masks, as the model takes them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import store
 from .tokenizer import Vocab
+
+PACK_FORMAT = 1
+CHUNK = 1 << 16  # rows tokenized and packed at a time
+
+
+class CompactIds:
+    """(N, L) token ids stored at 16 or 32 bits (memory-mapped when cached); indexing returns int64."""
+
+    dtype = torch.long
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.data[index].long()
 
 
 @dataclass
 class Packed:
-    ids: torch.Tensor  # (N, L) long
+    ids: CompactIds  # (N, L); ids[rows] is a long tensor
     target_mask: torch.Tensor  # (N, L) bool
     truncated: int  # how many pairs lost tokens
 
     def __len__(self) -> int:
-        return self.ids.shape[0]
+        return len(self.ids)
 
 
 def truncate_lengths(n_src: int, n_trg: int, budget: int) -> tuple[int, int]:
@@ -36,6 +72,18 @@ def truncate_lengths(n_src: int, n_trg: int, budget: int) -> tuple[int, int]:
     else:
         keep_short = keep_long = budget // 2
     return (keep_long, keep_short) if n_src > n_trg else (keep_short, keep_long)
+
+
+def truncate_arrays(n_src: np.ndarray, n_trg: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """`truncate_lengths` over arrays of lengths."""
+    short = np.minimum(n_src, n_trg)
+    room = budget - short >= short
+    keep_short = np.where(room, short, budget // 2)
+    keep_long = np.where(room, budget - short, budget // 2)
+    src_longer = n_src > n_trg
+    fits = n_src + n_trg <= budget
+    return (np.where(fits, n_src, np.where(src_longer, keep_long, keep_short)),
+            np.where(fits, n_trg, np.where(src_longer, keep_short, keep_long)))
 
 
 def pack_one(src: list[int], trg: list[int] | None, seq_len: int, vocab: Vocab) -> tuple[list[int], int, bool]:
@@ -52,20 +100,126 @@ def pack_one(src: list[int], trg: list[int] | None, seq_len: int, vocab: Vocab) 
     return seq, n_src + 1, (n_src, n_trg) != (len(src), len(trg))
 
 
+def _flat(token_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged token lists as (all tokens, per-row lengths)."""
+    lengths = np.fromiter(map(len, token_lists), np.int64, count=len(token_lists))
+    return np.fromiter(itertools.chain.from_iterable(token_lists), np.int64, count=int(lengths.sum())), lengths
+
+
+def _place(ids: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray, first_col) -> None:
+    """Token j of row i goes to column first_col[i] + j, for j < keep[i]."""
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    j = np.arange(len(tokens)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    kept = j < keep[row]
+    col = j + (first_col[row] if isinstance(first_col, np.ndarray) else first_col)
+    ids[row[kept], col[kept]] = tokens[kept]
+
+
+def pack_arrays(src: list[list[int]], trg: list[list[int]] | None, seq_len: int, vocab: Vocab,
+                ids_out: np.ndarray, mask_out: np.ndarray) -> int:
+    """Pack tokenized rows into ids_out / mask_out (each (n, seq_len)); return how many were truncated.
+
+    Row for row the same as `pack_one` (trg None: the inference layout, an empty target side).
+    """
+    n = len(src)
+    src_tok, n_src = _flat(src)
+    if trg is None:
+        keep_src, _ = truncate_arrays(n_src, n_src, seq_len - 3)
+        cut = keep_src != n_src
+    else:
+        trg_tok, n_trg = _flat(trg)
+        keep_src, keep_trg = truncate_arrays(n_src, n_trg, seq_len - 3)
+        cut = (keep_src != n_src) | (keep_trg != n_trg)
+    rows = np.arange(n)
+    ids = np.full((n, seq_len), vocab.pad, dtype=ids_out.dtype)
+    ids[:, 0] = vocab.cls
+    _place(ids, src_tok, n_src, keep_src, 1)
+    ids[rows, keep_src + 1] = vocab.sep
+    if trg is not None:
+        _place(ids, trg_tok, n_trg, keep_trg, keep_src + 2)
+        ids[rows, keep_src + keep_trg + 2] = vocab.sep
+    ids_out[...] = ids
+    mask_out[...] = np.arange(seq_len)[None, :] >= (keep_src + 2)[:, None]  # everything after the first [SEP]
+    return int(cut.sum())
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.int16 if vocab_size <= 1 << 15 else np.int32)
+
+
+def _pack_key(dataset, vocab: Vocab, seq_len: int, with_target: bool) -> str | None:
+    """The cache key of a packed split, or None for a split that lives in memory (not cached)."""
+    if not dataset.cache_files:
+        return None
+    tokenizer = hashlib.sha256(vocab.to_str().encode()).hexdigest()
+    ident = [PACK_FORMAT, dataset._fingerprint, tokenizer, seq_len, with_target]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+
+
+def _open_packed(folder: Path, n: int, seq_len: int) -> Packed | None:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        ids = np.load(folder / "ids.npy", mmap_mode="c")  # copy-on-write: writable for torch, the file never changes
+        mask = np.load(folder / "target_mask.npy", mmap_mode="c")
+    except (OSError, ValueError):
+        return None
+    if ids.shape != (n, seq_len) or mask.shape != (n, seq_len) or mask.dtype != np.bool_:
+        return None
+    return Packed(CompactIds(torch.from_numpy(ids)), torch.from_numpy(mask), int(meta["truncated"]))
+
+
+def _fill(dataset, vocab: Vocab, with_target: bool, ids: np.ndarray, mask: np.ndarray) -> int:
+    truncated = 0
+    for start in range(0, len(dataset), CHUNK):
+        batch = dataset[start:start + CHUNK]
+        stop = start + len(batch["src"])
+        trg = vocab.encode(batch["trg"]) if with_target else None
+        truncated += pack_arrays(vocab.encode(batch["src"]), trg, ids.shape[1], vocab, ids[start:stop], mask[start:stop])
+    return truncated
+
+
+def _pack_cached(dataset, vocab: Vocab, seq_len: int, with_target: bool, folder: Path) -> Packed:
+    """The packed split from its cache folder, packing it there first when absent (OSError: cannot)."""
+    n = len(dataset)
+    cached = _open_packed(folder, n, seq_len) if folder.is_dir() else None
+    if cached is not None:
+        return cached
+    shutil.rmtree(folder, ignore_errors=True)  # a damaged entry
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=id_dtype(vocab.size), shape=(n, seq_len))
+        mask = np.lib.format.open_memmap(tmp / "target_mask.npy", mode="w+", dtype=np.bool_, shape=(n, seq_len))
+        truncated = _fill(dataset, vocab, with_target, ids, mask)
+        ids.flush()
+        mask.flush()
+        del ids, mask
+        (tmp / "meta.json").write_text(json.dumps({"format": PACK_FORMAT, "rows": n, "seq_len": seq_len, "truncated": truncated,
+                                                   "with_target": with_target}))
+        for name in ("ids.npy", "target_mask.npy", "meta.json"):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process (a DDP rank) packed it first: use theirs
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    packed = _open_packed(folder, n, seq_len)
+    if packed is None:
+        raise OSError(f"{folder}: the packed split cannot be read back")
+    return packed
+
+
 def pack_split(dataset, vocab: Vocab, seq_len: int, with_target: bool = True) -> Packed:
     """Tokenise a Dataset with columns src/trg and pack it; with_target=False leaves the target side empty."""
-
-    def tokenize(batch):
-        return {"src_ids": vocab.encode(batch["src"]), "trg_ids": vocab.encode(batch["trg"])}
-
-    tokenized = dataset.map(tokenize, batched=True, batch_size=2048, remove_columns=dataset.column_names)
-    n = len(tokenized)
-    ids = torch.full((n, seq_len), vocab.pad, dtype=torch.long)
-    target_mask = torch.zeros((n, seq_len), dtype=torch.bool)
-    truncated = 0
-    for i, (src, trg) in enumerate(zip(tokenized["src_ids"], tokenized["trg_ids"])):
-        seq, sep, cut = pack_one(src, trg if with_target else None, seq_len, vocab)
-        ids[i, : len(seq)] = torch.tensor(seq)
-        target_mask[i, sep + 1 :] = True
-        truncated += cut
-    return Packed(ids, target_mask, truncated)
+    key = _pack_key(dataset, vocab, seq_len, with_target)
+    if key is not None:
+        try:
+            return _pack_cached(dataset, vocab, seq_len, with_target, store.cache_dir() / f"packed-{key}")
+        except OSError:
+            pass  # an unwritable cache folder: pack in memory
+    ids = np.empty((len(dataset), seq_len), id_dtype(vocab.size))
+    mask = np.empty((len(dataset), seq_len), np.bool_)
+    truncated = _fill(dataset, vocab, with_target, ids, mask)
+    return Packed(CompactIds(torch.from_numpy(ids)), torch.from_numpy(mask), truncated)

@@ -6,6 +6,11 @@ plus more references. Every problem (unreadable file, invalid UTF-8, a line that
 object, a missing, non-string or empty field, a lone surrogate escape that no tokenizer can
 encode, an empty file) raises `TaskError` naming the file, the line number and what was
 expected. Extra keys are ignored. Blank lines are skipped; a UTF-8 byte-order mark is allowed.
+
+This is the reference reader, a Python loop over lines: `store.py` reads large files with
+Arrow and comes back here to name the line whenever its vectorised checks find a problem.
+`read_predictions` reads `diffutext sample --out` files ({"src", "trg" | "refs", "hyp"})
+with the same line reader and the same reference rules.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 
 class TaskError(ValueError):
@@ -24,6 +30,7 @@ class MissingSplit(TaskError):
 
 
 EXPECTED = '{"src": ..., "trg": ...} or {"src": ..., "refs": [...]}'
+PREDICTION = '{"src", "trg", "hyp"} as written by diffutext sample --out'
 
 
 @dataclass
@@ -43,16 +50,43 @@ class Rows:
         return src, trg
 
 
-def _text(value, where: str, key: str) -> str:
+class _FieldError(Exception):
+    """One field of a parsed line is unusable; the caller words the message for its kind of file."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(key, problem)
+        self.key, self.problem = key, problem
+
+    def message(self, where: str) -> str:
+        tail = "; expected encodable text" if self.problem.startswith("holds") else f" (expected {EXPECTED})"
+        return f"{where}: field {self.key!r} {self.problem}{tail}"
+
+
+def _text(value, key: str) -> str:
     if not isinstance(value, str):
-        raise TaskError(f"{where}: field {key!r} must be a string, got {type(value).__name__} (expected {EXPECTED})")
+        raise _FieldError(key, f"must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise TaskError(f"{where}: field {key!r} is empty (expected {EXPECTED})")
+        raise _FieldError(key, "is empty")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise TaskError(f"{where}: field {key!r} holds a lone surrogate escape (\\ud800-\\udfff); expected encodable text") from None
+        raise _FieldError(key, "holds a lone surrogate escape (\\ud800-\\udfff)") from None
     return value
+
+
+def _references(obj: dict) -> list[str]:
+    """The target, then every further reference of `refs` not seen before (order kept)."""
+    refs: list[str] = []
+    if "trg" in obj:
+        refs.append(_text(obj["trg"], "trg"))
+    if "refs" in obj:
+        if not isinstance(obj["refs"], list) or not obj["refs"]:
+            raise _FieldError("refs", "must be a non-empty list of strings")
+        for i, r in enumerate(obj["refs"]):
+            r = _text(r, f"refs[{i}]")
+            if r not in refs:
+                refs.append(r)
+    return refs
 
 
 def parse_line(obj, where: str, need_target: bool = True) -> tuple[str, list[str]]:
@@ -61,36 +95,35 @@ def parse_line(obj, where: str, need_target: bool = True) -> tuple[str, list[str
         raise TaskError(f"{where}: expected a JSON object {EXPECTED}, got {type(obj).__name__}")
     if "src" not in obj:
         raise TaskError(f"{where}: missing field 'src' (expected {EXPECTED})")
-    src = _text(obj["src"], where, "src")
-    refs: list[str] = []
-    if "trg" in obj:
-        refs.append(_text(obj["trg"], where, "trg"))
-    if "refs" in obj:
-        if not isinstance(obj["refs"], list) or not obj["refs"]:
-            raise TaskError(f"{where}: field 'refs' must be a non-empty list of strings (expected {EXPECTED})")
-        for i, r in enumerate(obj["refs"]):
-            r = _text(r, where, f"refs[{i}]")
-            if r not in refs:
-                refs.append(r)
+    try:
+        src = _text(obj["src"], "src")
+        refs = _references(obj)
+    except _FieldError as e:
+        raise TaskError(e.message(where)) from None
     if need_target and not refs:
         raise TaskError(f"{where}: missing field 'trg' (expected {EXPECTED})")
     return src, refs
 
 
-def read_jsonl(path: Path, need_target: bool = True) -> Rows:
-    """Every example of a DiffuSeq jsonl file, checked line by line."""
-    path = Path(path)
+def read_bytes(path: Path) -> bytes:
+    """A file's bytes, or TaskError naming it (missing, a folder, unreadable)."""
     try:
-        data = path.read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise TaskError(f"{path}: file not found (expected a DiffuSeq .jsonl file)") from None
     except IsADirectoryError:
         raise TaskError(f"{path}: is a folder, expected a .jsonl file") from None
     except OSError as e:
         raise TaskError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def objects(path: Path, data: bytes, expected: str = EXPECTED) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed JSON value) for every non-blank line; TaskError on text or JSON that does not parse.
+
+    Lines are split on "\\n" only (JSON strings may hold U+2028, \\x1c, ...), a leading byte-order mark is dropped.
+    """
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    rows = Rows()
     for lineno, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -100,16 +133,60 @@ def read_jsonl(path: Path, need_target: bool = True) -> Rows:
         except UnicodeDecodeError as e:
             raise TaskError(f"{where}: not valid UTF-8 (byte {e.start} of the line; expected UTF-8 text)") from None
         try:
-            obj = json.loads(text)
+            yield where, json.loads(text)
         except json.JSONDecodeError as e:
-            raise TaskError(f"{where}: not a JSON object ({e.msg}, column {e.colno}; expected {EXPECTED})") from None
+            raise TaskError(f"{where}: not a JSON object ({e.msg}, column {e.colno}; expected {expected})") from None
         except ValueError as e:  # e.g. an integer literal longer than Python's 4300-digit limit
-            raise TaskError(f"{where}: not a usable JSON object ({str(e).splitlines()[0][:80]}; expected {EXPECTED})") from None
+            raise TaskError(f"{where}: not a usable JSON object ({str(e).splitlines()[0][:80]}; expected {expected})") from None
         except RecursionError:
-            raise TaskError(f"{where}: JSON nested too deeply (expected {EXPECTED})") from None
-        src, refs = parse_line(obj, where, need_target)
+            raise TaskError(f"{where}: JSON nested too deeply (expected {expected})") from None
+
+
+def iter_examples(path: Path, need_target: bool = True, data: bytes | None = None) -> Iterator[tuple[str, list[str]]]:
+    """(src, refs) for every line of a DiffuSeq jsonl file, checked as it goes."""
+    path = Path(path)
+    data = read_bytes(path) if data is None else data
+    for where, obj in objects(path, data):
+        yield parse_line(obj, where, need_target)
+
+
+def read_jsonl(path: Path, need_target: bool = True, data: bytes | None = None) -> Rows:
+    """Every example of a DiffuSeq jsonl file, checked line by line."""
+    rows = Rows()
+    for src, refs in iter_examples(path, need_target, data):
         rows.src.append(src)
         rows.refs.append(refs)
     if not rows.src:
         raise TaskError(f"{path}: no examples (the file is empty; expected one {EXPECTED} per line)")
     return rows
+
+
+def read_predictions(path: Path) -> tuple[list[str], list[list[str]]]:
+    """A predictions file ({"src", "trg" | "refs", "hyp"} per line): the hypotheses and each one's references.
+
+    `hyp` may be empty (a model can emit nothing); the references follow the rules of task files (the
+    target first, then every new entry of `refs`), and each line needs at least one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"{path}: predictions file not found")
+    hyps: list[str] = []
+    refs: list[list[str]] = []
+    for where, obj in objects(path, read_bytes(path), PREDICTION):
+        if not isinstance(obj, dict):
+            raise TaskError(f"{where}: expected a JSON object with \"hyp\" and \"trg\" (or \"refs\")")
+        hyp = obj.get("hyp")
+        if not isinstance(hyp, str):
+            raise TaskError(f"{where}: missing string field 'hyp' (expected {PREDICTION})")
+        try:
+            ref = _references(obj)
+            problem = "" if ref else "; it has neither"
+        except _FieldError as e:
+            ref, problem = [], f"; field {e.key!r} {e.problem}"
+        if not ref:
+            raise TaskError(f"{where}: needs a non-empty reference: 'trg' (a string) or 'refs' (a list of strings){problem}")
+        hyps.append(hyp)
+        refs.append(ref)
+    if not hyps:
+        raise TaskError(f"{path}: no predictions (the file is empty)")
+    return hyps, refs

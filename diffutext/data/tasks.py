@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import hub
+from . import hub, store
 from .jsonl import MissingSplit, Rows, TaskError, read_jsonl  # noqa: F401  (the errors are part of this module's API)
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -213,10 +213,14 @@ def _check_split(split: str) -> None:
         raise TaskError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
 
+def _source(task: str, split: str, data_dir: str | Path | None) -> Source:
+    _check_split(split)
+    return resolve(task, data_dir)
+
+
 def load_rows(task: str, split: str, data_dir: str | Path | None = None, for_eval: bool = False) -> Rows:
     """One split of a task as Rows (sources and their references), from wherever the task resolves."""
-    _check_split(split)
-    source = resolve(task, data_dir)
+    source = _source(task, split, data_dir)
     if source.kind == "embedded":
         pairs = embedded_pairs(task, split)
         return Rows([p["src"] for p in pairs], [[p["trg"]] for p in pairs])
@@ -225,45 +229,47 @@ def load_rows(task: str, split: str, data_dir: str | Path | None = None, for_eva
             return hub.load(source.hub, split)
         except TaskError as e:
             raise type(e)(f"task {task!r}: {e}; or {supply_hint(PAPER_TASKS[task])}") from None
+    return read_jsonl(_split_path(source, split, for_eval))
+
+
+def _split_path(source: Source, split: str, for_eval: bool) -> Path:
     hint = EVAL_HINT if for_eval else (TRAIN_HINT if split == "train" else "")
-    return read_jsonl(split_file(source.folder, split, for_eval=for_eval, hint=hint))
-
-
-def _datasets():
-    import datasets
-
-    datasets.disable_progress_bars()
-    return datasets
+    return split_file(source.folder, split, for_eval=for_eval, hint=hint)
 
 
 def pairs_dataset(rows: Rows):
-    """Training form: columns src, trg, one row per (source, reference)."""
-    src, trg = rows.pairs()
-    return _datasets().Dataset.from_dict({"src": src, "trg": trg})
+    """Training form, in memory: columns src, trg, one row per (source, reference)."""
+    return store.in_memory(store.rows_table(rows, "pairs"))
 
 
 def eval_dataset(rows: Rows):
-    """Evaluation form: columns src, trg (the first reference, "" when none) and refs (all of them)."""
-    datasets = _datasets()
-    text = datasets.Value("string")
-    features = datasets.Features({"src": text, "trg": text, "refs": (getattr(datasets, "List", None) or datasets.Sequence)(text)})
-    return datasets.Dataset.from_dict({"src": rows.src, "trg": [r[0] if r else "" for r in rows.refs], "refs": rows.refs},
-                                      features=features)
+    """Evaluation form, in memory: columns src, trg (the first reference, "" when none) and refs (all of them)."""
+    return store.in_memory(store.rows_table(rows, "eval"))
 
 
 def load_split(task: str, split: str, data_dir: str | Path | None = None):
-    """One split of a task as training pairs: a `datasets.Dataset` with columns src, trg."""
+    """One split of a task as training pairs: a `datasets.Dataset` with columns src, trg.
+
+    A folder's file is Arrow-backed (memory-mapped from the cache when large, `store.py`); the
+    embedded and hub tasks are built in memory.
+    """
+    source = _source(task, split, data_dir)
+    if source.kind == "folder":
+        return store.load(_split_path(source, split, for_eval=False), "pairs")
     return pairs_dataset(load_rows(task, split, data_dir))
 
 
 def load_eval_split(task: str, split: str, data_dir: str | Path | None = None):
     """One split of a task for decoding and scoring: columns src, trg, refs (every reference)."""
+    source = _source(task, split, data_dir)
+    if source.kind == "folder":
+        return store.load(_split_path(source, split, for_eval=True), "eval")
     return eval_dataset(load_rows(task, split, data_dir, for_eval=True))
 
 
 def read_inputs(path: Path):
     """A user's input file for `sample --input`: jsonl with src (trg or refs optional), in evaluation form."""
-    return eval_dataset(read_jsonl(Path(path), need_target=False))
+    return store.load(Path(path), "eval", need_target=False)
 
 
 def references(dataset) -> list[list[str]]:
