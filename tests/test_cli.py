@@ -5,16 +5,13 @@ import subprocess
 import sys
 import time
 
+import datasets
 import pytest
-from typer.testing import CliRunner
 
-from diffutext.cli import app
+from diffutext.config import SampleConfig
+from diffutext.evaluate import decode, load_model
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from helpers import assert_one_line_error, copy_run, invoke
 
 
 def test_help_is_fast_and_imports_no_torch():
@@ -27,9 +24,9 @@ def test_help_is_fast_and_imports_no_torch():
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
+def cli_run(tmp_path_factory, small_task):
     run = tmp_path_factory.mktemp("cli") / "run"
-    result = invoke("train", "--preset", "tiny", "--max-steps", 12, "--out", run, "--device", "cpu")
+    result = invoke("train", "--task", small_task, "--preset", "tiny", "--max-steps", 12, "--out", run, "--device", "cpu")
     assert result.exit_code == 0, result.output
     return run
 
@@ -48,12 +45,29 @@ def test_train_sample_evaluate_end_to_end(cli_run, tmp_path):
     assert {"sacrebleu", "sentence_bleu", "rouge_l", "dist_1", "avg_len"} <= set(scores) and scores["count"] == 6
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", 1), ("uniform", 4), ("skip", 4), ("ddim", 4), ("ads", 4)])
-def test_every_sampler_decodes_from_the_command_line(cli_run, sampler, steps):
-    if sampler == "ddpm":
-        pytest.importorskip("torch")
-    result = invoke("sample", "--checkpoint", cli_run, "--sampler", sampler, "--steps", steps, "--limit", 2, "--device", "cpu", "--show", 1)
+def flat(text: str) -> str:
+    """Whitespace collapsed: rich wraps long lines at the runner's terminal width."""
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("sampler,steps,visited", [("ddpm", 1, 2000), ("uniform", 4, 4), ("skip", 4, 4), ("ddim", 4, 4), ("ads", 4, 4)])
+def test_every_sampler_decodes_from_the_command_line(cli_run, small_task, tmp_path, sampler, steps, visited):
+    """The command line decodes what the engine decodes with that sampler: --out holds one row per input
+    (the split's source and reference, the decoded text), the one example shown is the first row, and the
+    metrics title names the sampler and the timesteps it visited (ddpm: all T, whatever --steps says)."""
+    out = tmp_path / "o.jsonl"
+    result = invoke("sample", "--checkpoint", cli_run, "--sampler", sampler, "--steps", steps, "--limit", 2, "--device", "cpu",
+                    "--show", 1, "--out", out)
     assert result.exit_code == 0, result.output
+    pairs = [json.loads(line) for line in (small_task / "test.jsonl").read_text().splitlines()[:2]]
+    inputs = datasets.Dataset.from_dict({"src": [p["src"] for p in pairs], "trg": [p["trg"] for p in pairs]})
+    engine = decode(load_model(cli_run), inputs, SampleConfig(sampler=sampler, steps=steps))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [{"src": p["src"], "trg": p["trg"], "hyp": h} for p, h in zip(pairs, engine.hyps)]
+    assert engine.steps == visited and f"{sampler}-{visited} steps on 2 sentences" in result.output
+    shown = flat(result.output)
+    assert flat(f"source {pairs[0]['src']} output {rows[0]['hyp']} reference {pairs[0]['trg']}") in shown
+    assert shown.count("source ") == 1 and pairs[1]["src"] not in shown  # --show 1: one example only
 
 
 def test_text_and_input_file(cli_run, tmp_path):
@@ -66,10 +80,12 @@ def test_text_and_input_file(cli_run, tmp_path):
     assert [json.loads(x)["src"] for x in (tmp_path / "o.jsonl").read_text().splitlines()] == ["In the beginning", "And the evening"]
 
 
-def test_evaluate_from_a_checkpoint_with_mbr(cli_run):
-    result = invoke("evaluate", "--checkpoint", cli_run, "--steps", 4, "--limit", 4, "--seeds", 2, "--device", "cpu")
+def test_evaluate_from_a_checkpoint_with_mbr(cli_run, tmp_path):
+    result = invoke("evaluate", "--checkpoint", cli_run, "--steps", 4, "--limit", 4, "--seeds", 2, "--device", "cpu", "--json", tmp_path / "m.json")
     assert result.exit_code == 0, result.output
     assert "self-BLEU" in result.output and "div-4" in result.output
+    scores = json.loads((tmp_path / "m.json").read_text())
+    assert scores["count"] == 4 and scores["seeds"] == 2 and 0 <= scores["self_bleu"] <= 1 and 0 < scores["div_4"] <= 1
 
 
 def test_ablate_writes_tables_csv_json_and_plots(cli_run, tmp_path):
@@ -89,15 +105,13 @@ def test_ablate_writes_tables_csv_json_and_plots(cli_run, tmp_path):
 
 def test_ablate_refuses_impossible_cells_before_decoding(cli_run, tmp_path):
     result = invoke("ablate", "--checkpoint", cli_run, "--sampler", "ads", "--steps", "2", "--device", "cpu", "--out", tmp_path / "g")
-    assert result.exit_code == 2 and "no step for the noisiest third" in result.output
+    assert_one_line_error(result, "no step for the noisiest third")
     assert not (tmp_path / "g").exists()
 
 
 def test_sample_uses_the_newest_run(cli_run, tmp_path, monkeypatch):
-    import shutil
-
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(cli_run, tmp_path / "runs" / "only")
+    copy_run(cli_run, tmp_path / "runs" / "only")
     result = invoke("sample", "--steps", 20, "--sampler", "ads", "--limit", 2, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "runs/only" in result.output
@@ -119,37 +133,33 @@ def test_sample_uses_the_newest_run(cli_run, tmp_path, monkeypatch):
 ])
 def test_bad_usage_exits_2_with_one_line_and_no_traceback(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = invoke(*args)
-    assert result.exit_code == 2, result.output
-    assert message in result.output
-    assert "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert_one_line_error(invoke(*args), message)
 
 
 def test_sample_without_any_run_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = invoke("sample", "--steps", 20, "--sampler", "ads")
-    assert result.exit_code == 2 and "no trained run" in result.output
+    assert_one_line_error(invoke("sample", "--steps", 20, "--sampler", "ads"), "no trained run")
 
 
 def test_bad_predictions_file(tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"src": "a", "hyp": "b"}\n')
-    result = invoke("evaluate", bad)
-    assert result.exit_code == 2 and "p.jsonl:1" in result.output
+    assert_one_line_error(invoke("evaluate", bad), "p.jsonl:1")
 
 
 def test_a_failed_sample_keeps_the_previous_output(cli_run, tmp_path):
     out_file = tmp_path / "keep.jsonl"
     out_file.write_text("previous\n")
     result = invoke("sample", "--checkpoint", cli_run, "--sampler", "ads", "--steps", 2, "--out", out_file, "--device", "cpu")
-    assert result.exit_code == 2 and out_file.read_text() == "previous\n"
+    assert_one_line_error(result, "ADS with 2 steps")
+    assert out_file.read_text() == "previous\n"
 
 
-def test_an_explicit_step_count_replaces_the_presets_minutes(tmp_path):
+def test_an_explicit_step_count_replaces_the_presets_minutes(tmp_path, small_task):
     (tmp_path / "c.toml").write_text('preset = "tiny"\n[train]\nmax_minutes = 5.0\n')
-    timed = invoke("train", "--config", tmp_path / "c.toml", "--max-steps", 2, "--out", tmp_path / "a", "--device", "cpu")
-    both = invoke("train", "--config", tmp_path / "c.toml", "--max-steps", 2, "--max-minutes", 3, "--out", tmp_path / "b", "--device", "cpu")
+    args = ["train", "--config", tmp_path / "c.toml", "--task", small_task, "--max-steps", 2, "--device", "cpu"]
+    timed = invoke(*args, "--out", tmp_path / "a")
+    both = invoke(*args, "--max-minutes", 3, "--out", tmp_path / "b")
     assert timed.exit_code == 0 and both.exit_code == 0, timed.output + both.output
     stored = lambda run: json.loads((tmp_path / run / "config.json").read_text())["train"]
     assert stored("a")["max_minutes"] == 0.0 and stored("a")["max_steps"] == 2
