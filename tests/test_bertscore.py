@@ -3,10 +3,10 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from diffutext import metrics
-from diffutext.cli import app
+
+from helpers import invoke
 
 
 def test_missing_model_folder_is_a_metric_error(tmp_path):
@@ -48,7 +48,7 @@ def test_evaluate_reports_bertscore_labelled_with_its_model(minilm, tmp_path):
     preds = tmp_path / "p.jsonl"
     preds.write_text(json.dumps({"src": "x", "refs": ["the cat sat", "a cat was sitting"], "hyp": "the cat sat"}) + "\n")
     out = tmp_path / "m.json"
-    result = CliRunner().invoke(app, ["evaluate", str(preds), "--bertscore-model", str(minilm), "--json", str(out)])
+    result = invoke("evaluate", preds, "--bertscore-model", minilm, "--json", out)
     assert result.exit_code == 0, result.output
     assert "BERTScore F1 (model, layer 6)" in result.output
     scores = json.loads(out.read_text())

@@ -1,6 +1,8 @@
 """Data parallelism: torchrun with 2 CPU processes (gloo) follows the single-process trajectory,
 resumes from rank 0's checkpoint, accumulates gradients without extra all-reduces, and decodes
-each input once, gathered back in order."""
+each input once, gathered back in order. The two torchrun tests start real process groups (several
+interpreters each) and are marked `slow` (`python -m pytest -m slow`); the in-process gloo test runs
+in the default run."""
 
 import json
 import os
@@ -15,15 +17,11 @@ from diffutext.checkpoint import open_run
 from diffutext.config import resolve
 from diffutext.train import train
 
+from helpers import invoke
+
 # Constant lr (so that stopping at step 4 and resuming to 8 keeps the schedule), a log line per
 # step, no dropout (tiny has none) and no validation pass.
-TOML = """preset = "tiny"
-[train]
-lr_schedule = "constant"
-log_every = 1
-eval_every = 0
-save_every = 4
-"""
+TRAIN = {"lr_schedule": "constant", "log_every": 1, "eval_every": 0, "save_every": 4}
 
 
 @pytest.fixture(autouse=True)
@@ -50,10 +48,11 @@ def losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["mse"]) for r in rows if "loss" in r]
 
 
-def test_two_processes_with_accumulation_match_one_process_and_resume(tmp_path):
-    (tmp_path / "cfg.toml").write_text(TOML)
-    overrides = {"train": {"lr_schedule": "constant", "log_every": 1, "eval_every": 0, "save_every": 4, "max_steps": 8}}
-    train(resolve("tiny", overrides), tmp_path / "one", device="cpu")
+@pytest.mark.slow
+def test_two_processes_with_accumulation_match_one_process_and_resume(small_task, tmp_path):
+    toml = "\n".join(['preset = "tiny"', "[train]", f"task = {json.dumps(str(small_task))}", *(f"{k} = {json.dumps(v)}" for k, v in TRAIN.items())])
+    (tmp_path / "cfg.toml").write_text(toml + "\n")
+    train(resolve("tiny", {"train": {**TRAIN, "task": str(small_task), "max_steps": 8}}), tmp_path / "one", device="cpu")
 
     # 2 ranks × 2 micro-steps × 2 rows = the global batch of 8; stop at step 4, resume on both ranks to 8
     torchrun("train", "--config", "cfg.toml", "--max-steps", 4, "--grad-accum", 2, "--out", "two", "--device", "cpu", cwd=tmp_path)
@@ -73,7 +72,7 @@ def test_two_processes_with_accumulation_match_one_process_and_resume(tmp_path):
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-4) for k in wa)
 
 
-def test_accumulation_matches_one_big_batch_and_all_reduces_once_per_step(tmp_path, monkeypatch):
+def test_accumulation_matches_one_big_batch_and_all_reduces_once_per_step(small_task, tmp_path, monkeypatch):
     """One process in a gloo group of one: DDP is on, and a comm hook counts the all-reduces."""
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -92,7 +91,7 @@ def test_accumulation_matches_one_big_batch_and_all_reduces_once_per_step(tmp_pa
         counts, logs = {}, {}
         for k in (1, 4):
             calls.clear()
-            cfg = resolve("tiny", {"train": {"max_steps": 3, "grad_accum": k, "log_every": 1, "eval_every": 0, "save_every": 0}})
+            cfg = resolve("tiny", {"train": {"task": str(small_task), "max_steps": 3, "grad_accum": k, "log_every": 1, "eval_every": 0, "save_every": 0}})
             train(cfg, tmp_path / f"k{k}", device="cpu")
             counts[k], logs[k] = len(calls), losses(tmp_path / f"k{k}")
     finally:
@@ -109,15 +108,12 @@ def test_batch_that_does_not_split_is_refused(tmp_path):
         resolve("tiny", {"train": {"grad_accum": 3}})
 
 
+@pytest.mark.slow
 def test_two_processes_decode_each_input_once_in_order(tiny_run, tmp_path):
     one = tmp_path / "one.jsonl"
-    from typer.testing import CliRunner
-
-    from diffutext.cli import app
-
     args = ["sample", "--checkpoint", str(tiny_run), "--steps", "4", "--limit", "7", "--batch-size", "2", "--seeds", "2", "--device", "cpu",
             "--precision", "fp32"]
-    result = CliRunner().invoke(app, [*args, "--out", str(one)])
+    result = invoke(*args, "--out", one)
     assert result.exit_code == 0, result.output
     torchrun(*args, "--out", "two.jsonl", cwd=tmp_path)
     rows_one = [json.loads(x) for x in one.read_text().splitlines()]

@@ -137,12 +137,9 @@ def test_decode_streams_inputs_in_batches(tiny_run, monkeypatch):
 def test_sample_precision_option(tiny_run, tmp_path, precision):
     import json
 
-    from typer.testing import CliRunner
-
-    from diffutext.cli import app
+    from helpers import invoke
 
     out = tmp_path / "m.json"
-    result = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tiny_run), "--steps", "3", "--limit", "3", "--device", "cpu",
-                                      "--precision", precision, "--json", str(out)])
+    result = invoke("evaluate", "--checkpoint", tiny_run, "--steps", 3, "--limit", 3, "--device", "cpu", "--precision", precision, "--json", out)
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["precision"] in (("fp32", "bf16") if precision == "auto" else (precision,))

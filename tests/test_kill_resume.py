@@ -4,8 +4,9 @@ SLOW (about a minute, ~10 interpreter start-ups): a `python -m diffutext train` 
 random steps 5 times, resumed after each kill, and must end with the same model and EMA weights,
 bitwise, as the same run left alone, and the same log.jsonl (no duplicated or torn records).
 SIGTERM / SIGINT stop a run with a checkpoint, exit 143 / 130 and print the command that resumes it;
-running that command finishes the run, again bitwise equal. Those three are marked `slow` (select with
-`-m slow`, skip with `-m "not slow"`); the signal-handler tests at the end run in process, in a second.
+running that command finishes the run, again bitwise equal. Those three are marked `slow`: the default
+`python -m pytest` skips them, `python -m pytest -m slow` runs them. The signal-handler tests at the end
+run in process, in a second, in the default run.
 """
 
 import json
@@ -23,7 +24,7 @@ import torch
 
 from diffutext.checkpoint import list_checkpoints, open_run
 
-from _reliability import invoke
+from helpers import invoke
 
 SLOW = [pytest.mark.slow, pytest.mark.timeout(1200)]  # generous: the machine is shared
 

@@ -11,7 +11,7 @@ from diffutext.checkpoint import list_checkpoints, open_run
 from diffutext.config import resolve
 from diffutext.train import _check_finite, train
 
-from _reliability import assert_one_line_error, invoke
+from helpers import assert_one_line_error, invoke
 
 
 def poison_loss(monkeypatch, from_call: int, make_bad):
@@ -32,9 +32,9 @@ def times(value):
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_a_non_finite_loss_stops_before_any_checkpoint_holds_it(tmp_path, monkeypatch, value):
+def test_a_non_finite_loss_stops_before_any_checkpoint_holds_it(small_task, tmp_path, monkeypatch, value):
     # save every 3 steps, log every 5: the save at step 9 comes before the log at step 10 and must refuse
-    cfg = resolve("tiny", {"train": {"max_steps": 20, "save_every": 3, "log_every": 5, "eval_every": 0}})
+    cfg = resolve("tiny", {"train": {"task": str(small_task), "max_steps": 20, "save_every": 3, "log_every": 5, "eval_every": 0}})
     poison_loss(monkeypatch, 7, times(value))
     with pytest.raises(FloatingPointError, match=r"^step 7: non-finite loss terms \(.*mse=") as e:
         train(cfg, tmp_path / "run", device="cpu")
@@ -54,10 +54,10 @@ def test_non_finite_weights_are_caught_even_with_a_finite_loss():
         _check_finite(5, torch.tensor(-1), {"loss": torch.tensor(1.0)}, model)
 
 
-def test_a_huge_learning_rate_exits_1_with_one_line(tmp_path):
+def test_a_huge_learning_rate_exits_1_with_one_line(small_task, tmp_path):
     run = tmp_path / "run"
-    result = invoke("train", "--preset", "tiny", "--max-steps", 12, "--lr", "1e30", "--out", run, "--device", "cpu")
-    assert_one_line_error(result, 1, "step 2: non-finite loss terms", "mse=nan", "--lr")
+    result = invoke("train", "--task", small_task, "--preset", "tiny", "--max-steps", 12, "--lr", "1e30", "--out", run, "--device", "cpu")
+    assert_one_line_error(result, "step 2: non-finite loss terms", "mse=nan", "--lr", code=1, alone=False)  # after progress lines
     assert list_checkpoints(run) == []
 
 
@@ -65,11 +65,11 @@ def sqrt_of_negative(terms):
     return {**terms, "loss": terms["loss"] + torch.sqrt(terms["mse"] - 1e6)}
 
 
-def test_detect_anomaly_names_the_operation(tmp_path, monkeypatch, recwarn):
+def test_detect_anomaly_names_the_operation(small_task, tmp_path, monkeypatch, recwarn):
     poison_loss(monkeypatch, 4, sqrt_of_negative)
-    args = ["train", "--preset", "tiny", "--max-steps", 8, "--save-every", 2, "--device", "cpu"]
+    args = ["train", "--task", small_task, "--preset", "tiny", "--max-steps", 8, "--save-every", 2, "--device", "cpu"]
     result = invoke(*args, "--out", tmp_path / "plain")
-    assert_one_line_error(result, 1, "step 4: non-finite loss terms")
+    assert_one_line_error(result, "step 4: non-finite loss terms", code=1, alone=False)
     poison_loss(monkeypatch, 4, sqrt_of_negative)  # count the steps afresh
     result = invoke(*args, "--out", tmp_path / "anomaly", "--detect-anomaly")
     assert result.exit_code == 1
