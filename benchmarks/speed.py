@@ -47,7 +47,8 @@ from diffutext.diffusion import alpha_bar_table  # noqa: E402
 from diffutext.losses import draw_noise  # noqa: E402
 from diffutext.model import Denoiser  # noqa: E402
 from diffutext.samplers import Sampler, ddpm_update, denoise, make_sampler  # noqa: E402
-from diffutext.train import _ema_update, _Objective, autocast  # noqa: E402
+from diffutext.device import autocast  # noqa: E402
+from diffutext.train import Objective, ema_update  # noqa: E402
 
 BERT_VOCAB = 30522
 REFERENCE_PEAK = 190.0  # GFLOP/s, fp32, of the machine DiffuSeq was timed on
@@ -120,7 +121,7 @@ def train_bench(cfg: ModelConfig, batch: int, precision: str, steps: int, device
     torch.manual_seed(0)
     model = Denoiser(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    objective = _Objective(model, compile)
+    objective = Objective(model, compile)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     alpha_bar = alpha_bar_table("sqrt", 2000).float().to(device)
@@ -140,7 +141,7 @@ def train_bench(cfg: ModelConfig, batch: int, precision: str, steps: int, device
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(opt)
         scaler.update()
-        _ema_update(ema, model, 0.999)
+        ema_update(ema, model, 0.999)
         losses.append(loss.item())  # the one sync of the step
         dt = time.perf_counter() - t0
         if i == 0:

@@ -20,7 +20,8 @@ from . import metrics
 from .checkpoint import atomic_write
 from .config import SampleConfig
 from .data.tasks import references
-from .evaluate import Loaded, decode
+from .evaluate import Loaded, decode, scores
+from .samplers import make_sampler
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -30,10 +31,14 @@ COLUMNS = {"sacrebleu": True, "sentence_bleu": True, "rouge_l": True, "dist_1": 
            "avg_len": None, "seconds": False, "sentences_per_s": True, "speedup": True}
 
 
-def grid(samplers: list[str], steps: list[int], T: int) -> list[tuple[str, int]]:
+def grid(samplers: list[str], steps: list[int], T: int, base: SampleConfig) -> list[tuple[str, int]]:
+    """The (sampler, steps) cells: ddpm once at the full T, every other sampler at each step count. A cell that
+    cannot run (too many steps for T, say) raises SamplerError here, before any time is spent."""
     cells = []
     for name in samplers:
         cells += [(name, T)] if name == "ddpm" else [(name, n) for n in steps]
+    for name, n in cells:
+        make_sampler(name, base.update, base.variance, base.eta, base.ads_shares).timesteps(T, n)
     return cells
 
 
@@ -51,8 +56,7 @@ def run(checkpoints: list[tuple[str, Loaded]], dataset, cells: list[tuple[str, i
             emit("cell", {"checkpoint": label, "sampler": name, "steps": steps})
             out = decode(loaded, dataset, cfg, callback)
             row = {"checkpoint": label, "step": loaded.checkpoint.step, "sampler": name, "steps": out.steps,
-                   **metrics.score(out.hyps, refs), **out.diversity, "seconds": out.seconds,
-                   "sentences_per_s": len(dataset) * cfg.seeds / max(out.seconds, 1e-9), "timesteps": out.timesteps}
+                   **scores(out, refs, cfg.seeds), "timesteps": out.timesteps}
             ckpt_rows.append(row)
             emit("cell_done", {"row": row})
         full = next((r for r in ckpt_rows if r["sampler"] == "ddpm"), None)

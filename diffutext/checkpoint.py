@@ -26,9 +26,10 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -36,7 +37,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
-from .config import ConfigError, RunConfig, validate
+from .config import ConfigError, RunConfig, Weights, choices, validate
 from .data.tokenizer import TokenizerError, Vocab, from_str
 
 CHECKPOINTS = "checkpoints"
@@ -152,6 +153,33 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+@contextmanager
+def replacing(run_dir: Path, notify: Callable[[str], None] | None = None) -> Iterator[Callable[[], None]]:
+    """`--overwrite`: move an existing run folder aside to a hidden sibling for the life of the block. The
+    block calls the function it is given once the new run has a checkpoint, and the old run is deleted; if
+    the block ends before that (a failure, an interrupt), the new folder is removed and the old one put back."""
+    run_dir = Path(run_dir)
+    aside = None
+    if run_dir.exists() and not (run_dir.is_dir() and not any(run_dir.iterdir())):
+        if not run_dir.is_dir() or not (run_dir / "config.json").is_file():
+            raise CheckpointError(f"--overwrite: {run_dir} is not a diffutext run folder (no config.json); refusing to replace it")
+        aside = run_dir.with_name(f".{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.rename(run_dir, aside)
+        if notify is not None:
+            notify(f"--overwrite: moved {run_dir} aside to {aside}; it is deleted once the new run writes its first checkpoint")
+
+    def committed() -> None:
+        if aside is not None and aside.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+
+    try:
+        yield committed
+    finally:
+        if aside is not None and aside.exists():  # the new run ended before its first checkpoint: put the old one back
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.rename(aside, run_dir)
+
+
 def append_log(run_dir: Path, record: dict[str, Any]) -> None:
     with open(Path(run_dir) / "log.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -211,20 +239,18 @@ class Checkpoint:
     vocab: Vocab
     step: int
 
-    def weights(self, which: str = "ema") -> dict[str, torch.Tensor]:
-        if which not in ("ema", "model"):
-            raise CheckpointError(f"unknown weights {which!r}; expected ema or model")
+    def weights(self, which: Weights = "ema") -> dict[str, torch.Tensor]:
+        if which not in choices(Weights):
+            raise CheckpointError(f"unknown weights {which!r}; expected {', '.join(choices(Weights))}")
         return self._read_weights(f"{which}.safetensors")
 
-    def state(self, mmap: bool = False) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         """Optimizer/RNG/step state, checked against the manifest and unpickled with weights_only=True
-        (tensors and plain containers only: a pickle that names any other callable is refused, not run).
-        mmap=True maps tensor storage instead of reading it (a cheap safety check of the file)."""
+        (tensors and plain containers only: a pickle that names any other callable is refused, not run)."""
         path = self.folder / "state.pt"
-        data = self._verified(path, keep=not mmap)
+        data = self._verified(path)
         try:
-            source = str(path) if mmap else io.BytesIO(data)
-            state = torch.load(source, weights_only=True, map_location="cpu", mmap=mmap)
+            state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         except Exception as e:  # the unpickler rejects anything but tensors and plain containers
             raise CheckpointError(f"{path}: refused to load ({str(e).splitlines()[0][:160]})") from None
         if not isinstance(state, dict):
@@ -239,23 +265,17 @@ class Checkpoint:
         except (SafetensorError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
 
-    def _verified(self, path: Path, keep: bool = True) -> bytes:
-        """The file's bytes (or b"" with keep=False: hashed in chunks), after checking its sha256 against the manifest."""
-        digest, chunks = hashlib.sha256(), []
+    def _verified(self, path: Path) -> bytes:
+        """The file's bytes, after checking their sha256 against the manifest."""
         try:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-                    if keep:
-                        chunks.append(chunk)
+            data = path.read_bytes()
         except FileNotFoundError:
             raise CheckpointError(f"{path}: missing from the checkpoint") from None
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-        expected = self.manifest["files"].get(path.name)
-        if expected != digest.hexdigest():
+        if self.manifest["files"].get(path.name) != _sha256(data):
             raise CheckpointError(f"{path}: checksum does not match manifest.json (corrupted, truncated or replaced file)")
-        return b"".join(chunks)
+        return data
 
     @property
     def manifest(self) -> dict[str, Any]:

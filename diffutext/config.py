@@ -3,6 +3,11 @@
 Presets name whole configurations (`tiny` for tests, `small` the CPU default, `base` DiffuSeq's
 size, PAPER.md §1). A run folder stores the resolved configs as JSON (`RunConfig.to_dict`), and
 `--config FILE.toml` overrides fields by section (`[model]`, `[diffusion]`, `[train]`).
+
+Every named choice (schedules, samplers, updates, precisions, ...) is defined once here as a `Literal`
+type: the fields below are annotated with it, `validate` checks every such field against it, the
+command line offers exactly its values, and the engine's registries (`samplers.SAMPLERS`,
+`timesteps.TIMESTEP_SAMPLERS`, ...) are keyed by it.
 """
 
 from __future__ import annotations
@@ -11,8 +16,28 @@ import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+Schedule = Literal["sqrt", "linear", "cosine"]  # noise schedules (diffusion.py)
+TimestepSampler = Literal["uniform", "lossaware"]  # how training draws t (timesteps.py)
+LrSchedule = Literal["linear", "constant"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # autocast (device.py); auto: bf16 where the device multiplies bf16 natively
+TokenizerType = Literal["bpe", "wordpiece"]  # the tokenizer trained when none is given (data/tokenizer.py)
+Split = Literal["train", "valid", "test"]
+Partner = Literal["forward", "reverse"]  # how the Distance Penalty's partner input is made (losses.py)
+SamplerName = Literal["ddpm", "uniform", "skip", "ddim", "ads"]  # presets of samplers.SAMPLERS
+UpdateName = Literal["ddpm", "ddim"]  # update rules of samplers.UPDATES
+Variance = Literal["large", "small"]  # ancestral variance: DiffuSeq's β′, or the posterior's
+Weights = Literal["ema", "model"]  # which weights of a checkpoint to use
+
+
+def choices(kind) -> tuple[str, ...]:
+    """The values of a choice type (a Literal, or Optional of one)."""
+    if get_origin(kind) is not Literal:
+        kind = next(a for a in get_args(kind) if get_origin(a) is Literal)
+    return get_args(kind)
 
 
 class ConfigError(ValueError):
@@ -39,8 +64,8 @@ class DiffusionConfig:
     """The noise schedule and how training draws timesteps (PAPER.md §1)."""
 
     T: int = 2000
-    schedule: str = "sqrt"  # sqrt | linear | cosine
-    timestep_sampler: str = "uniform"  # uniform | lossaware (DiffuSeq's second-moment resampler)
+    schedule: Schedule = "sqrt"
+    timestep_sampler: TimestepSampler = "uniform"  # lossaware: DiffuSeq's second-moment resampler
 
 
 @dataclass(frozen=True)
@@ -49,18 +74,18 @@ class TrainConfig:
 
     task: str = "bible-basic"
     data_dir: str = ""  # where a paper task's DiffuSeq folder is looked for ("": only $DIFFUTEXT_DATA)
-    train_split: str = "train"  # the split trained on (e.g. "valid" for a set that ships only a valid split)
+    train_split: Split = "train"  # the split trained on (e.g. "valid" for a set that ships only a valid split)
     max_steps: int = 2000
     max_minutes: float = 0.0  # 0: no wall-time limit; else stop (and decay the lr) by time too
     batch_size: int = 64  # the global batch: split over processes (torchrun) and grad_accum micro-steps
     grad_accum: int = 1  # micro-steps per optimizer step (the all-reduce runs on the last one only)
     lr: float = 1e-4
-    lr_schedule: str = "linear"  # linear (warm-up, then linear decay to 0) | constant (after warm-up)
+    lr_schedule: LrSchedule = "linear"  # linear (warm-up, then linear decay to 0) | constant (after warm-up)
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
+    precision: Precision = "fp32"  # bf16/fp16: autocast; fp16 adds a gradient scaler; auto: bf16 where native, else fp32
     eval_every: int = 500  # validation loss every N steps (0: never)
     eval_batches: int = 4
     save_every: int = 1000  # checkpoint every N steps (a final one is always written)
@@ -68,10 +93,10 @@ class TrainConfig:
     seed: int = 0
     vocab_size: int = 8000  # size of the BPE vocabulary trained on the train split
     tokenizer: str = ""  # a tokenizer.json, vocab.txt or known name (bert-base-uncased) to use instead of training one
-    tokenizer_type: str = "bpe"  # the tokenizer trained when none is given: bpe | wordpiece
+    tokenizer_type: TokenizerType = "bpe"  # the tokenizer trained when none is given
     distance_penalty: float = 0.0  # λ of PAPER.md §3 (0: the base DiffuSeq loss)
     dp_window: float = 0.05  # δ of PAPER.md §3
-    dp_partner: str = "forward"  # forward (reference code) | reverse (paper wording)
+    dp_partner: Partner = "forward"  # forward (reference code) | reverse (paper wording)
     init_from: str = ""  # a run folder whose weights start this run (post-training)
 
 
@@ -100,19 +125,18 @@ class RunConfig:
 class SampleConfig:
     """How `generate` walks the reverse chain (PAPER.md §4)."""
 
-    sampler: str = "ads"  # ddpm | uniform | skip | ddim | ads
+    sampler: SamplerName = "ads"
     steps: int = 20
-    update: str = ""  # override the sampler's update rule: ddpm | ddim ("" keeps the preset's)
-    variance: str = "large"  # ancestral variance: large (beta', DiffuSeq) | small (posterior)
+    update: UpdateName | None = None  # override the sampler's update rule (None keeps the preset's)
+    variance: Variance = "large"
     eta: float = 0.0  # DDIM eta
     clamp: bool = True  # snap x0_hat to the nearest word embedding at every step
     ads_shares: tuple[float, float, float] | None = None
-    batch_size: int = 64
+    batch_size: int = 128
     seed: int = 0
     seeds: int = 1  # decode K times and keep the MBR pick
-    weights: str = "ema"  # ema | model
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast for the denoiser; the chain stays float32.
-    # auto: bf16 where the device has native bf16 products (measured faster there), else fp32
+    weights: Weights = "ema"
+    precision: Precision = "auto"  # autocast for the denoiser; the chain stays float32
 
 
 def _build(cls, values: dict[str, Any]):
@@ -148,7 +172,7 @@ PRESETS: dict[str, RunConfig] = {
     # then) or 6,000 steps, whichever comes first: about 4,000 steps on 2 CPU cores.
     "small": RunConfig(
         model=ModelConfig(hidden_dim=32, width=256, layers=4, heads=4, ffn=1024, dropout=0.0, seq_len=48, time_dim=128),
-        train=TrainConfig(max_steps=6000, max_minutes=14.0, batch_size=32, lr=3e-3, warmup_steps=100, ema_decay=0.999, precision="bf16",
+        train=TrainConfig(max_steps=6000, max_minutes=14.0, batch_size=32, lr=3e-3, warmup_steps=100, ema_decay=0.999, precision="auto",
                           eval_every=500, save_every=1000, vocab_size=8000),
     ),
     # DiffuSeq's size: 12 layers, width 768, 12 heads, embedding 128, sequence 128 (~91M parameters with a
@@ -201,9 +225,30 @@ MAX_VOCAB = 1_000_000  # the Rust BPE trainer aborts the whole process (no excep
 MAX_SEED = 2**32  # torch and the data order (seed * 1_000_003 + epoch) need it to fit 64 bits
 
 
+@cache
+def choice_fields(cls) -> dict[str, tuple[str, ...]]:
+    """The fields of a config class whose type is a choice, with their values."""
+    hints = get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        kind = hints[f.name]
+        if get_origin(kind) is Literal or any(get_origin(a) is Literal for a in get_args(kind)):
+            out[f.name] = choices(kind)
+    return out
+
+
+def check_choices(section) -> None:
+    """Every choice field of a config section holds one of its type's values (None where Optional)."""
+    for name, values in choice_fields(type(section)).items():
+        value = getattr(section, name)
+        if value not in values and value is not None:
+            raise ConfigError(f"{type(section).__name__}.{name} must be one of {', '.join(values)}; got {value!r}")
+
+
 def validate(config: RunConfig) -> None:
     m, d, t = config.model, config.diffusion, config.train
     for section in (m, d, t):  # nan/inf from a flag or TOML would only surface as a NaN loss much later
+        check_choices(section)
         for f in fields(section):
             value = getattr(section, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -217,29 +262,22 @@ def validate(config: RunConfig) -> None:
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (m.seq_len >= 8, "model.seq_len must be at least 8"),
         (2 <= d.T <= MAX_T, f"diffusion.T must be between 2 and {MAX_T}"),
-        (d.schedule in ("sqrt", "linear", "cosine"), "diffusion.schedule must be sqrt, linear or cosine"),
-        (d.timestep_sampler in ("uniform", "lossaware"), "diffusion.timestep_sampler must be uniform or lossaware"),
         (t.max_steps > 0, "train.max_steps must be positive"),
         (t.max_minutes >= 0, "train.max_minutes must be >= 0"),
         (t.batch_size > 0, "train.batch_size must be positive"),
         (t.lr > 0, "train.lr must be positive"),
-        (t.lr_schedule in ("linear", "constant"), "train.lr_schedule must be linear or constant"),
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
         (t.grad_accum > 0, "train.grad_accum must be positive"),
         (t.grad_accum > 0 and t.batch_size % t.grad_accum == 0, f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})"),
-        (t.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
         (t.eval_every >= 0 and t.save_every >= 0 and t.log_every > 0, "eval_every/save_every must be >= 0, log_every > 0"),
         (t.eval_batches > 0, "train.eval_batches must be positive"),
         (50 <= t.vocab_size <= MAX_VOCAB, f"train.vocab_size must be between 50 and {MAX_VOCAB}"),
         (0 <= t.seed < MAX_SEED, f"train.seed must be in [0, {MAX_SEED})"),
-        (t.tokenizer_type in ("bpe", "wordpiece"), "train.tokenizer_type must be bpe or wordpiece"),
-        (t.train_split in ("train", "valid", "test"), "train.train_split must be train, valid or test"),
         (t.distance_penalty >= 0, "train.distance_penalty (λ) must be >= 0: it is a positive weight"),
         (t.dp_window > 0, "train.dp_window (δ) must be positive"),
-        (t.dp_partner in ("forward", "reverse"), "train.dp_partner must be forward or reverse"),
     ]
     for ok, message in checks:
         if not ok:

@@ -12,29 +12,31 @@ import math
 
 import torch
 
+from .config import Schedule, choices
+
 MAX_BETA = 0.999
 
 
-def _alpha_bar_fn(schedule: str):
-    if schedule == "sqrt":  # Diffusion-LM
-        return lambda s: 1.0 - math.sqrt(s + 1e-4)
-    if schedule == "cosine":  # Nichol & Dhariwal
-        return lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-    raise ValueError(f"unknown schedule {schedule!r}; expected sqrt, linear or cosine")
+ALPHA_BAR = {  # ᾱ(s) of s = t/T for the schedules defined by ᾱ; "linear" is defined by its β
+    "sqrt": lambda s: 1.0 - math.sqrt(s + 1e-4),  # Diffusion-LM
+    "cosine": lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2,  # Nichol & Dhariwal
+}
 
 
-def betas(schedule: str, T: int) -> torch.Tensor:
+def betas(schedule: Schedule, T: int) -> torch.Tensor:
     """β_1..β_T in float64."""
+    if schedule not in choices(Schedule):
+        raise ValueError(f"unknown schedule {schedule!r}; expected {', '.join(choices(Schedule))}")
     if schedule == "linear":  # Ho et al., scaled to T steps
         scale = 1000.0 / T
         return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
-    f = _alpha_bar_fn(schedule)
+    f = ALPHA_BAR[schedule]
     # ᾱ(s) of the sqrt schedule reaches 0 at s = 0.9999: for T > 10000 cap β there instead of dividing by <= 0
     return torch.tensor([min(1.0 - f((i + 1) / T) / f(i / T), MAX_BETA) if f(i / T) > 0 else MAX_BETA for i in range(T)],
                         dtype=torch.float64)
 
 
-def alpha_bar_table(schedule: str, T: int) -> torch.Tensor:
+def alpha_bar_table(schedule: Schedule, T: int) -> torch.Tensor:
     """ᾱ_t for t = 0..T-1, float64, shape (T,)."""
     return torch.cumprod(1.0 - betas(schedule, T), dim=0)
 
@@ -57,8 +59,3 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, eps: to
     ab = alpha_bar[t]
     z_t = _bcast(ab.sqrt(), x0) * x0 + _bcast((1 - ab).sqrt(), x0) * eps
     return torch.where(target_mask.unsqueeze(-1), z_t, x0)
-
-
-def eps_from_x0(z_t: torch.Tensor, x0_hat: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
-    """The noise implied by z_t and a prediction of x0 (alpha_bar_t broadcastable)."""
-    return (z_t - alpha_bar_t.sqrt() * x0_hat) / (1 - alpha_bar_t).sqrt()

@@ -121,9 +121,3 @@ def main_first(fn: Callable[[], T], error: type[Exception] = ValueError) -> T:
             exc = error(message)
         raise exc
     return result
-
-
-def shard(n: int, parts: int, index: int) -> range:
-    """The index-th of `parts` contiguous, near-equal slices of range(n)."""
-    lo = n * index // parts
-    return range(lo, n * (index + 1) // parts)

@@ -12,6 +12,7 @@ world-th batch and the results are gathered back in input order (no input is dec
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ from .config import SampleConfig
 from .data.batches import pack_one
 from .diffusion import alpha_bar_table
 from .model import Denoiser
-from .samplers import generate, make_sampler, resolve_precision
+from .device import resolve_precision
+from .samplers import generate, make_sampler
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -40,8 +42,8 @@ class Loaded:
 
 
 def load_model(run_dir: Path, weights: str = "ema", device: torch.device | str = "cpu") -> Loaded:
+    """A run's denoiser for decoding: its config, tokenizer and one set of weights (state.pt is never read)."""
     ck = open_run(Path(run_dir))
-    ck.state(mmap=True)  # refuse a tampered checkpoint even though decoding needs no optimizer state (nothing is unpickled unsafely)
     model = Denoiser(ck.config.model)
     load_weights(model, ck.weights(weights), str(ck.folder / f"{weights}.safetensors"))
     device = torch.device(device)
@@ -126,6 +128,19 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
         d4 += parts[b][3]
     diversity = {"self_bleu": sum(sb) / len(sb), "div_4": sum(d4) / len(d4)} if cfg.seeds > 1 and sb else {}
     return Decoded(hyps, candidates, seconds, len(timesteps), timesteps, diversity, precision, all_truncated)
+
+
+def scores(decoded: Decoded, refs: list[list[str]], seeds: int) -> dict[str, Any]:
+    """Every metric of a decode against its references, with its diversity over seeds and its speed."""
+    return {**metrics.score(decoded.hyps, refs), **decoded.diversity, "seconds": decoded.seconds,
+            "sentences_per_s": len(decoded.hyps) * seeds / max(decoded.seconds, 1e-9)}
+
+
+def predictions_jsonl(srcs: list[str], refs: list[list[str]], decoded: Decoded) -> str:
+    """What `sample --out` writes: one {"src", "trg" | "refs", "hyp"} line per input (and its "candidates" over seeds)."""
+    rows = [{"src": s, **({"refs": r} if len(r) > 1 else {"trg": r[0]} if r else {}), "hyp": h,
+             **({"candidates": c} if len(c) > 1 else {})} for s, r, h, c in zip(srcs, refs, decoded.hyps, decoded.candidates)]
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def _pick(candidates: list[list[str]]) -> tuple[list[str], list[list[str]], list[float], list[float]]:

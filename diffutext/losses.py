@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .device import compute_dtype
 from .diffusion import q_sample, sigma
 
 
@@ -327,6 +328,4 @@ def tied_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t
     """
     if bias is None:
         bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    return _TiedNLL.apply(x, weight, bias, target, dtype)
+    return _TiedNLL.apply(x, weight, bias, target, compute_dtype(x))

@@ -27,10 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+from .device import compute_dtype
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +99,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 class _NormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias):
-        dt = _compute_dtype(x)
+        dt = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xf = x.to(_wide(x.dtype))
             xn, mean, rstd = torch.native_layer_norm(xf, (x.shape[-1],), _cast(norm_weight, xf.dtype),
@@ -140,7 +137,7 @@ def norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch
 class _GeluLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, weight, bias):
-        dt = _compute_dtype(a)
+        dt = compute_dtype(a)
         with torch.autocast(a.device.type, enabled=False):
             a_ = a.to(dt)
             w = weight.to(dt)
@@ -170,7 +167,7 @@ def gelu_linear(a: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, p):
-        dt = _compute_dtype(q)
+        dt = compute_dtype(q)
         with torch.autocast(q.device.type, enabled=False):
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
             scale = 1.0 / math.sqrt(q.shape[-1])

@@ -15,12 +15,14 @@ same) in cache-sized blocks of the vocabulary, and can run the denoiser under bf
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
+
+from .config import SamplerName, UpdateName, Variance, choices
+from .device import autocast
 
 # Step shares of ADS from the least to the most noisy third of [0, T): measured constants of the
 # reference code (CODINNLG/Bridge_Gap_Diffusion), PAPER.md §4.
@@ -146,29 +148,28 @@ class Sampler:
         return [(t, ab[t], p) for t, p in zip(ts, prev)]
 
 
-SAMPLERS: dict[str, Sampler] = {
+SAMPLERS: dict[SamplerName, Sampler] = {
     "ddpm": Sampler(full, ddpm_update),
     "uniform": Sampler(uniform, ddpm_update),
     "skip": Sampler(every_kth, ddim_update, respaced=False),
     "ddim": Sampler(uniform, ddim_update),
     "ads": Sampler(adaptive_decay, ddpm_update),
 }
+UPDATES: dict[UpdateName, Callable] = {"ddpm": ddpm_update, "ddim": ddim_update}
+assert tuple(SAMPLERS) == get_args(SamplerName) and tuple(UPDATES) == get_args(UpdateName)
 
 
-def make_sampler(name: str, update: str = "", variance: str = "large", eta: float = 0.0,
+def make_sampler(name: SamplerName, update: UpdateName | None = None, variance: Variance = "large", eta: float = 0.0,
                  ads_shares: tuple[float, float, float] | None = None) -> Sampler:
     """A preset of SAMPLERS with its options bound; `update` swaps the update rule (ADS × DDIM, say)."""
-    if name not in SAMPLERS:
-        raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    if variance not in ("large", "small"):
-        raise SamplerError("variance must be large or small")
+    for value, kind, what in ((name, SamplerName, "sampler"), (update, UpdateName, "update"), (variance, Variance, "variance")):
+        if value not in choices(kind) and not (kind is UpdateName and value is None):
+            raise SamplerError(f"unknown {what} {value!r}; choose one of {', '.join(choices(kind))}")
     if not (0 <= eta < math.inf):
         raise SamplerError("eta must be a finite number >= 0")
     base = SAMPLERS[name]
     schedule = partial(adaptive_decay, shares=tuple(ads_shares)) if (ads_shares and base.schedule is adaptive_decay) else base.schedule
-    rule = {"": base.update, "ddpm": ddpm_update, "ddim": ddim_update}.get(update)
-    if rule is None:
-        raise SamplerError(f"unknown update {update!r}; expected ddpm or ddim")
+    rule = base.update if update is None else UPDATES[update]
     bound = partial(rule, variance=variance) if rule is ddpm_update else partial(rule, eta=eta)
     return Sampler(schedule, bound, base.respaced)
 
@@ -199,34 +200,6 @@ def nearest_indices(flat: torch.Tensor, weight_t: torch.Tensor, neg_half_sq_norm
     return out
 
 
-def nearest_embedding(x: torch.Tensor, weight: torch.Tensor, half_sq_norm: torch.Tensor) -> torch.Tensor:
-    """Snap every vector of x (..., D) to its nearest row of weight (V, D) in L2 (see `nearest_indices`)."""
-    flat = x.reshape(-1, x.shape[-1])
-    return weight[nearest_indices(flat, weight.t().contiguous(), -half_sq_norm)].view_as(x)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" is bf16 where the device multiplies bf16 natively (a CUDA GPU with bf16, a CPU with
-    AVX512-BF16/AMX, where a bf16 denoiser step measured ~1.5-1.8× faster), else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        native = device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bf16" if native else "fp32"
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    if precision not in ("bf16", "fp16"):
-        raise SamplerError(f"unknown precision {precision!r}; expected fp32, bf16 or fp16")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 @torch.inference_mode()
 def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
             clamp: bool = True, generator: torch.Generator | None = None,
@@ -246,7 +219,7 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     z = torch.where(mask, _noise(x_src, generator), x_src)
     t_vec = torch.empty(ids.shape[0], dtype=torch.long, device=ids.device)
     for i, (t, abar_t, abar_prev) in enumerate(sampler.triples(alpha_bar, steps)):
-        with _autocast(ids.device, precision):
+        with autocast(ids.device, precision):
             x0_hat = model(z, t_vec.fill_(t))
         x0_hat = x0_hat.float()
         if clamp:  # snap the target rows only: the source rows are replaced by x_src below

