@@ -99,16 +99,21 @@ def test_the_sampling_loop_makes_no_per_step_host_sync(monkeypatch):
         denoise(model, AB, make_sampler("uniform"), steps, ids, mask, generator=torch.Generator().manual_seed(0))
         monkeypatch.undo()
         counts.append(len(calls))
-    assert counts[0] == counts[1]  # a fixed number per batch (the schedule, the target rows), none per step
+    assert counts[0] > 0  # the spies see the loop's syncs (the schedule, the target rows) ...
+    assert counts[0] == counts[1]  # ... a fixed number per batch, none per step
 
 
-def test_bf16_sampling_runs_and_keeps_the_chain_in_float32():
+def test_bf16_sampling_keeps_the_chain_in_float32_and_close_to_fp32():
+    """The denoiser runs in bf16 (the chain differs from the fp32 one), the chain itself stays float32 and,
+    with the same noise, within bf16 rounding of the fp32 chain (measured 0.003 on values up to 1.85)."""
     model = Tiny()
     ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[:, 4:] = True
-    z = denoise(model, AB, make_sampler("ads"), 5, ids, mask, generator=torch.Generator().manual_seed(0), precision="bf16")
-    assert z.dtype == torch.float32 and torch.isfinite(z).all()
+    z, ref = (denoise(model, AB, make_sampler("ads"), 5, ids, mask, clamp=False, generator=torch.Generator().manual_seed(0), precision=p)
+              for p in ("bf16", "fp32"))
+    assert z.dtype == torch.float32 and torch.equal(z[~mask], ref[~mask])
+    assert 0 < (z - ref).abs().max() < 0.02
     with pytest.raises(ValueError, match="precision"):
         denoise(model, AB, make_sampler("ads"), 5, ids, mask, precision="fp8")
 

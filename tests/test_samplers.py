@@ -73,11 +73,29 @@ def test_full_loop_matches_pinned_numbers(name, steps):
     assert torch.equal(z[~mask], src[~mask])  # the source is re-imposed
 
 
-def test_deterministic_samplers_end_on_the_prediction():
-    # DDIM with η = 0 is deterministic after z_T, and its last respaced step returns x0_hat exactly.
-    z1, mask = run("ddim", 20)
-    z2, _ = run("ddim", 20)
-    assert torch.equal(z1, z2)
+class Recording(Dummy):
+    """The dummy, keeping the input of its last call."""
+
+    def forward(self, z, t):
+        self.last = (z.clone(), t.clone())
+        return super().forward(z, t)
+
+
+def test_ddim_draws_nothing_after_z_T_and_ends_on_the_prediction():
+    """DDIM with η = 0 takes one draw (z_T) from the generator and none after it, and its last respaced
+    step (t = 0, ᾱ_prev = 1) returns that step's x0_hat exactly."""
+    ids = torch.tensor([[0, 1, 2, 3, 4, 5], [6, 5, 4, 3, 2, 1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    model, g = Recording(), torch.Generator().manual_seed(0)
+    z = denoise(model, AB, make_sampler("ddim"), 20, ids, mask, clamp=False, generator=g)
+    last_z, last_t = model.last
+    assert last_t.tolist() == [0, 0] and torch.equal(z[mask], Dummy.forward(model, last_z, last_t)[mask])
+    one_draw = torch.Generator().manual_seed(0)
+    torch.randn((2, 6, 3), generator=one_draw)
+    assert torch.equal(g.get_state(), one_draw.get_state())
+    ancestral = torch.Generator().manual_seed(0)
+    denoise(Dummy(), AB, make_sampler("uniform"), 20, ids, mask, clamp=False, generator=ancestral)
+    assert not torch.equal(ancestral.get_state(), one_draw.get_state())  # the ancestral update does draw: the check can tell
 
 
 def test_clamping_lands_on_word_embeddings():
