@@ -204,14 +204,17 @@ def cap_slow_ddpm(args: list[str]) -> list[str]:
     return args
 
 
+def decode_args(ws, data, folder: Path, **extra) -> list[str]:
+    """Drawn options of a command that decodes a checkpoint: decode_table's and `extra`'s, kept short."""
+    return cap_slow_ddpm(limited(options(data.draw, {**decode_table(ws, folder), **extra}), ws))
+
+
 @SETTINGS(50)
 @given(data=st.data())
 def test_fuzz_sample(ws, data):
     folder = fresh(ws)
-    table = {**decode_table(ws, folder), "--text": junk, "--show": ints(-1, 3),
-             "--out": st.one_of(st.just(str(folder / "o.jsonl")), st.just(str(folder)), st.just(str(folder / "no" / "such" / "o.jsonl")))}
-    args = cap_slow_ddpm(limited(options(data.draw, table), ws))
-    check(invoke("sample", *args))
+    out = st.one_of(st.just(str(folder / "o.jsonl")), st.just(str(folder)), st.just(str(folder / "no" / "such" / "o.jsonl")))
+    check(invoke("sample", *decode_args(ws, data, folder, **{"--text": junk, "--show": ints(-1, 3), "--out": out})))
 
 
 @SETTINGS(40)
@@ -223,9 +226,7 @@ def test_fuzz_evaluate(ws, data):
         if data.draw(st.booleans()):
             args += ["--json", data.draw(st.sampled_from([str(folder / "m.json"), str(folder), str(folder / "x" / "m.json")]))]
     else:
-        table = {**decode_table(ws, folder), "--json": st.one_of(st.just(str(folder / "m.json")), st.just(str(folder)))}
-        table.pop("--text", None)
-        args = cap_slow_ddpm(limited(options(data.draw, table), ws))
+        args = decode_args(ws, data, folder, **{"--json": st.one_of(st.just(str(folder / "m.json")), st.just(str(folder)))})
     check(invoke("evaluate", *args))
 
 
