@@ -25,8 +25,9 @@ def test_help_is_fast_and_imports_no_torch():
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, small_task):
+    """A run trained through the command line; T = 200 keeps the full-T ddpm decode short."""
     run = tmp_path_factory.mktemp("cli") / "run"
-    result = invoke("train", "--task", small_task, "--preset", "tiny", "--max-steps", 12, "--out", run, "--device", "cpu")
+    result = invoke("train", "--task", small_task, "--preset", "tiny", "--max-steps", 12, "--diffusion-steps", 200, "--out", run, "--device", "cpu")
     assert result.exit_code == 0, result.output
     return run
 
@@ -50,7 +51,7 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-@pytest.mark.parametrize("sampler,steps,visited", [("ddpm", 1, 2000), ("uniform", 4, 4), ("skip", 4, 4), ("ddim", 4, 4), ("ads", 4, 4)])
+@pytest.mark.parametrize("sampler,steps,visited", [("ddpm", 1, 200), ("uniform", 4, 4), ("skip", 4, 4), ("ddim", 4, 4), ("ads", 4, 4)])
 def test_every_sampler_decodes_from_the_command_line(cli_run, small_task, tmp_path, sampler, steps, visited):
     """The command line decodes what the engine decodes with that sampler: --out holds one row per input
     (the split's source and reference, the decoded text), the one example shown is the first row, and the
@@ -97,7 +98,7 @@ def test_ablate_writes_tables_csv_json_and_plots(cli_run, tmp_path):
     data = json.loads((out_dir / "results.json").read_text())
     cells = [(r["sampler"], r["steps"]) for r in data["rows"]]
     assert cells == [("uniform", 5), ("uniform", 4), ("ads", 5), ("ads", 4), ("copy source", 0)] * 2
-    assert data["rows"][3]["timesteps"] == [1999, 1334, 667, 0]
+    assert data["rows"][3]["timesteps"] == [199, 134, 67, 0]  # ADS-4 at T = 200: the thirds' first points and T − 1
     assert (out_dir / "results.csv").read_text().splitlines()[0].startswith("checkpoint,step,sampler,steps,sacrebleu")
     for png in ("sacrebleu_vs_steps.png", "sentence_bleu_vs_steps.png", "timesteps.png"):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
