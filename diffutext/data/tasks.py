@@ -278,7 +278,3 @@ def references(dataset) -> list[list[str]]:
         return [list(r) for r in dataset["refs"]]
     return [[t] if isinstance(t, str) and t.strip() else [] for t in dataset["trg"]]
 
-
-def validate_jsonl(path: Path, need_trg: bool = True) -> int:
-    """Check every line of a DiffuSeq jsonl file; return the number of examples (TaskError names file and line)."""
-    return len(read_jsonl(Path(path), need_target=need_trg))
