@@ -20,7 +20,9 @@ from . import metrics
 from .checkpoint import atomic_write
 from .config import SampleConfig
 from .data.tasks import references
-from .evaluate import Loaded, decode, scores
+from .device import resolve_precision
+from .evaluate import Loaded, decode, identity, scores
+from .pieces import Pieces, fingerprint
 from .samplers import make_sampler
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -43,8 +45,10 @@ def grid(samplers: list[str], steps: list[int], T: int, base: SampleConfig) -> l
 
 
 def run(checkpoints: list[tuple[str, Loaded]], dataset, cells: list[tuple[str, int]], base: SampleConfig,
-        callback: Callback | None = None) -> list[dict[str, Any]]:
-    """One row per checkpoint × cell, plus a copy-the-source row per checkpoint."""
+        callback: Callback | None = None, keep: Pieces | None = None) -> list[dict[str, Any]]:
+    """One row per checkpoint × cell, plus a copy-the-source row per checkpoint. With `keep`, each finished cell is
+    stored as it completes, and a cell stored by an earlier (interrupted) run of the same grid is reused: the
+    "cell_reused" event says so."""
     emit = callback or (lambda event, info: None)
     refs = references(dataset)
     rows: list[dict[str, Any]] = []
@@ -53,10 +57,18 @@ def run(checkpoints: list[tuple[str, Loaded]], dataset, cells: list[tuple[str, i
         ckpt_rows = []
         for name, steps in cells:
             cfg = replace(base, sampler=name, steps=steps)
-            emit("cell", {"checkpoint": label, "sampler": name, "steps": steps})
-            out = decode(loaded, dataset, cfg, callback)
-            row = {"checkpoint": label, "step": loaded.checkpoint.step, "sampler": name, "steps": out.steps,
-                   **scores(out, refs, cfg.seeds), "timesteps": out.timesteps}
+            key = fingerprint(identity(loaded, cfg, resolve_precision(cfg.precision, loaded.device), list(dataset["src"])), refs)
+            row = keep.get(key) if keep is not None else None
+            if row is not None:
+                emit("cell_reused", {"checkpoint": label, "sampler": name, "steps": steps})
+            else:
+                emit("cell", {"checkpoint": label, "sampler": name, "steps": steps})
+                out = decode(loaded, dataset, cfg, callback, keep and keep.sub("batches"))  # a stop mid-cell loses no batch
+                row = {"step": loaded.checkpoint.step, "sampler": name, "steps": out.steps, **scores(out, refs, cfg.seeds),
+                       "timesteps": out.timesteps}
+                if keep is not None:
+                    keep.put(key, row)
+            row = {"checkpoint": label, **row}
             ckpt_rows.append(row)
             emit("cell_done", {"row": row})
         full = next((r for r in ckpt_rows if r["sampler"] == "ddpm"), None)

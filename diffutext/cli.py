@@ -9,90 +9,30 @@ gracefully on SIGINT/SIGTERM (a checkpoint, then exit 130/143 with the command t
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from typer.core import TyperGroup
 
 from . import options as o
-from .config import ConfigError, load_toml, resolve
+from .config import load_toml, resolve
+from .errors import OneLineErrors, fail, run_guarded
 from .views import err, out
 
 RUNS_DIR = Path("runs")
 
 
-class _OneLineErrors(TyperGroup):
-    """Usage errors (unknown option, bad value) become one line on stderr with exit code 2."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except typer.TyperException as e:  # typer's own click: every usage error
-            if not (sys.argv[1:] if args is None else args):  # no command at all: the help, as no_args_is_help asks
-                e.show()
-                sys.exit(e.exit_code)
-            ctx = getattr(e, "ctx", None)
-            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-            err.print(f"error: {e.format_message()}{hint}", markup=False)
-            sys.exit(e.exit_code)
-        except typer.Abort:
-            err.print("aborted")
-            sys.exit(1)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continuous diffusion for sequence-to-sequence text: DiffuSeq + Distance Penalty + Adaptive Decay Sampling.")
 
 
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"error: {message}", markup=False)
-    raise typer.Exit(code)
-
-
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad usage or bad input (exit 2), imported lazily."""
-    from .checkpoint import CheckpointError
-    from .data.tasks import TaskError
-    from .data.tokenizer import TokenizerError
-    from .device import DeviceError
-    from .metrics import MetricError
-    from .samplers import SamplerError
-    from .train import TrainError
-
-    return ConfigError, TaskError, TokenizerError, CheckpointError, TrainError, SamplerError, MetricError, DeviceError
-
-
-def run_guarded(fn, *args, **kwargs):
-    """fn(*args, **kwargs), with every expected failure turned into one line and its exit code."""
-    try:
-        return fn(*args, **kwargs)
-    except typer.Exit:
-        raise
-    except _bad_input_errors() as e:
-        fail(str(e))
-    except FloatingPointError as e:
-        fail(str(e), code=1)
-    except OSError as e:  # exit 1 when the machine ran out of something, 2 when the path given was unusable
-        where = f"{e.filename}: " if e.filename else ""
-        fail(f"{where}{e.strerror or e}", code=1 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.ENOMEM) else 2)
-    except (MemoryError, RuntimeError) as e:
-        text = str(e) or type(e).__name__
-        if isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
-            fail(f"out of memory: {text.splitlines()[0][:200]} (try a smaller --batch-size or model)", code=1)
-        raise
-
-
-def _is_main_rank() -> bool:
+def _is_main_rank() -> bool:  # without torch: distributed.env_rank reads the same variable
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -137,6 +77,7 @@ def _train(cfg, run_dir: Path, opts: dict[str, Any]) -> None:
     from .checkpoint import replacing
     from .device import resolve_device
     from .interrupt import StopSignals
+    from .lock import run_lock
     from .train import train as train_run
     from .views import TrainView
 
@@ -147,6 +88,8 @@ def _train(cfg, run_dir: Path, opts: dict[str, Any]) -> None:
                           + (["--keep", str(keep)] if keep else []) + (["--device", shlex.quote(device)] if device != "auto" else []))
     last_step = [0]
     with ExitStack() as stack:
+        if _is_main_rank():  # the writer lock first: a second writer must not even move a folder aside
+            run_guarded(stack.enter_context, run_lock(run_dir))
         committed = run_guarded(stack.enter_context, replacing(run_dir, err.print)) if opts["overwrite"] else (lambda: None)
         stop, view = stack.enter_context(StopSignals()), stack.enter_context(TrainView())
 
@@ -203,20 +146,47 @@ def _inputs(loaded, opts: dict[str, Any]):
     return ds if limit is None else ds.select(range(min(limit, len(ds))))
 
 
-def _decode(loaded, ds, cfg):
+@contextmanager
+def _decoding(label: str, keep):
+    """A decode's progress view under SIGINT/SIGTERM: a signal stops it after the batch (or cell) in hand, what is
+    finished stays in `keep`, and the command that continues is printed."""
+    from .interrupt import StopSignals, Stopped
+    from .views import DecodeView
+
+    with StopSignals() as stop, DecodeView(label) as view:
+        def on_event(event: str, info: dict[str, Any]) -> None:
+            view(event, info)
+            if event in ("batch_done", "cell_done") and stop.requested():  # between pieces: the finished ones are kept
+                raise Stopped
+
+        try:
+            yield on_event
+        except Stopped:
+            kept = f"; finished work is kept in {keep.folder}" if keep is not None else ""
+            err.print(f"stopped by {stop.name}{kept}; continue with: {shlex.join(['diffutext', *sys.argv[1:]])}", markup=False)
+            raise typer.Exit(stop.exit_code)
+
+
+def _decode(loaded, ds, cfg, keep=None):
     from .evaluate import decode
     from .samplers import make_sampler
-    from .views import DecodeView
 
     # Said only once the inputs and the sampler are known good, so that bad input still gets exactly one line.
     sampler = run_guarded(make_sampler, cfg.sampler, cfg.update, cfg.variance, cfg.eta, cfg.ads_shares)
     run_guarded(sampler.timesteps, loaded.checkpoint.config.diffusion.T, cfg.steps)
     err.print(f"checkpoint {loaded.checkpoint.folder} (step {loaded.checkpoint.step}, {cfg.weights} weights)")
-    with DecodeView(f"{cfg.sampler}-{cfg.steps}") as view:
-        decoded = run_guarded(decode, loaded, ds, cfg, view)
+    with _decoding(f"{cfg.sampler}-{cfg.steps}", keep) as on_event:
+        decoded = run_guarded(decode, loaded, ds, cfg, on_event, keep)
     if decoded.truncated:
         err.print(f"warning: {decoded.truncated} of {len(ds)} sources are longer than the model's sequence allows and were truncated")
     return decoded
+
+
+def _partial(path: Optional[Path]):
+    """Where the finished batches of a decode whose output goes to `path` wait for the rest (None: not kept)."""
+    from .pieces import Pieces
+
+    return None if path is None else Pieces(path.with_name(f".{path.name}.partial"))
 
 
 def _label(cfg, decoded, n: int) -> str:
@@ -249,12 +219,14 @@ def sample(opts: dict[str, Any] = None) -> None:
     loaded = _open(opts["checkpoint"], cfg.weights, opts["device"])
     text, out_file, show = opts["text"], opts["out_file"], opts["show"]
     ds = _inputs(loaded, opts)
-    decoded = _decode(loaded, ds, cfg)
+    keep = _partial(out_file)
+    decoded = _decode(loaded, ds, cfg, keep)
     if not _is_main_rank():  # every rank decoded its share; rank 0 reports
         return
     srcs, refs = ds["src"], references(ds)
     if out_file is not None:
         _write(out_file, predictions_jsonl(srcs, refs, decoded))
+        keep.clear()
     examples(srcs, refs, decoded.hyps, show)
     if text is not None and show == 0:
         out.print(decoded.hyps[0])
@@ -288,7 +260,8 @@ def evaluate(opts: dict[str, Any] = None) -> None:
         refs = references(ds)
         if not all(refs):
             fail("these inputs have no references ('trg') to score against")
-        decoded = _decode(loaded, ds, cfg)
+        keep = _partial(json_file)
+        decoded = _decode(loaded, ds, cfg, keep)
         if not _is_main_rank():
             return
         hyps, result, title = decoded.hyps, scores(decoded, refs, cfg.seeds), _label(cfg, decoded, len(ds))
@@ -304,6 +277,8 @@ def evaluate(opts: dict[str, Any] = None) -> None:
     out.print(metrics_table(title, result))
     if json_file is not None:
         _write(json_file, json.dumps({**extra, **result}, indent=2) + "\n")
+        if predictions is None:
+            keep.clear()
 
 
 @app.command()
@@ -313,7 +288,8 @@ def ablate(opts: dict[str, Any] = None) -> None:
     from . import ablation
     from .data.tasks import references
     from .diffusion import sigma
-    from .views import DecodeView, ablation_table
+    from .pieces import Pieces, fingerprint
+    from .views import ablation_table
 
     base = o.sample_config(opts)
     opened = [(str(c) if c is not None else None, _open(c, base.weights, opts["device"])) for c in (opts["checkpoints"] or [None])]
@@ -326,16 +302,26 @@ def ablate(opts: dict[str, Any] = None) -> None:
     if not all(references(ds)):
         fail("this split has no references to score against")
     cells = run_guarded(ablation.grid, opts["samplers"], opts["step_counts"], T, base)
-    with DecodeView("ablate") as view:
-        rows = run_guarded(ablation.run, opened, ds, cells, base, view)
+    labels = [label for label, _ in opened]
+    folder = opts["out_dir"] or (first.checkpoint.run_dir / "ablate" if len(opened) == 1 else RUNS_DIR / f"ablate-{fingerprint(labels)[:8]}")
+    keep, reused = Pieces(folder / ".cells.partial"), []
+    with _decoding("ablate", keep) as on_event:
+        def count(event: str, info: dict[str, Any]) -> None:
+            if event == "cell_reused":
+                reused.append(info)
+            on_event(event, info)
+
+        rows = run_guarded(ablation.run, opened, ds, cells, base, count, keep)
+    if reused:
+        err.print(f"reused {len(reused)} of {len(cells) * len(opened)} cells finished by an earlier run of this grid ({keep.folder})")
     if not _is_main_rank():  # every rank decoded its share; rank 0 reports and writes
         return
     marks = ablation.best(rows)
-    for label in dict.fromkeys(r["checkpoint"] for r in rows):
+    for label in labels:
         out.print(ablation_table(rows, marks, label, opts["split"], len(ds), base.seeds))
-    folder = opts["out_dir"] or (first.checkpoint.run_dir / "ablate" if len(opened) == 1 else RUNS_DIR / f"ablate-{time.strftime('%Y%m%d-%H%M%S')}")
     meta = {"split": opts["split"], "sentences": len(ds), "seeds": base.seeds, "T": T, "sample_config": base.__dict__}
     paths = run_guarded(ablation.write, folder, rows, sigma(first.alpha_bar.cpu()).tolist(), meta)
+    keep.clear()
     err.print("wrote " + ", ".join(str(p) for p in paths))
 
 

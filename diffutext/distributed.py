@@ -26,6 +26,14 @@ def env_world_size() -> int:
         return 1
 
 
+def env_rank() -> int:
+    """RANK as torchrun sets it (0 without torchrun), read without touching the process group."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -12,6 +12,7 @@ world-th batch and the results are gathered back in input order (no input is dec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,9 +26,10 @@ from . import metrics
 from .checkpoint import Checkpoint, load_weights, open_run
 from .config import SampleConfig
 from .data.batches import pack_one
+from .device import resolve_precision
 from .diffusion import alpha_bar_table
 from .model import Denoiser
-from .device import resolve_precision
+from .pieces import Pieces, fingerprint
 from .samplers import generate, make_sampler
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -83,10 +85,20 @@ def batch_seed(seed: int, batch: int) -> int:
     return seed * 1_000_003 + batch
 
 
-def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None = None) -> Decoded:
+def identity(loaded: Loaded, cfg: SampleConfig, precision: str, texts: list[str]) -> list[Any]:
+    """Everything a decode's output depends on: the checkpoint (its manifest), the sample config, the
+    precision the denoiser runs in, the device and the inputs (for `pieces.fingerprint`)."""
+    manifest = loaded.checkpoint.manifest
+    return [manifest.get("files"), manifest.get("step"), cfg, precision, loaded.device.type,
+            hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()]
+
+
+def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None = None, keep: Pieces | None = None) -> Decoded:
     """Decode every source of a Dataset (columns src, trg) cfg.seeds times; keep the MBR pick.
 
-    Under torchrun, batch b is decoded (and MBR-picked) by rank b mod world and gathered back."""
+    Under torchrun, batch b is decoded (and MBR-picked) by rank b mod world and gathered back. With `keep`,
+    every finished batch is stored there as it completes and a batch already stored is not decoded again:
+    an interrupted decode continues where it stopped, with the same output."""
     emit = (callback or (lambda event, info: None)) if dist.is_main() else (lambda event, info: None)
     ck, model = loaded.checkpoint, loaded.model
     vocab, T, seq_len = ck.vocab, ck.config.diffusion.T, ck.config.model.seq_len
@@ -97,9 +109,18 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
     mine: dict[int, tuple[list[str], list[list[str]], list[float], list[float]]] = {}
     generator = torch.Generator(device=loaded.device)
     precision = resolve_precision(cfg.precision, loaded.device)
+    whole = identity(loaded, cfg, precision, list(dataset["src"])) if keep is not None else None
     for b in range(rank, -(-n // bs), world):
+        key = fingerprint(whole, b) if keep is not None else ""
+        stored = keep.get(key) if keep is not None else None
+        if stored is not None:  # finished before an interruption: (pick, seconds, truncated) as it was
+            mine[b], secs, cut = tuple(stored[0]), stored[1], stored[2]
+            seconds, truncated, done = seconds + secs, truncated + cut, done + len(stored[0][0]) * cfg.seeds
+            emit("progress", {"done": min(done * world, total), "total": total})
+            continue
         ids, mask, cut = _pack_batch(dataset[b * bs:(b + 1) * bs]["src"], vocab, seq_len)
         truncated += cut
+        batch_seconds = 0.0
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)
         per_seed = []
         for k in range(cfg.seeds):
@@ -108,12 +129,16 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             out = generate(model, loaded.alpha_bar, sampler, cfg.steps, ids, mask, clamp=cfg.clamp, generator=generator,
                            precision=precision)
             out = out.cpu()  # one sync per batch
-            seconds += time.perf_counter() - t0
+            batch_seconds += time.perf_counter() - t0
             per_seed.append(_to_text(out, mask.cpu(), vocab))
             done += ids.shape[0]
             emit("progress", {"done": min(done * world, total), "total": total})
+        seconds += batch_seconds
         candidates = [list(c) for c in zip(*per_seed)]
         mine[b] = _pick(candidates) if cfg.seeds > 1 else ([c[0] for c in candidates], candidates, [], [])
+        if keep is not None:
+            keep.put(key, [mine[b], batch_seconds, cut])
+        emit("batch_done", {"batch": b})
     parts: dict[int, tuple] = {}
     all_truncated = 0
     for gathered, secs, cut in dist.all_gather_object((mine, seconds, truncated)):

@@ -4,7 +4,8 @@ The first SIGINT or SIGTERM only raises a flag: the training loop polls `StopSig
 once per step, writes a checkpoint and returns, and the CLI exits 128 + the signal number
 (130 for SIGINT, 143 for SIGTERM). A second signal stops at once (KeyboardInterrupt), like a
 second Ctrl-C should; the checkpoint being written then is left incomplete and is ignored.
-Outside the main thread (where Python cannot install handlers) it does nothing.
+Outside the main thread (where Python cannot install handlers) it does nothing. Decoding commands
+raise `Stopped` from their progress callback once a stop is requested, after the batch in hand.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
+
+
+class Stopped(Exception):
+    """Raised from a progress callback when a stop was requested: the work finished so far is kept."""
 
 
 class StopSignals:

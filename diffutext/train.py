@@ -44,6 +44,7 @@ from .data.tasks import MissingSplit, load_split
 from .data.tasks import resolve as resolve_task
 from .device import autocast, resolve_device, resolve_precision
 from .diffusion import alpha_bar_table
+from .lock import run_lock
 from .losses import diffusion_loss, dp_window, draw_noise
 from .model import Denoiser, count_parameters
 from .timesteps import make_timesteps
@@ -191,8 +192,10 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
           should_stop: Callable[[], bool] | None = None, detect_anomaly: bool = False) -> Path:
     """Train (or resume) a run; `should_stop()` is polled once per step and, when true, ends the run with a
     checkpoint (the caller decides why: a signal, a deadline); `detect_anomaly` runs autograd's anomaly mode.
-    On resume the stored config holds, with `config`'s step and time limits (`resumed_config`)."""
-    with torch.autograd.set_detect_anomaly(detect_anomaly):
+    On resume the stored config holds, with `config`'s step and time limits (`resumed_config`). The run folder's
+    writer lock (lock.py) is held throughout: a second writer fails at once with RunLocked."""
+    writer = run_lock(run_dir) if dist.env_rank() == 0 else nullcontext()  # one writer per run folder: rank 0's lock
+    with writer, torch.autograd.set_detect_anomaly(detect_anomaly):
         try:
             return _train(config, run_dir, resume=resume, device=device, callback=callback, keep=keep,
                           compile=compile, should_stop=should_stop)
