@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..config import Split, choices
 from . import hub, store
 from .jsonl import MissingSplit, Rows, TaskError, read_jsonl  # noqa: F401  (the errors are part of this module's API)
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-SPLITS = ("train", "valid", "test")
+SPLITS = choices(Split)
 DATA_ENV = "DIFFUTEXT_DATA"
 
 

@@ -19,8 +19,10 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from ..config import TokenizerType, choices
+
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
-TOKENIZER_TYPES = ("bpe", "wordpiece")
+TOKENIZER_TYPES = choices(TokenizerType)
 
 # Vocabularies known by name: where each one's tokenizer.json lies inside an installed package.
 NAMED = {
