@@ -15,7 +15,9 @@
 
 Two shapes come out, both `datasets.Dataset`s: `load_split` gives training pairs (columns src,
 trg; a multi-reference file gives one pair per reference) and `load_eval_split` gives sources
-with all their references (columns src, trg = the first reference, refs).
+with all their references (columns src, trg = the first reference, refs). A folder's files are
+read by `store.py` (Arrow, memory-mapped from the datasets cache when large); the embedded and
+hub tasks are built in memory.
 """
 
 from __future__ import annotations
