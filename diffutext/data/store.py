@@ -2,10 +2,11 @@
 
 A split file is checked to be UTF-8, parsed by pyarrow's JSON reader into columns, and the
 columns are checked with vectorised kernels: one JSON object per line, `src`/`trg` strings that
-are present and not blank (blank as Python's `str.strip` sees it). Whenever the reader fails or a check finds something,
-the file is read again by the strict line reader of `jsonl.py`, which either names the bad line
-(the same one-line `TaskError` as always) or reads what Arrow could not: lines with `refs`
-(multi-reference sets, whose references are merged line by line) and odd but valid layouts.
+are present and not blank (blank as Python's `str.strip` sees it). Whenever the reader fails or
+a check finds something, the file is read again by the strict line reader of `jsonl.py`, which
+either names the bad line (the same one-line `TaskError` as always) or reads what Arrow could
+not: lines with `refs` (multi-reference sets, whose references are merged line by line) and odd
+but valid layouts.
 One known difference: an ignored extra key whose value Python's `json` refuses (an integer of
 more than 4,300 digits, nesting deeper than Python's recursion limit) passes here. A file with a
 line that is `null` never reaches Arrow: pyarrow 26's JSON reader crashes on it (see `_null_line`).
@@ -155,6 +156,7 @@ def _write(table: pa.Table, target: Path) -> None:
     """An Arrow stream file (the layout `datasets` memory-maps), written beside the target and renamed into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"diffutext_rows": str(table.num_rows).encode()})
     try:
         with open(tmp, "wb") as f:
             with pa.ipc.new_stream(f, table.schema) as writer:
@@ -167,10 +169,15 @@ def _write(table: pa.Table, target: Path) -> None:
 
 
 def _open(target: Path, key: str):
+    """The cached file, memory-mapped; ArrowInvalid when it is not whole (rows written != rows read)."""
     import datasets
     from datasets.table import MemoryMappedTable
 
-    return datasets.Dataset(MemoryMappedTable.from_file(str(target)), fingerprint=key)
+    table = MemoryMappedTable.from_file(str(target))
+    written = (table.schema.metadata or {}).get(b"diffutext_rows")
+    if written is None or int(written) != table.num_rows:
+        raise pa.ArrowInvalid(f"{target}: holds {table.num_rows} rows, {written} were written")
+    return datasets.Dataset(table, fingerprint=key)
 
 
 def in_memory(table: pa.Table):
