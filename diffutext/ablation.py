@@ -29,7 +29,7 @@ Callback = Callable[[str, dict[str, Any]], None]
 
 SAMPLER_ORDER = ("ddpm", "skip", "uniform", "ddim", "ads")
 # column -> whether higher is better (None: no "best")
-COLUMNS = {"sacrebleu": True, "sentence_bleu": True, "rouge_l": True, "dist_1": True, "self_bleu": False,
+COLUMNS = {"sacrebleu": True, "sentence_bleu": True, "diffuseq_bleu": True, "rouge_l": True, "dist_1": True, "self_bleu": False,
            "avg_len": None, "seconds": False, "sentences_per_s": True, "speedup": True}
 
 
@@ -100,7 +100,7 @@ def write(out_dir: Path, rows: list[dict[str, Any]], sigma: list[float], meta: d
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fields = ["checkpoint", "step", "sampler", "steps", "sacrebleu", "sentence_bleu", "rouge_l", "dist_1", "avg_len",
+    fields = ["checkpoint", "step", "sampler", "steps", "sacrebleu", "sentence_bleu", "diffuseq_bleu", "rouge_l", "dist_1", "avg_len",
               "self_bleu", "div_4", "count", "seconds", "sentences_per_s", "speedup"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
@@ -111,7 +111,7 @@ def write(out_dir: Path, rows: list[dict[str, Any]], sigma: list[float], meta: d
     samplers = [r for r in rows if r["sampler"] != "copy source"]
     paths = [out_dir / "results.csv", out_dir / "results.json"]
     pngs = {f"{metric}_vs_steps.png": plots.quality_vs_steps(samplers, metric, label)
-            for metric, label in (("sacrebleu", "sacreBLEU (corpus)"), ("sentence_bleu", "sentence BLEU-4 (DiffuSeq)"))}
+            for metric, label in (("sacrebleu", "sacreBLEU (corpus)"), ("sentence_bleu", "sentence BLEU-4 (textbook, nltk)"))}
     pngs["timesteps.png"] = plots.visited_timesteps(samplers, sigma)
     for name, data in pngs.items():
         atomic_write(out_dir / name, data)

@@ -239,16 +239,15 @@ def sample(opts: dict[str, Any] = None) -> None:
 @app.command()
 @o.command(o.EVALUATE, o.SAMPLER, o.INPUTS, o.SAMPLING, [o.DEVICE])
 def evaluate(opts: dict[str, Any] = None) -> None:
-    """Score predictions (a file) or a run decoded on the spot: sacreBLEU, sentence BLEU, ROUGE-L, dist-1, length (all references count)."""
-    from .metrics import score
-
+    """Score predictions (a file, DiffuSeq's decoded files) or a run decoded on the spot: the standard metrics and DiffuSeq's set."""
     predictions, json_file, bertscore_model = opts["predictions"], opts["json_file"], opts["bertscore_model"]
+    script = opts["diffuseq_script"]
     if predictions is not None:
-        from .data.jsonl import read_predictions
+        from .evaluate import score_predictions
 
-        hyps, refs = run_guarded(read_predictions, predictions)
-        result = score(hyps, refs)
-        title = f"{predictions} ({len(hyps)} sentences)"
+        if bertscore_model is not None and predictions.is_dir() and not opts["mbr"]:
+            fail("--bertscore-model scores one output per source: give --mbr with a folder of DiffuSeq seed files")
+        title, result, hyps, refs = run_guarded(score_predictions, predictions, opts["mbr"], script)
         extra: dict[str, Any] = {"predictions": str(predictions)}
     else:
         from .data.tasks import references
@@ -264,7 +263,7 @@ def evaluate(opts: dict[str, Any] = None) -> None:
         decoded = _decode(loaded, ds, cfg, keep)
         if not _is_main_rank():
             return
-        hyps, result, title = decoded.hyps, scores(decoded, refs, cfg.seeds), _label(cfg, decoded, len(ds))
+        hyps, result, title = decoded.hyps, scores(decoded, refs, cfg.seeds, script), _label(cfg, decoded, len(ds))
         extra = {"checkpoint": str(loaded.checkpoint.folder), "sampler": cfg.sampler, "steps": decoded.steps, "seeds": cfg.seeds,
                  "precision": decoded.precision}
     if bertscore_model is not None:

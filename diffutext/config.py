@@ -31,6 +31,9 @@ SamplerName = Literal["ddpm", "uniform", "skip", "ddim", "ads"]  # presets of sa
 UpdateName = Literal["ddpm", "ddim"]  # update rules of samplers.UPDATES
 Variance = Literal["large", "small"]  # ancestral variance: DiffuSeq's β′, or the posterior's
 Weights = Literal["ema", "model"]  # which weights of a checkpoint to use
+# DiffuSeq's scripts/eval_seq2seq.py (diffuseq_metrics.py): since 2023-02-14 its get_bleu puts the reference in the
+# reference slot; its first release (2022-11-21) put the output there
+DiffuSeqScript = Literal["2023", "2022"]
 
 
 def choices(kind) -> tuple[str, ...]:

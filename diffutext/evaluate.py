@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+from . import diffuseq_metrics, metrics
 from . import distributed as dist
-from . import metrics
 from .checkpoint import Checkpoint, load_weights, open_run
 from .config import SampleConfig
 from .data.batches import pack_one
@@ -155,10 +156,61 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
     return Decoded(hyps, candidates, seconds, len(timesteps), timesteps, diversity, precision, all_truncated)
 
 
-def scores(decoded: Decoded, refs: list[list[str]], seeds: int) -> dict[str, Any]:
-    """Every metric of a decode against its references, with its diversity over seeds and its speed."""
-    return {**metrics.score(decoded.hyps, refs), **decoded.diversity, "seconds": decoded.seconds,
-            "sentences_per_s": len(decoded.hyps) * seeds / max(decoded.seconds, 1e-9)}
+def scores(decoded: Decoded, refs: list[list[str]], seeds: int, script: str = "2023") -> dict[str, Any]:
+    """Every metric of a decode against its references, with its diversity over seeds and its speed; beside them
+    DiffuSeq's eval_seq2seq.py set (`diffuseq_*`, against the first reference) of the same picks and candidates."""
+    first = [r[0] for r in refs]
+    diffuseq = diffuseq_metrics.score(decoded.hyps, first, script)
+    if seeds > 1:
+        diffuseq.update(diffuseq_metrics.diversity(decoded.candidates, script))
+    return {**metrics.score(decoded.hyps, refs), **decoded.diversity, **diffuseq, "diffuseq_script": script,
+            "seconds": decoded.seconds, "sentences_per_s": len(decoded.hyps) * seeds / max(decoded.seconds, 1e-9)}
+
+
+def score_predictions(path: Path, mbr: bool = False, script: str = "2023") -> tuple[str, dict[str, Any], list[str], list[list[str]]]:
+    """Score a predictions file or a DiffuSeq output folder: (a title, the metrics, the texts scored and their references).
+
+    - a `sample --out` file ({src, trg|refs, hyp}): every metric, the DiffuSeq set against the first reference;
+    - a DiffuSeq decoded file ({recover, reference, source}): both sets on its cleaned text (`diffuseq_metrics`);
+    - a folder of DiffuSeq seed files: as its eval_seq2seq.py takes it: with `mbr`, per source the select_best
+      pick of the files' lines; without, each file scored alone and averaged, plus self-BLEU and div-4 over seeds.
+    """
+    from .data import jsonl
+
+    path = Path(path)
+    if path.is_dir():
+        files = jsonl.decoded_files(path)
+        seeds = [jsonl.read_decoded(f) for f in files]
+        if len({len(s) for s in seeds}) > 1:
+            raise jsonl.TaskError(f"{path}: its seed files differ in length ({', '.join(f'{f.name}: {len(s)}' for f, s in zip(files, seeds))}); "
+                                  "line k of every file must decode the same source")
+        candidates = [[diffuseq_metrics.clean_recover(s[k][0]) for s in seeds] for k in range(len(seeds[0]))]
+        references = [diffuseq_metrics.clean_reference(r) for _, r, _ in seeds[0]]
+        if mbr:
+            picks = [c[diffuseq_metrics.select_best(c, script)] for c in candidates]
+            result = _both(picks, references, script)
+            return (f"{path} (MBR of {len(files)} seed files, {len(picks)} sources)", {**result, "seed_files": len(files)},
+                    picks, [[r] for r in references])
+        per_file = [_both([c[i] for c in candidates], references, script) for i in range(len(files))]
+        result = {k: statistics.fmean(f[k] for f in per_file) for k, v in per_file[0].items()
+                  if isinstance(v, float) and k not in ("count", "diffuseq_count")}
+        result = {**per_file[0], **result, **(diffuseq_metrics.diversity(candidates, script) if len(files) > 1 else {})}
+        return (f"{path} (mean of {len(files)} seed files, {len(references)} sources)",
+                {**result, "seed_files": len(files), "files": {f.name: r for f, r in zip(files, per_file)}},
+                [c[0] for c in candidates], [[r] for r in references])
+    if jsonl.is_decoded_file(path):
+        rows = jsonl.read_decoded(path)
+        hyps, refs = [diffuseq_metrics.clean_recover(h) for h, _, _ in rows], [diffuseq_metrics.clean_reference(r) for _, r, _ in rows]
+        return f"{path} (DiffuSeq decoded file, {len(rows)} sentences)", _both(hyps, refs, script), hyps, [[r] for r in refs]
+    hyps, refs = jsonl.read_predictions(path)
+    result = {**metrics.score(hyps, refs), **diffuseq_metrics.score(hyps, [r[0] for r in refs], script), "diffuseq_script": script}
+    return f"{path} ({len(hyps)} sentences)", result, hyps, refs
+
+
+def _both(recovers: list[str], references: list[str], script: str) -> dict[str, Any]:
+    """The standard metrics (on the cleaned text, stripped) and DiffuSeq's set (on the cleaned text as the script has it)."""
+    standard = metrics.score([h.strip() for h in recovers], [[r.strip()] for r in references])
+    return {**standard, **diffuseq_metrics.score(recovers, references, script), "diffuseq_script": script}
 
 
 def predictions_jsonl(srcs: list[str], refs: list[list[str]], decoded: Decoded) -> str:

@@ -1,8 +1,9 @@
 """Text-generation metrics (PAPER.md §5). Depends on nothing of ours.
 
 - `corpus_bleu`: sacreBLEU corpus BLEU, 0–100, with its signature (what MT/simplification users expect).
-- `sentence_bleu`: DiffuSeq's number: nltk sentence BLEU-4, smoothing method4, whitespace tokens,
-  averaged, 0–1.
+- `sentence_bleu`: the textbook sentence BLEU: nltk sentence BLEU-4, smoothing method4, whitespace
+  tokens, every reference, averaged, 0–1. DiffuSeq's own script differs in places (its argument order
+  in one version, one reference, its cleaning): that set is `diffuseq_metrics.py`.
 - `rouge_l`: ROUGE-L F (rouge-score), averaged; with several references the best one counts.
 - `dist_1`: distinct unigrams over all unigrams of the corpus (DiffuSeq's inter-sentence dist-1).
 - `mbr_pick`, `self_bleu`, `div_4`: over the K candidates decoded for one source.
@@ -50,7 +51,7 @@ def corpus_bleu(hyps: Sequence[str], refs: Refs) -> tuple[float, str]:
 
 
 def sentence_bleu(hyps: Sequence[str], refs: Refs) -> float:
-    """DiffuSeq's sentence BLEU-4 (nltk, smoothing method4, whitespace tokens), averaged, 0–1."""
+    """Textbook sentence BLEU-4 (nltk, smoothing method4, whitespace tokens, every reference), averaged, 0–1."""
     if not hyps:
         return 0.0
     return statistics.fmean(_nltk_bleu([r.split() for r in rs], h.split()) for h, rs in zip(hyps, refs))
@@ -103,7 +104,7 @@ def div_4(candidates: Sequence[str]) -> float:
 
 
 def score(hyps: Sequence[str], refs: Refs) -> dict[str, float | str]:
-    """The DiffuSeq-comparable metrics plus sacreBLEU, each named by what it is."""
+    """The standard metrics (sacreBLEU, textbook sentence BLEU, ROUGE-L, dist-1, length), each named by what it is."""
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} reference sets")
     sacre, signature = corpus_bleu(hyps, refs) if hyps else (0.0, "")

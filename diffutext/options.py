@@ -17,7 +17,7 @@ from typing import Annotated, Any, Callable, Literal, Optional, get_type_hints
 
 import typer
 
-from .config import DEFAULT_PRESET, PRESETS, DiffusionConfig, SampleConfig, SamplerName, Split, TrainConfig, choices
+from .config import DEFAULT_PRESET, PRESETS, DiffusionConfig, DiffuSeqScript, SampleConfig, SamplerName, Split, TrainConfig, choices
 
 _DEFAULT = SampleConfig()
 
@@ -100,6 +100,10 @@ EVALUATE = [
     option("json_file", Optional[Path], None, "Write the metrics to this JSON file.", "--json"),
     option("bertscore_model", Optional[Path], None, "Also score BERTScore F1 with this local model folder "
                                                     "(pip install 'diffutext[bertscore]'; offline)."),
+    option("mbr", bool, False, "With a folder of DiffuSeq seed files: score the per-source MBR pick (eval_seq2seq.py --mbr) "
+                               "instead of each file and the diversity over seeds.", "--mbr"),
+    option("diffuseq_script", DiffuSeqScript, "2023", "Version of DiffuSeq's eval_seq2seq.py the diffuseq_* metrics follow: "
+                                                     "2023 (reference in get_bleu's reference slot) or 2022 (its first release: the output there)."),
 ]
 ABLATE = [  # what `ablate` takes instead of one run, one sampler and one step count
     option("checkpoints", Optional[list[Path]], None, "Run folder; repeat to compare runs (default: the newest).", "--checkpoint"),

@@ -107,11 +107,17 @@ def examples(srcs, refs, hyps, show: int) -> None:
                   + (f" (+{len(r) - 1} more)" if len(r) > 1 else "") + "\n", markup=True)
 
 
-METRICS = [("sacrebleu", "sacreBLEU (corpus, 0-100)", "{:.2f}"), ("sentence_bleu", "BLEU-4 (DiffuSeq sentence, nltk, 0-1)", "{:.4f}"),
-           ("rouge_l", "ROUGE-L F (0-1)", "{:.4f}"), ("bertscore_f1", "BERTScore F1 ({bertscore_model})", "{:.4f}"),
-           ("dist_1", "dist-1", "{:.4f}"), ("avg_len", "average length (words)", "{:.2f}"),
+METRICS = [("sacrebleu", "sacreBLEU (corpus, 0-100)", "{:.2f}"),
+           ("sentence_bleu", "BLEU-4 (textbook sentence BLEU: nltk, method4, every reference, 0-1)", "{:.4f}"),
+           ("rouge_l", "ROUGE-L F (rouge-score, 0-1)", "{:.4f}"), ("bertscore_f1", "BERTScore F1 ({bertscore_model})", "{:.4f}"),
+           ("dist_1", "dist-1 (corpus)", "{:.4f}"), ("avg_len", "average length (words)", "{:.2f}"),
            ("self_bleu", "self-BLEU over seeds (0-1)", "{:.4f}"), ("div_4", "div-4 over seeds", "{:.4f}"),
            ("count", "sentences", "{}"), ("seconds", "decode seconds", "{:.1f}"), ("sentences_per_s", "sentences / s", "{:.2f}")]
+DIFFUSEQ = "DiffuSeq's eval_seq2seq.py ({diffuseq_script})"
+METRICS += [("diffuseq_bleu", f"BLEU-4, {DIFFUSEQ}", "{:.4f}"), ("diffuseq_rouge_l", f"ROUGE-L F, {DIFFUSEQ}", "{:.4f}"),
+            ("diffuseq_dist_1", f"dist-1 (per sentence), {DIFFUSEQ}", "{:.4f}"),
+            ("diffuseq_avg_len", f"average length (split(' ')), {DIFFUSEQ}", "{:.2f}"),
+            ("diffuseq_self_bleu", f"self-BLEU (pairs i < j), {DIFFUSEQ}", "{:.4f}"), ("diffuseq_div_4", f"div-4, {DIFFUSEQ}", "{:.4f}")]
 
 
 def metrics_table(title: str, scores: dict[str, Any]) -> Table:
@@ -130,6 +136,7 @@ def ablation_table(rows, marks, label: str, split: str, n: int, seeds: int) -> T
     step = rows[idx[0]]["step"]
     table = Table(title=f"{label} (step {step}) — {split} split, {n} sentences × {seeds} seed(s); best of each column in bold")
     cols = [("sampler", None, "{}"), ("steps", None, "{}"), ("sacreBLEU", "sacrebleu", "{:.2f}"), ("sent. BLEU", "sentence_bleu", "{:.4f}"),
+            ("DiffuSeq BLEU", "diffuseq_bleu", "{:.4f}"),
             ("ROUGE-L", "rouge_l", "{:.4f}"), ("dist-1", "dist_1", "{:.3f}")]
     if seeds > 1:
         cols.append(("self-BLEU", "self_bleu", "{:.3f}"))

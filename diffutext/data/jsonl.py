@@ -190,3 +190,38 @@ def read_predictions(path: Path) -> tuple[list[str], list[list[str]]]:
     if not hyps:
         raise TaskError(f"{path}: no predictions (the file is empty)")
     return hyps, refs
+
+
+DECODED = '{"recover", "reference", "source"} as written by DiffuSeq\'s sample_seq2seq.py'
+
+
+def is_decoded_file(path: Path) -> bool:
+    """Whether a predictions file is one of DiffuSeq's decoded files (its first line has "recover")."""
+    for _, obj in objects(Path(path), read_bytes(path), DECODED):
+        return isinstance(obj, dict) and "recover" in obj
+    return False
+
+
+def read_decoded(path: Path) -> list[tuple[str, str, str]]:
+    """A DiffuSeq decoded file: (recover, reference, source) per line, as stored (special tokens and all).
+    `recover` may be empty; every field must be a string."""
+    path = Path(path)
+    rows = []
+    for where, obj in objects(path, read_bytes(path), DECODED):
+        if not isinstance(obj, dict):
+            raise TaskError(f"{where}: expected a JSON object {DECODED}")
+        for key in ("recover", "reference", "source"):
+            if not isinstance(obj.get(key), str):
+                raise TaskError(f"{where}: missing string field {key!r} (expected {DECODED})")
+        rows.append((obj["recover"], obj["reference"], obj["source"]))
+    if not rows:
+        raise TaskError(f"{path}: no decoded lines (the file is empty)")
+    return rows
+
+
+def decoded_files(folder: Path) -> list[Path]:
+    """The seed files of a DiffuSeq output folder as its eval_seq2seq.py takes them: names ending in "json", sorted."""
+    files = sorted(p for p in Path(folder).iterdir() if p.name.endswith("json") and p.is_file())
+    if not files:
+        raise TaskError(f"{folder}: no decoded files (expected DiffuSeq's seed*.json files, one per decoding seed)")
+    return files
