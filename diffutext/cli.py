@@ -55,6 +55,10 @@ def train(opts: dict[str, Any] = None) -> None:
             overrides[section] = {**values, **overrides[section]}  # flags win over the file
     if opts["max_steps"] is not None and opts["max_minutes"] is None:
         overrides["train"]["max_minutes"] = 0.0  # an explicit step count is the budget: the preset's minutes no longer cut it short
+    if overrides["train"].get("init_from") and not resume:  # post-training keeps the initial run's diffusion but for flags given
+        from .checkpoint import read_config
+
+        overrides["diffusion"] = {**run_guarded(read_config, Path(overrides["train"]["init_from"])).diffusion.__dict__, **overrides["diffusion"]}
     cfg = run_guarded(resolve, preset, overrides)
     from .data.tasks import check_task, is_folder_task
 
@@ -322,6 +326,16 @@ def ablate(opts: dict[str, Any] = None) -> None:
     paths = run_guarded(ablation.write, folder, rows, sigma(first.alpha_bar.cpu()).tolist(), meta)
     keep.clear()
     err.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command("import-diffuseq")
+@o.command(o.IMPORT)
+def import_diffuseq(opts: dict[str, Any] = None) -> None:
+    """Turn a DiffuSeq model folder (training_args.json, ema_*.pt, its vocabulary) into a run folder every command takes."""
+    from .import_diffuseq import import_diffuseq as run_import
+    from .views import imported
+
+    imported(run_guarded(run_import, opts["source"], opts["out_dir"], task=opts["task"], tokenizer=opts["tokenizer"], heads=opts["heads"]))
 
 
 def main() -> None:

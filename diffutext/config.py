@@ -31,6 +31,9 @@ SamplerName = Literal["ddpm", "uniform", "skip", "ddim", "ads"]  # presets of sa
 UpdateName = Literal["ddpm", "ddim"]  # update rules of samplers.UPDATES
 Variance = Literal["large", "small"]  # ancestral variance: DiffuSeq's β′, or the posterior's
 Weights = Literal["ema", "model"]  # which weights of a checkpoint to use
+Arch = Literal["diffutext", "diffuseq"]  # the denoiser: ours (model.py) | DiffuSeq's TransformerNetModel (diffuseq_model.py)
+# how a pair is packed (data/batches.py): [CLS] src [SEP] trg [SEP] | DiffuSeq's [CLS] src [SEP] [SEP] [CLS] trg [SEP]
+Layout = Literal["diffutext", "diffuseq"]
 # DiffuSeq's scripts/eval_seq2seq.py (diffuseq_metrics.py): since 2023-02-14 its get_bleu puts the reference in the
 # reference slot; its first release (2022-11-21) put the output there
 DiffuSeqScript = Literal["2023", "2022"]
@@ -60,6 +63,8 @@ class ModelConfig:
     dropout: float = 0.1
     seq_len: int = 128  # [CLS] src [SEP] trg [SEP] padded to this length
     time_dim: int = 128  # sinusoidal timestep features before the MLP
+    arch: Arch = "diffutext"  # diffuseq: DiffuSeq's network exactly (post-LN BERT blocks, t·1000/T into the sinusoid)
+    layout: Layout = "diffutext"  # the sequence layout the model was trained on (diffuseq: imported DiffuSeq models)
 
 
 @dataclass(frozen=True)

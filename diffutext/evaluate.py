@@ -29,7 +29,7 @@ from .config import SampleConfig
 from .data.batches import pack_one
 from .device import resolve_precision
 from .diffusion import alpha_bar_table
-from .model import Denoiser
+from .model import Denoiser, build_model
 from .pieces import Pieces, fingerprint
 from .samplers import generate, make_sampler
 
@@ -47,7 +47,7 @@ class Loaded:
 def load_model(run_dir: Path, weights: str = "ema", device: torch.device | str = "cpu") -> Loaded:
     """A run's denoiser for decoding: its config, tokenizer and one set of weights (state.pt is never read)."""
     ck = open_run(Path(run_dir))
-    model = Denoiser(ck.config.model)
+    model = build_model(ck.config)
     load_weights(model, ck.weights(weights), str(ck.folder / f"{weights}.safetensors"))
     device = torch.device(device)
     model.to(device).eval()
@@ -67,14 +67,14 @@ class Decoded:
     truncated: int = 0  # sources cut to fit the model's sequence length
 
 
-def _pack_batch(srcs: list[str], vocab, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _pack_batch(srcs: list[str], vocab, seq_len: int, layout: str = "diffutext") -> tuple[torch.Tensor, torch.Tensor, int]:
     """[CLS] src [SEP] + an empty target side, padded: ids and target_mask, (B, L) each, and how many
     sources were truncated."""
     ids = torch.full((len(srcs), seq_len), vocab.pad, dtype=torch.long)
     mask = torch.zeros((len(srcs), seq_len), dtype=torch.bool)
     truncated = 0
     for i, src in enumerate(vocab.encode(srcs)):
-        seq, sep, cut = pack_one(src, None, seq_len, vocab)
+        seq, sep, cut = pack_one(src, None, seq_len, vocab, layout)
         ids[i, :len(seq)] = torch.tensor(seq)
         mask[i, sep + 1:] = True
         truncated += cut
@@ -119,7 +119,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             seconds, truncated, done = seconds + secs, truncated + cut, done + len(stored[0][0]) * cfg.seeds
             emit("progress", {"done": min(done * world, total), "total": total})
             continue
-        ids, mask, cut = _pack_batch(dataset[b * bs:(b + 1) * bs]["src"], vocab, seq_len)
+        ids, mask, cut = _pack_batch(dataset[b * bs:(b + 1) * bs]["src"], vocab, seq_len, ck.config.model.layout)
         truncated += cut
         batch_seconds = 0.0
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)

@@ -100,3 +100,12 @@ class Denoiser(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def build_model(config) -> nn.Module:
+    """The denoiser a RunConfig names (`model.arch`): ours, or DiffuSeq's network (diffuseq_model.py)."""
+    if config.model.arch == "diffuseq":
+        from .diffuseq_model import DiffuSeqDenoiser
+
+        return DiffuSeqDenoiser(config.model, config.diffusion.T)
+    return Denoiser(config.model)

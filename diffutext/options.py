@@ -117,6 +117,16 @@ ABLATE = [  # what `ablate` takes instead of one run, one sampler and one step c
 ]
 
 
+IMPORT = [  # import-diffuseq
+    argument("source", Path, ..., "A DiffuSeq model folder (training_args.json, ema_*.pt) or one of its .pt files."),
+    option("out_dir", Path, ..., "The run folder to write.", "--out"),
+    option("task", Optional[str], None, "The run's task (default: training_args' data_dir, or its dataset when diffutext knows it)."),
+    option("tokenizer", Optional[str], None, "The model's vocabulary when the folder lacks it: a tokenizer.json, vocab.txt, "
+                                             "DiffuSeq vocab.json or bert-base-uncased."),
+    option("heads", Optional[int], None, "Attention heads (default: from config_name's config.json, else width / 64).", min=1),
+]
+
+
 @dataclass(frozen=True)
 class Field:
     """A train flag that sets one config field (`section.name`); `convert` maps the flag's value to the field's."""

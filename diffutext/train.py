@@ -46,7 +46,7 @@ from .device import autocast, resolve_device, resolve_precision
 from .diffusion import alpha_bar_table
 from .lock import run_lock
 from .losses import diffusion_loss, dp_window, draw_noise
-from .model import Denoiser, count_parameters
+from .model import Denoiser, build_model, count_parameters
 from .timesteps import make_timesteps
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -245,6 +245,9 @@ def _start(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, c
         return config, None, True  # killed before its first checkpoint: start it over in place
     if resume:
         prior = ckpt.open_run(run_dir)
+        if "imported_from" in prior.state():
+            raise TrainError(f"--resume: {run_dir} was imported ({prior.state()['imported_from']}) and holds no training state; "
+                             f"start a new run from it with --init-from {run_dir}")
         return resumed_config(prior.config, {k: getattr(config.train, k) for k in LIMITS}), prior, False
 
     def check_fresh() -> None:
@@ -252,6 +255,8 @@ def _start(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, c
             raise TrainError(f"run folder {run_dir} already exists and is not empty; pass --resume to continue it or choose another --out")
 
     dist.main_first(check_fresh, TrainError)
+    if config.train.init_from:  # post-training: the network is the initial run's (its weights need it), whatever the preset says
+        config = replace(config, model=ckpt.read_config(Path(config.train.init_from)).model)
     return config, None, False
 
 
@@ -270,8 +275,9 @@ def _load_data(config: RunConfig, run_dir: Path, resume: bool, emit: Callback) -
     if dist.is_main():
         dist.barrier()
     vocab = tok.from_str(dist.main_first(lambda: prepare_vocab(config, run_dir, resume, train_ds).to_str(), TrainError))
-    seq_len = config.model.seq_len
-    data = Data(pack_split(train_ds, vocab, seq_len), pack_split(valid_ds, vocab, seq_len) if valid_ds is not None else None)
+    seq_len, layout = config.model.seq_len, config.model.layout
+    data = Data(pack_split(train_ds, vocab, seq_len, layout=layout),
+                pack_split(valid_ds, vocab, seq_len, layout=layout) if valid_ds is not None else None)
     return data, vocab, task_source
 
 
@@ -316,7 +322,7 @@ class Trainer:
 
     def _build_models(self, init_from: str) -> tuple[Denoiser, Denoiser]:
         """The denoiser and its EMA copy, from `init_from`'s weights when given (post-training)."""
-        model = Denoiser(self.config.model).to(self.dev)
+        model = build_model(self.config).to(self.dev)
         init = ckpt.open_run(Path(init_from)) if init_from else None
         if init is not None:
             if init.config.model != self.config.model:

@@ -154,3 +154,15 @@ def ablation_table(rows, marks, label: str, split: str, n: int, seeds: int) -> T
             cells.append(f"[bold green]{text}[/]" if (i, key) in marks else text)
         table.add_row(*cells, style="dim" if r["sampler"] == "copy source" else None)
     return table
+
+
+def imported(info: dict[str, Any]) -> None:
+    """What `import-diffuseq` wrote."""
+    m = info["config"].model
+    err.print(f"imported {info['source']} (step {info['step']}, {info['parameters'] / 1e6:.2f}M parameters): DiffuSeq's network, "
+              f"{m.layers} layers × width {m.width}, {m.heads} heads, embedding {m.hidden_dim}, sequence {m.seq_len}, "
+              f"vocabulary {m.vocab_size}, T = {info['config'].diffusion.T} ({info['config'].diffusion.schedule})", markup=False)
+    if info["head_differs"]:
+        err.print("note: the file's lm_head.weight differs from its word_embedding.weight (DiffuSeq's EMA files keep the raw "
+                  "model's head); DiffuSeq samples with lm_head.weight as the tied embedding, and so does this run", markup=False)
+    out.print(f"run folder: {info['run_dir']}")

@@ -86,12 +86,33 @@ def truncate_arrays(n_src: np.ndarray, n_trg: np.ndarray, budget: int) -> tuple[
             np.where(fits, n_trg, np.where(src_longer, keep_short, keep_long)))
 
 
-def pack_one(src: list[int], trg: list[int] | None, seq_len: int, vocab: Vocab) -> tuple[list[int], int, bool]:
-    """One packed sequence (unpadded), the index of the first [SEP], and whether it was truncated.
+def diffuseq_lists(src: list[list[int]], trg: list[list[int]] | None, seq_len: int,
+                   vocab: Vocab) -> tuple[list[list[int]], list[list[int]] | None, list[bool]]:
+    """DiffuSeq's layout `[CLS] src [SEP] [SEP] [CLS] trg [SEP]` (its text_datasets.merge_and_mask) as the inputs of
+    ours: src + [SEP] and [CLS] + trg, truncated here as DiffuSeq truncates ([CLS] src and [CLS] trg, the longer
+    side first, to seq_len − 3 together), so that our packer cuts nothing more. The target mask then starts at
+    the target's [CLS], as DiffuSeq's does. Returns the new lists and, per row, whether it was truncated."""
+    budget = seq_len - 3
+    if trg is None:  # decoding: as if the target were as long as the source
+        keep = [truncate_lengths(len(s) + 1, len(s) + 1, budget)[0] - 1 for s in src]
+        return [s[:k] + [vocab.sep] for s, k in zip(src, keep)], None, [k != len(s) for s, k in zip(src, keep)]
+    kept = [truncate_lengths(len(s) + 1, len(t) + 1, budget) for s, t in zip(src, trg)]
+    new_src = [s[:a - 1] + [vocab.sep] for s, (a, _) in zip(src, kept)]
+    new_trg = [[vocab.cls] + t[:b - 1] for t, (_, b) in zip(trg, kept)]
+    return new_src, new_trg, [(a - 1, b - 1) != (len(s), len(t)) for s, t, (a, b) in zip(src, trg, kept)]
+
+
+def pack_one(src: list[int], trg: list[int] | None, seq_len: int, vocab: Vocab,
+             layout: str = "diffutext") -> tuple[list[int], int, bool]:
+    """One packed sequence (unpadded), the index of the [SEP] that ends the source side, and whether it was truncated.
 
     With trg None (decoding new inputs) the source is truncated as if the target were as long as
-    the source, so the generated side keeps at least half of a full sequence.
+    the source, so the generated side keeps at least half of a full sequence. `layout` "diffuseq": DiffuSeq's.
     """
+    if layout == "diffuseq":
+        new_src, new_trg, cut = diffuseq_lists([src], None if trg is None else [trg], seq_len, vocab)
+        seq, sep, _ = pack_one(new_src[0], None if new_trg is None else new_trg[0], seq_len, vocab)
+        return seq, sep, cut[0]
     if trg is None:
         n_src, _ = truncate_lengths(len(src), len(src), seq_len - 3)
         return [vocab.cls, *src[:n_src], vocab.sep], n_src + 1, n_src != len(src)
@@ -116,11 +137,14 @@ def _place(ids: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, keep: np.nd
 
 
 def pack_arrays(src: list[list[int]], trg: list[list[int]] | None, seq_len: int, vocab: Vocab,
-                ids_out: np.ndarray, mask_out: np.ndarray) -> int:
+                ids_out: np.ndarray, mask_out: np.ndarray, layout: str = "diffutext") -> int:
     """Pack tokenized rows into ids_out / mask_out (each (n, seq_len)); return how many were truncated.
 
     Row for row the same as `pack_one` (trg None: the inference layout, an empty target side).
     """
+    if layout == "diffuseq":
+        src, trg, cut = diffuseq_lists(src, trg, seq_len, vocab)
+        return pack_arrays(src, trg, seq_len, vocab, ids_out, mask_out) + sum(cut)
     n = len(src)
     src_tok, n_src = _flat(src)
     if trg is None:
@@ -147,12 +171,12 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.int16 if vocab_size <= 1 << 15 else np.int32)
 
 
-def _pack_key(dataset, vocab: Vocab, seq_len: int, with_target: bool) -> str | None:
+def _pack_key(dataset, vocab: Vocab, seq_len: int, with_target: bool, layout: str = "diffutext") -> str | None:
     """The cache key of a packed split, or None for a split that lives in memory (not cached)."""
     if not dataset.cache_files:
         return None
     tokenizer = hashlib.sha256(vocab.to_str().encode()).hexdigest()
-    ident = [PACK_FORMAT, dataset._fingerprint, tokenizer, seq_len, with_target]
+    ident = [PACK_FORMAT, dataset._fingerprint, tokenizer, seq_len, with_target] + ([layout] if layout != "diffutext" else [])
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
 
 
@@ -168,17 +192,17 @@ def _open_packed(folder: Path, n: int, seq_len: int) -> Packed | None:
     return Packed(CompactIds(torch.from_numpy(ids)), torch.from_numpy(mask), int(meta["truncated"]))
 
 
-def _fill(dataset, vocab: Vocab, with_target: bool, ids: np.ndarray, mask: np.ndarray) -> int:
+def _fill(dataset, vocab: Vocab, with_target: bool, ids: np.ndarray, mask: np.ndarray, layout: str = "diffutext") -> int:
     truncated = 0
     for start in range(0, len(dataset), CHUNK):
         batch = dataset[start:start + CHUNK]
         stop = start + len(batch["src"])
         trg = vocab.encode(batch["trg"]) if with_target else None
-        truncated += pack_arrays(vocab.encode(batch["src"]), trg, ids.shape[1], vocab, ids[start:stop], mask[start:stop])
+        truncated += pack_arrays(vocab.encode(batch["src"]), trg, ids.shape[1], vocab, ids[start:stop], mask[start:stop], layout)
     return truncated
 
 
-def _pack_cached(dataset, vocab: Vocab, seq_len: int, with_target: bool, folder: Path) -> Packed:
+def _pack_cached(dataset, vocab: Vocab, seq_len: int, with_target: bool, folder: Path, layout: str = "diffutext") -> Packed:
     """The packed split from its cache folder, packing it there first when absent (OSError: cannot)."""
     n = len(dataset)
     cached = _open_packed(folder, n, seq_len) if folder.is_dir() else None
@@ -190,7 +214,7 @@ def _pack_cached(dataset, vocab: Vocab, seq_len: int, with_target: bool, folder:
         tmp.mkdir(parents=True, exist_ok=True)
         ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=id_dtype(vocab.size), shape=(n, seq_len))
         mask = np.lib.format.open_memmap(tmp / "target_mask.npy", mode="w+", dtype=np.bool_, shape=(n, seq_len))
-        truncated = _fill(dataset, vocab, with_target, ids, mask)
+        truncated = _fill(dataset, vocab, with_target, ids, mask, layout)
         ids.flush()
         mask.flush()
         del ids, mask
@@ -211,15 +235,16 @@ def _pack_cached(dataset, vocab: Vocab, seq_len: int, with_target: bool, folder:
     return packed
 
 
-def pack_split(dataset, vocab: Vocab, seq_len: int, with_target: bool = True) -> Packed:
-    """Tokenise a Dataset with columns src/trg and pack it; with_target=False leaves the target side empty."""
-    key = _pack_key(dataset, vocab, seq_len, with_target)
+def pack_split(dataset, vocab: Vocab, seq_len: int, with_target: bool = True, layout: str = "diffutext") -> Packed:
+    """Tokenise a Dataset with columns src/trg and pack it; with_target=False leaves the target side empty;
+    `layout` "diffuseq": DiffuSeq's sequence layout (`diffuseq_lists`)."""
+    key = _pack_key(dataset, vocab, seq_len, with_target, layout)
     if key is not None:
         try:
-            return _pack_cached(dataset, vocab, seq_len, with_target, store.cache_dir() / f"packed-{key}")
+            return _pack_cached(dataset, vocab, seq_len, with_target, store.cache_dir() / f"packed-{key}", layout)
         except OSError:
             pass  # an unwritable cache folder: pack in memory
     ids = np.empty((len(dataset), seq_len), id_dtype(vocab.size))
     mask = np.empty((len(dataset), seq_len), np.bool_)
-    truncated = _fill(dataset, vocab, with_target, ids, mask)
+    truncated = _fill(dataset, vocab, with_target, ids, mask, layout)
     return Packed(CompactIds(torch.from_numpy(ids)), torch.from_numpy(mask), truncated)

@@ -167,3 +167,22 @@ def _wrap(tok: Tokenizer, where: str) -> Vocab:
     if missing:
         raise TokenizerError(f"{where}: vocabulary lacks the special token(s) {', '.join(missing)}")
     return Vocab(tok, pad=ids["[PAD]"], cls=ids["[CLS]"], sep=ids["[SEP]"])
+
+
+def from_diffuseq_vocab(vocab: dict[str, int], where: str) -> Vocab:
+    """DiffuSeq's own vocabulary (the `vocab.json` its training writes for a `--vocab FILE`): whitespace tokens,
+    [START] 0, [END] 1, [UNK] 2, [PAD] 3, then the file's words; decoding joins the words with spaces and removes
+    "@@ " and "__ " as its decode_token does. [START] and [END] are named [CLS] and [SEP] here (same ids)."""
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+        raise TokenizerError(f"{where}: expected DiffuSeq's vocab.json, a JSON object of token -> id")
+    if [vocab.get(k) for k in ("[START]", "[END]", "[UNK]", "[PAD]")] != [0, 1, 2, 3]:
+        raise TokenizerError(f"{where}: not DiffuSeq's vocab.json (expected [START] 0, [END] 1, [UNK] 2, [PAD] 3)")
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise TokenizerError(f"{where}: the ids of the vocabulary are not 0..{len(vocab) - 1}")
+    names = {"[START]": "[CLS]", "[END]": "[SEP]"}
+    tok = Tokenizer(models.WordLevel({names.get(k, k): v for k, v in vocab.items()}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse(),
+                                     decoders.Replace("__ ", ""), decoders.Replace("@@ ", "")])
+    tok.add_special_tokens(["[CLS]", "[SEP]", "[PAD]"])
+    return _wrap(tok, where)
