@@ -27,7 +27,7 @@ from .samplers import make_sampler
 
 Callback = Callable[[str, dict[str, Any]], None]
 
-SAMPLER_ORDER = ("ddpm", "skip", "uniform", "ddim", "ads")
+SAMPLER_ORDER = ("ddpm", "skip", "uniform", "ddim", "ads", "dpm++")
 # column -> whether higher is better (None: no "best")
 COLUMNS = {"sacrebleu": True, "sentence_bleu": True, "diffuseq_bleu": True, "rouge_l": True, "dist_1": True, "self_bleu": False,
            "avg_len": None, "seconds": False, "sentences_per_s": True, "speedup": True}

@@ -1,9 +1,10 @@
 """Samplers: a timestep schedule times an update rule, walked by one loop (PAPER.md §4).
 
 A schedule `(T, n) -> LongTensor` gives the visited timesteps, strictly descending from T−1.
-An update `(z_t, x0_hat, abar_t, abar_prev, generator) -> z_prev` moves the sample from the
+An update `(z_t, x0_hat, abar_t, abar_prev, generator, state) -> z_prev` moves the sample from the
 noise level of one visited timestep to the next (`abar_prev = 1` after the last, so a respaced
-update then returns x0_hat). `generate` walks the explicit (t, ᾱ_t, ᾱ_prev) triples: predict
+update then returns x0_hat); `state` (a `ChainState`, one per chain) is what a multistep update
+such as DPM-Solver++ keeps between steps, and the one-step updates ignore it. `generate` walks the explicit (t, ᾱ_t, ᾱ_prev) triples: predict
 x0_hat, optionally snap it to the nearest word embedding (one matrix product), update, and
 re-impose the source. Adding a sampler is one function and one entry in SAMPLERS.
 
@@ -102,7 +103,7 @@ def _noise(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
 
 
-def ddpm_update(z_t, x0_hat, abar_t: float, abar_prev: float, generator=None, variance: str = "large"):
+def ddpm_update(z_t, x0_hat, abar_t: float, abar_prev: float, generator=None, variance: str = "large", state=None):
     """Ancestral step of the respaced chain: β′ = 1 − ᾱ_t/ᾱ_prev, posterior mean, variance β′ ("large",
     DiffuSeq) or the posterior variance β′(1 − ᾱ_prev)/(1 − ᾱ_t) ("small")."""
     beta = 1.0 - abar_t / abar_prev
@@ -113,7 +114,7 @@ def ddpm_update(z_t, x0_hat, abar_t: float, abar_prev: float, generator=None, va
     return mean + math.sqrt(var) * _noise(z_t, generator)
 
 
-def ddim_update(z_t, x0_hat, abar_t: float, abar_prev: float, generator=None, eta: float = 0.0):
+def ddim_update(z_t, x0_hat, abar_t: float, abar_prev: float, generator=None, eta: float = 0.0, state=None):
     """DDIM (Song et al. 2021, eq. 12) from ᾱ_t to ᾱ_prev with stochasticity η."""
     eps = (z_t - math.sqrt(abar_t) * x0_hat) / math.sqrt(1 - abar_t)
     s2 = eta**2 * (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
@@ -121,6 +122,38 @@ def ddim_update(z_t, x0_hat, abar_t: float, abar_prev: float, generator=None, et
     if s2 > 0:
         out = out + math.sqrt(s2) * _noise(z_t, generator)
     return out
+
+
+@dataclass
+class ChainState:
+    """What a multistep update carries from one step of a chain to the next; `denoise` makes one per chain and
+    hands it to every update (the one-step updates ignore it)."""
+
+    x0_hat: torch.Tensor | None = None  # the previous step's prediction
+    h: float | None = None  # the previous step's λ_prev − λ_t
+
+
+def _lam(abar: float) -> float:
+    """λ = log(√ᾱ/σ), half the log signal-to-noise ratio."""
+    return 0.5 * (math.log(abar) - math.log1p(-abar))
+
+
+def dpmpp_update(z_t, x0_hat, abar_t: float, abar_prev: float, generator=None, state: ChainState | None = None):
+    """DPM-Solver++(2M) (Lu et al. 2022: multistep, second order, data prediction; PAPER.md §7), the fast sampler of
+    DiffuSeq-v2. With h = λ_prev − λ_t: z_prev = (σ_prev/σ_t)·z_t − √ᾱ_prev·(e^−h − 1)·D, where D = x0_hat on the
+    first step and D = (1 + 1/(2r))·x0_hat − 1/(2r)·x0_hat_last, r = h_last/h, after it. The last respaced step
+    (ᾱ_prev = 1, λ_prev = ∞) returns x0_hat: the second-order term has no limit there, and first order is what
+    DPM-Solver does when it denoises to zero. Deterministic: the generator is not used."""
+    if abar_prev >= 1.0:
+        return x0_hat
+    h = _lam(abar_prev) - _lam(abar_t)
+    d = x0_hat
+    if state is not None and state.x0_hat is not None:
+        k = 0.5 * h / state.h  # 1/(2r), r = h_last/h
+        d = (1 + k) * x0_hat - k * state.x0_hat
+    if state is not None:
+        state.x0_hat, state.h = x0_hat, h
+    return math.sqrt((1 - abar_prev) / (1 - abar_t)) * z_t - (math.sqrt(abar_prev) * math.expm1(-h)) * d
 
 
 # ---- samplers ----
@@ -154,8 +187,9 @@ SAMPLERS: dict[SamplerName, Sampler] = {
     "skip": Sampler(every_kth, ddim_update, respaced=False),
     "ddim": Sampler(uniform, ddim_update),
     "ads": Sampler(adaptive_decay, ddpm_update),
+    "dpm++": Sampler(uniform, dpmpp_update),  # DiffuSeq-v2's solver on a time-uniform schedule (it runs 10 steps)
 }
-UPDATES: dict[UpdateName, Callable] = {"ddpm": ddpm_update, "ddim": ddim_update}
+UPDATES: dict[UpdateName, Callable] = {"ddpm": ddpm_update, "ddim": ddim_update, "dpmpp": dpmpp_update}
 assert tuple(SAMPLERS) == get_args(SamplerName) and tuple(UPDATES) == get_args(UpdateName)
 
 
@@ -170,7 +204,7 @@ def make_sampler(name: SamplerName, update: UpdateName | None = None, variance: 
     base = SAMPLERS[name]
     schedule = partial(adaptive_decay, shares=tuple(ads_shares)) if (ads_shares and base.schedule is adaptive_decay) else base.schedule
     rule = base.update if update is None else UPDATES[update]
-    bound = partial(rule, variance=variance) if rule is ddpm_update else partial(rule, eta=eta)
+    bound = partial(rule, variance=variance) if rule is ddpm_update else partial(rule, eta=eta) if rule is ddim_update else rule
     return Sampler(schedule, bound, base.respaced)
 
 
@@ -218,6 +252,7 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     target_rows = target_mask.reshape(-1).nonzero().squeeze(1)  # once per batch, not per step
     z = torch.where(mask, _noise(x_src, generator), x_src)
     t_vec = torch.empty(ids.shape[0], dtype=torch.long, device=ids.device)
+    state = ChainState()  # what a multistep update (dpm++) keeps between steps
     for i, (t, abar_t, abar_prev) in enumerate(sampler.triples(alpha_bar, steps)):
         with autocast(ids.device, precision):
             x0_hat = model(z, t_vec.fill_(t))
@@ -226,7 +261,7 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
             flat = x0_hat.reshape(-1, x0_hat.shape[-1])
             picked = nearest_indices(flat.index_select(0, target_rows), weight_t, neg_half_sq_norm)
             flat.index_copy_(0, target_rows, weight.index_select(0, picked))
-        z = torch.where(mask, sampler.update(z, x0_hat, abar_t, abar_prev, generator), x_src)
+        z = torch.where(mask, sampler.update(z, x0_hat, abar_t, abar_prev, generator, state=state), x_src)
         if callback is not None:
             callback(i, t)
     return z

@@ -126,3 +126,46 @@ def test_unknown_options_are_rejected():
         make_sampler("ads", update="euler")
     with pytest.raises(ValueError):
         make_sampler("ads", variance="medium")
+
+
+def test_dpmpp_first_step_is_ddim_and_the_last_returns_x0_hat():
+    """DPM-Solver++'s first-order step equals DDIM with η = 0: (σ′/σ)·z − √ᾱ′·(e^−h − 1)·x0 with e^−h = (√ᾱ σ′)/(σ √ᾱ′)
+    is √ᾱ′·x0 + σ′·(z − √ᾱ·x0)/σ. Its last respaced step (ᾱ′ = 1) returns x0_hat."""
+    from diffutext.samplers import ChainState, dpmpp_update
+
+    z, x0 = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    for abar_t, abar_prev in [(0.2, 0.5), (0.01, 0.9), (0.6, 0.61)]:
+        assert torch.allclose(dpmpp_update(z, x0, abar_t, abar_prev, state=ChainState()), ddim_update(z, x0, abar_t, abar_prev), atol=1e-6)
+    assert torch.equal(dpmpp_update(z, x0, 0.98, 1.0, state=ChainState(x0_hat=z, h=0.3)), x0)
+
+
+@pytest.mark.parametrize("name,steps,update", [("dpm++", 10, None), ("dpm++", 20, None), ("ads", 20, "dpmpp")])
+def test_dpmpp_chain_follows_its_formulas(name, steps, update):
+    """The whole multistep chain against PAPER.md §7 written out here: λ = log(√ᾱ/σ), h = λ_prev − λ_t, D = x0_hat on
+    the first step, then (1 + 1/(2r))·x0_hat − 1/(2r)·x0_hat_last with r = h_last/h; the last step returns x0_hat."""
+    ids = torch.tensor([[0, 1, 2, 3, 4, 5], [6, 5, 4, 3, 2, 1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    sampler = make_sampler(name, update=update)
+    model, g = Dummy(), torch.Generator().manual_seed(0)
+    got = denoise(model, AB, sampler, steps, ids, mask, clamp=False, generator=g)
+    one_draw = torch.Generator().manual_seed(0)
+    x_src = model.embed(ids)
+    z = torch.where(mask[..., None], torch.randn(x_src.shape, generator=one_draw), x_src)
+    assert torch.equal(g.get_state(), one_draw.get_state())  # deterministic after z_T
+    ab, ts = AB.double().tolist(), sampler.timesteps(2000, steps).tolist()
+    lam = lambda a: math.log(math.sqrt(a) / math.sqrt(1 - a))
+    last = None
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            x0 = model(z, torch.full((2,), t))
+            if i == len(ts) - 1:
+                new = x0
+            else:
+                a_t, a_p = ab[t], ab[ts[i + 1]]
+                h = lam(a_p) - lam(a_t)
+                d = x0 if last is None else (1 + 1 / (2 * (last[1] / h))) * x0 - 1 / (2 * (last[1] / h)) * last[0]
+                new = math.sqrt(1 - a_p) / math.sqrt(1 - a_t) * z - math.sqrt(a_p) * (math.exp(-h) - 1) * d
+                last = (x0, h)
+            z = torch.where(mask[..., None], new, x_src)
+    assert torch.allclose(got, z, atol=1e-5)
+    assert not torch.allclose(got, run("ads" if update else "ddim", steps)[0], atol=1e-3)  # not the one-step rule it starts as
