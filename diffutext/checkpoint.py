@@ -311,6 +311,21 @@ def read_config(run_dir: Path) -> RunConfig:
     return config
 
 
+def locate(path: Path, step: int | None = None) -> tuple[Path, int | None]:
+    """(run folder, step) of a `--checkpoint`: a run folder (its newest checkpoint, or the one of `step`), or one of
+    its checkpoint folders, RUN/checkpoints/step-N."""
+    path = Path(path)
+    if path.parent.name != CHECKPOINTS or not path.name.startswith("step-"):
+        return path, step
+    try:
+        n = int(path.name[len("step-"):])
+    except ValueError:
+        raise CheckpointError(f"{path}: not a checkpoint folder name (expected step-<N>)") from None
+    if step is not None and step != n:
+        raise CheckpointError(f"--step {step} and --checkpoint {path} name different checkpoints; give one of them")
+    return path.parent.parent, n  # step-100 finds step-00000100 too
+
+
 def open_run(run_dir: Path, step: int | None = None) -> Checkpoint:
     """The newest (or given) valid checkpoint of a run folder, with its config and tokenizer."""
     run_dir = Path(run_dir)
@@ -335,7 +350,9 @@ def open_run(run_dir: Path, step: int | None = None) -> Checkpoint:
     if step is not None:
         ckpts = [c for c in ckpts if c.name == f"step-{step:08d}"]
     if not ckpts:
-        raise CheckpointError(f"{run_dir}: no complete checkpoint{'' if step is None else f' at step {step}'} (missing manifest.json)")
+        steps = ", ".join(str(int(c.name[5:])) for c in list_checkpoints(run_dir)) if step is not None else ""
+        raise CheckpointError(f"{run_dir}: no complete checkpoint{'' if step is None else f' at step {step}'} (missing manifest.json)"
+                              + (f"; its checkpoints: steps {steps}" if steps else ""))
     folder = ckpts[-1]
     manifest = _read_json(folder / "manifest.json")
     files = manifest.get("files")

@@ -118,7 +118,7 @@ def _train(cfg, run_dir: Path, opts: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- sample, evaluate, ablate
 
-def _open(checkpoint: Optional[Path], weights: str, device: str):
+def _open(checkpoint: Optional[Path], weights: str, device: str, step: Optional[int] = None):
     from .checkpoint import newest_run
     from .device import resolve_device
     from .distributed import setup
@@ -126,7 +126,7 @@ def _open(checkpoint: Optional[Path], weights: str, device: str):
 
     run_dir = checkpoint if checkpoint is not None else run_guarded(newest_run, RUNS_DIR)
     dev = setup(run_guarded(resolve_device, device))  # under torchrun: join the group, one GPU per rank
-    return run_guarded(load_model, run_dir, weights, dev)
+    return run_guarded(load_model, run_dir, weights, dev, step)
 
 
 def _inputs(loaded, opts: dict[str, Any]):
@@ -220,7 +220,7 @@ def sample(opts: dict[str, Any] = None) -> None:
     from .views import examples, metrics_table
 
     cfg = o.sample_config(opts)
-    loaded = _open(opts["checkpoint"], cfg.weights, opts["device"])
+    loaded = _open(opts["checkpoint"], cfg.weights, opts["device"], opts["step"])
     text, out_file, show = opts["text"], opts["out_file"], opts["show"]
     ds = _inputs(loaded, opts)
     keep = _partial(out_file)
@@ -258,7 +258,7 @@ def evaluate(opts: dict[str, Any] = None) -> None:
         from .evaluate import scores
 
         cfg = o.sample_config(opts)
-        loaded = _open(opts["checkpoint"], cfg.weights, opts["device"])
+        loaded = _open(opts["checkpoint"], cfg.weights, opts["device"], opts["step"])
         ds = _inputs(loaded, opts)
         refs = references(ds)
         if not all(refs):
@@ -295,7 +295,7 @@ def ablate(opts: dict[str, Any] = None) -> None:
     from .views import ablation_table
 
     base = o.sample_config(opts)
-    opened = [(str(c) if c is not None else None, _open(c, base.weights, opts["device"])) for c in (opts["checkpoints"] or [None])]
+    opened = [(str(c) if c is not None else None, _open(c, base.weights, opts["device"], opts["step"])) for c in (opts["checkpoints"] or [None])]
     opened = [(label or str(run.checkpoint.run_dir), run) for label, run in opened]
     first = opened[0][1]
     T = first.checkpoint.config.diffusion.T

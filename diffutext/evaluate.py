@@ -24,7 +24,7 @@ import torch
 
 from . import diffuseq_metrics, metrics
 from . import distributed as dist
-from .checkpoint import Checkpoint, load_weights, open_run
+from .checkpoint import Checkpoint, load_weights, locate, open_run
 from .config import SampleConfig
 from .data.batches import pack_one
 from .device import resolve_precision
@@ -44,9 +44,10 @@ class Loaded:
     device: torch.device
 
 
-def load_model(run_dir: Path, weights: str = "ema", device: torch.device | str = "cpu") -> Loaded:
-    """A run's denoiser for decoding: its config, tokenizer and one set of weights (state.pt is never read)."""
-    ck = open_run(Path(run_dir))
+def load_model(run_dir: Path, weights: str = "ema", device: torch.device | str = "cpu", step: int | None = None) -> Loaded:
+    """A run's denoiser for decoding: its config, tokenizer and one set of weights (state.pt is never read). `run_dir` is a
+    run folder (its newest checkpoint, or that of `step`) or one checkpoint folder of it, RUN/checkpoints/step-N."""
+    ck = open_run(*locate(Path(run_dir), step))
     model = build_model(ck.config)
     load_weights(model, ck.weights(weights), str(ck.folder / f"{weights}.safetensors"))
     device = torch.device(device)

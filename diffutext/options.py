@@ -76,12 +76,14 @@ SAMPLING = [  # how the chain runs: every field of SampleConfig but the sampler 
     _sample_option("precision", "Denoiser autocast: auto (bf16 where the device has native bf16, else fp32), fp32, bf16 "
                                 "or fp16; the chain stays float32."),
 ]
-CHECKPOINT = option("checkpoint", Optional[Path], None, "Run folder (default: the newest under runs/).", "--checkpoint")
+CHECKPOINT = option("checkpoint", Optional[Path], None, "Run folder (default: the newest under runs/), or one of its "
+                                                        "checkpoint folders RUN/checkpoints/step-N.", "--checkpoint")
+STEP = option("step", Optional[int], None, "Use the run's checkpoint of this step (default: its newest).", min=0)
 SPLIT = option("split", Split, "test", "Split of the run's task to decode.")
 INPUT = option("input_file", Optional[Path], None, "A jsonl file of {\"src\": ...} (trg optional) to decode.", "--input")
 LIMIT = option("limit", Optional[int], None, "Decode only the first N inputs.", min=1)
 DEVICE = option("device", str, "auto", "auto, cpu or cuda.")
-INPUTS = [CHECKPOINT, SPLIT, INPUT, LIMIT]
+INPUTS = [CHECKPOINT, STEP, SPLIT, INPUT, LIMIT]
 
 
 def sample_config(opts: dict[str, Any], **given) -> SampleConfig:
@@ -106,7 +108,9 @@ EVALUATE = [
                                                      "2023 (reference in get_bleu's reference slot) or 2022 (its first release: the output there)."),
 ]
 ABLATE = [  # what `ablate` takes instead of one run, one sampler and one step count
-    option("checkpoints", Optional[list[Path]], None, "Run folder; repeat to compare runs (default: the newest).", "--checkpoint"),
+    option("checkpoints", Optional[list[Path]], None, "Run folder or checkpoint folder RUN/checkpoints/step-N; repeat to compare "
+                                                      "runs or checkpoints of one run (default: the newest run).", "--checkpoint"),
+    STEP,
     option("samplers", str, ",".join(choices(SamplerName)), "Comma-separated samplers (ddpm runs once at the full T).", "--sampler",
            callback=_comma_list("--sampler", str, lambda x: x in choices(SamplerName),
                                 f"a comma-separated list of {', '.join(choices(SamplerName))}")),

@@ -165,3 +165,19 @@ def test_an_explicit_step_count_replaces_the_presets_minutes(tmp_path, small_tas
     stored = lambda run: json.loads((tmp_path / run / "config.json").read_text())["train"]
     assert stored("a")["max_minutes"] == 0.0 and stored("a")["max_steps"] == 2
     assert stored("b")["max_minutes"] == 3.0
+
+
+def test_checkpoints_of_one_run_side_by_side(tiny_run, tmp_path):
+    """--checkpoint RUN/checkpoints/step-N (zero-padded or not) or --step N picks one checkpoint; ablate compares two."""
+    out_dir = tmp_path / "grid"
+    first, second = tiny_run / "checkpoints" / "step-10", tiny_run / "checkpoints" / "step-00000020"
+    result = invoke("ablate", "--checkpoint", first, "--checkpoint", second, "--sampler", "uniform", "--steps", 4, "--limit", 2,
+                    "--device", "cpu", "--out", out_dir)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out_dir / "results.json").read_text())["rows"]
+    assert [(r["checkpoint"], r["step"], r["sampler"]) for r in rows] == [
+        (str(first), 10, "uniform"), (str(first), 10, "copy source"), (str(second), 20, "uniform"), (str(second), 20, "copy source")]
+    result = invoke("sample", "--checkpoint", tiny_run, "--step", 10, "--steps", 4, "--limit", 1, "--device", "cpu")
+    assert result.exit_code == 0 and "(step 10," in result.output, result.output
+    assert_one_line_error(invoke("sample", "--checkpoint", tiny_run, "--step", 15, "--device", "cpu"), "steps 10, 20")
+    assert_one_line_error(invoke("evaluate", "--checkpoint", first, "--step", 20, "--device", "cpu"), "different checkpoints")
