@@ -27,6 +27,9 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]  # autocast (device.py); aut
 TokenizerType = Literal["bpe", "wordpiece"]  # the tokenizer trained when none is given (data/tokenizer.py)
 Split = Literal["train", "valid", "test"]
 Partner = Literal["forward", "reverse"]  # how the Distance Penalty's partner input is made (losses.py)
+# the partner window at the ends of [0, T−1] (losses.dp_window): diffutext draws up to the end; the reference code's
+# partner map leaves a side empty once its window reaches T−1 (upward) or 0 (downward)
+WindowEnds = Literal["diffutext", "reference"]
 SamplerName = Literal["ddpm", "uniform", "skip", "ddim", "ads", "dpm++"]  # presets of samplers.SAMPLERS
 UpdateName = Literal["ddpm", "ddim", "dpmpp"]  # update rules of samplers.UPDATES
 Variance = Literal["large", "small"]  # ancestral variance: DiffuSeq's β′, or the posterior's
@@ -105,6 +108,7 @@ class TrainConfig:
     distance_penalty: float = 0.0  # λ of PAPER.md §3 (0: the base DiffuSeq loss)
     dp_window: float = 0.05  # δ of PAPER.md §3
     dp_partner: Partner = "forward"  # forward (reference code) | reverse (paper wording)
+    dp_window_ends: WindowEnds = "diffutext"  # reference: no partner on a side whose window reaches T−1 or 0
     init_from: str = ""  # a run folder whose weights start this run (post-training)
 
 

