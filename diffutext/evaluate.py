@@ -112,6 +112,8 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
     generator = torch.Generator(device=loaded.device)
     precision = resolve_precision(cfg.precision, loaded.device)
     whole = identity(loaded, cfg, precision, list(dataset["src"])) if keep is not None else None
+    n_steps = len(timesteps)
+    on_step = lambda i, t: emit("step", {"done": i + 1, "total": n_steps, "t": t})  # host numbers: no device sync
     for b in range(rank, -(-n // bs), world):
         key = fingerprint(whole, b) if keep is not None else ""
         stored = keep.get(key) if keep is not None else None
@@ -129,7 +131,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             generator.manual_seed(batch_seed(cfg.seed + k, b))
             t0 = time.perf_counter()
             out = generate(model, loaded.alpha_bar, sampler, cfg.steps, ids, mask, clamp=cfg.clamp, generator=generator,
-                           precision=precision)
+                           precision=precision, callback=on_step)
             out = out.cpu()  # one sync per batch
             batch_seconds += time.perf_counter() - t0
             per_seed.append(_to_text(out, mask.cpu(), vocab))

@@ -76,11 +76,14 @@ class TrainView:
 
 
 class DecodeView:
-    """Renders decoding events: a transient progress bar on a terminal, a line per ablation cell."""
+    """Renders decoding events: transient progress bars on a terminal (sentences, and the denoising steps of the
+    chain in hand: a 2000-step chain takes minutes), a line per ablation cell."""
 
     def __init__(self, label: str):
-        self.progress = _progress(label, transient=True)
-        self.task = None
+        from rich.progress import TextColumn
+
+        self.progress = _progress(label, TextColumn("{task.description}"), transient=True)
+        self.task = self.chain = None
 
     def __enter__(self):
         self.progress.__enter__()
@@ -92,11 +95,16 @@ class DecodeView:
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         if event == "progress":
             if self.task is None:
-                self.task = self.progress.add_task("decode", total=info["total"])
+                self.task = self.progress.add_task("sentences", total=info["total"])
             self.progress.update(self.task, completed=info["done"], total=info["total"])
+        elif event == "step":
+            if self.chain is None:
+                self.chain = self.progress.add_task("denoising steps", total=info["total"])
+            self.progress.update(self.chain, completed=info["done"], total=info["total"])
         elif event == "cell":
-            if self.task is not None:
-                self.progress.update(self.task, completed=0)
+            for task in (self.task, self.chain):
+                if task is not None:
+                    self.progress.update(task, completed=0)
             err.print(f"{info['sampler']} × {info['steps']} steps")
 
 

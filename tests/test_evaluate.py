@@ -14,3 +14,28 @@ def test_special_tokens_are_dropped_not_cut_at():
     mask = [False] * (len(src) + 2) + [True] * (len(row) - len(src) - 2)
     text = _to_text(torch.tensor([row]), torch.tensor([mask]), vocab)
     assert text == ["the cat sat a dog ran"]  # the source side is never part of the output
+
+
+def test_decode_reports_every_denoising_step_to_the_view(tiny_run):
+    """decode emits one "step" event per denoising step of every chain (K seeds × batches), in order, and DecodeView
+    shows them as a progress row of its own."""
+    import datasets
+
+    from diffutext.config import SampleConfig
+    from diffutext.evaluate import decode, load_model
+    from diffutext.views import DecodeView
+
+    events = []
+    ds = datasets.Dataset.from_dict({"src": ["In the beginning", "And God said", "Let there be light"], "trg": ["a", "b", "c"]})
+    cfg = SampleConfig(sampler="ads", steps=5, seeds=2, batch_size=2)
+    with DecodeView("test") as view:
+        def record(event, info):
+            events.append((event, info))
+            view(event, info)
+
+        decode(load_model(tiny_run), ds, cfg, record)
+        chain = view.progress.tasks[view.chain]
+    steps = [info["done"] for event, info in events if event == "step"]
+    assert steps == [1, 2, 3, 4, 5] * 4  # 2 batches × 2 seeds
+    assert [info["t"] for event, info in events if event == "step"][:5] == [1999, 1334, 1000, 667, 0]  # ADS-5, PAPER.md §4
+    assert chain.description == "denoising steps" and chain.completed == 5 and chain.total == 5
