@@ -56,9 +56,8 @@ def train(opts: dict[str, Any] = None) -> None:
     if opts["max_steps"] is not None and opts["max_minutes"] is None:
         overrides["train"]["max_minutes"] = 0.0  # an explicit step count is the budget: the preset's minutes no longer cut it short
     if overrides["train"].get("init_from") and not resume:  # post-training keeps the initial run's diffusion but for flags given
-        from .checkpoint import read_config
-
-        overrides["diffusion"] = {**run_guarded(read_config, Path(overrides["train"]["init_from"])).diffusion.__dict__, **overrides["diffusion"]}
+        from .train import post_training_diffusion
+        overrides["diffusion"] = run_guarded(post_training_diffusion, overrides["train"]["init_from"], overrides["diffusion"])
     cfg = run_guarded(resolve, preset, overrides)
     from .data.tasks import check_task, is_folder_task
 
@@ -244,19 +243,17 @@ def sample(opts: dict[str, Any] = None) -> None:
 @o.command(o.EVALUATE, o.SAMPLER, o.INPUTS, o.SAMPLING, [o.DEVICE])
 def evaluate(opts: dict[str, Any] = None) -> None:
     """Score predictions (a file, DiffuSeq's decoded files) or a run decoded on the spot: the standard metrics and DiffuSeq's set."""
-    predictions, json_file, bertscore_model = opts["predictions"], opts["json_file"], opts["bertscore_model"]
-    script = opts["diffuseq_script"]
-    if predictions is not None:
-        from .evaluate import score_predictions
+    from .data.tasks import references
+    from .evaluate import score_predictions, scores
+    from .views import metrics_table
 
+    predictions, json_file, bertscore_model, script = opts["predictions"], opts["json_file"], opts["bertscore_model"], opts["diffuseq_script"]
+    if predictions is not None:
         if bertscore_model is not None and predictions.is_dir() and not opts["mbr"]:
             fail("--bertscore-model scores one output per source: give --mbr with a folder of DiffuSeq seed files")
         title, result, hyps, refs = run_guarded(score_predictions, predictions, opts["mbr"], script)
         extra: dict[str, Any] = {"predictions": str(predictions)}
     else:
-        from .data.tasks import references
-        from .evaluate import scores
-
         cfg = o.sample_config(opts)
         loaded = _open(opts["checkpoint"], cfg.weights, opts["device"], opts["step"])
         ds = _inputs(loaded, opts)
@@ -275,8 +272,6 @@ def evaluate(opts: dict[str, Any] = None) -> None:
 
         f1, label = run_guarded(bertscore, hyps, refs, bertscore_model)
         result.update({"bertscore_f1": f1, "bertscore_model": label})
-    from .views import metrics_table
-
     out.print(metrics_table(title, result))
     if json_file is not None:
         _write(json_file, json.dumps({**extra, **result}, indent=2) + "\n")
@@ -332,10 +327,9 @@ def ablate(opts: dict[str, Any] = None) -> None:
 @o.command(o.IMPORT)
 def import_diffuseq(opts: dict[str, Any] = None) -> None:
     """Turn a DiffuSeq model folder (training_args.json, ema_*.pt, its vocabulary) into a run folder every command takes."""
-    from .import_diffuseq import import_diffuseq as run_import
-    from .views import imported
-
-    imported(run_guarded(run_import, opts["source"], opts["out_dir"], task=opts["task"], tokenizer=opts["tokenizer"], heads=opts["heads"]))
+    from . import import_diffuseq as imp, views
+    views.imported(run_guarded(imp.import_diffuseq, opts["source"], opts["out_dir"], task=opts["task"], tokenizer=opts["tokenizer"],
+                               heads=opts["heads"]))
 
 
 def main() -> None:

@@ -57,6 +57,11 @@ class TrainError(ValueError):
     """Bad training input (run folder, resume, init run); one clear line."""
 
 
+def post_training_diffusion(init_from: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The diffusion fields of a run started from `init_from`'s weights: the initial run's, but for those `given`."""
+    return {**ckpt.read_config(Path(init_from)).diffusion.__dict__, **given}
+
+
 def resumed_config(stored: RunConfig, limits: dict[str, Any]) -> RunConfig:
     """A resumed run keeps its stored config; only its step and time limits may be given again."""
     return replace(stored, train=replace(stored.train, **{k: v for k, v in limits.items() if k in LIMITS}))
