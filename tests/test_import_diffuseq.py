@@ -136,6 +136,13 @@ def test_imported_run_samples_and_post_trains_from_the_command_line(diffuseq_fol
     result = invoke("sample", "--checkpoint", run, "--sampler", "ads", "--steps", 20, "--limit", 3, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "ads-20 steps on 3 sentences" in result.output and "DiffuSeq's eval_seq2seq.py" in " ".join(result.output.split())
+    grid = tmp_path / "grid"
+    result = invoke("ablate", "--checkpoint", run, "--sampler", "ddpm,uniform,skip,ddim,ads,dpm++", "--steps", 5, "--limit", 2,
+                    "--device", "cpu", "--out", grid)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((grid / "results.json").read_text())["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows][:-1] == [("ddpm", T), ("uniform", 5), ("skip", 5), ("ddim", 5), ("ads", 5), ("dpm++", 5)]
+    assert invoke("evaluate", "--checkpoint", run, "--steps", 5, "--limit", 2, "--device", "cpu").exit_code == 0
     post = tmp_path / "post"
     result = invoke("train", "--init-from", run, "--distance-penalty", 2, "--preset", "tiny", "--max-steps", 2, "--task", small_task,
                     "--out", post, "--device", "cpu")
@@ -176,3 +183,19 @@ def test_a_pickle_that_is_not_a_state_dict_is_refused_and_never_runs(diffuseq_fo
     assert not marker.exists() and not (tmp_path / "run").exists()
     torch.save({"step": 3}, bad / "ema_0.9999_000100.pt")  # a plain pickle, but not of tensors
     assert_one_line_error(invoke("import-diffuseq", bad, "--out", tmp_path / "run"), "expected a state dict")
+
+
+def test_a_diffuseq_v2_mean_embedding_needs_the_absorbing_state(diffuseq_folder, tmp_path):
+    folder, ref, _ = diffuseq_folder
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    for name in ("training_args.json", "vocab.json"):
+        (v2 / name).write_text((folder / name).read_text())
+    torch.save({**ref.state_dict(), "mean_embed": torch.zeros(HIDDEN)}, v2 / "ema_0.9999_000100.pt")
+    from diffutext.config import ModelConfig
+
+    if hasattr(ModelConfig(), "absorbing"):  # the quality options' absorbing state is there: it is imported as mask_state
+        assert invoke("import-diffuseq", v2, "--out", tmp_path / "run").exit_code == 0
+        assert torch.equal(load_model(tmp_path / "run").model.mask_state, torch.zeros(HIDDEN))
+    else:
+        assert_one_line_error(invoke("import-diffuseq", v2, "--out", tmp_path / "run"), "absorbing-state option")
