@@ -248,7 +248,6 @@ class _TiedNLL(torch.autograd.Function):
             with torch.autocast(xc.device.type, enabled=False):
                 shift = lse.to(xc.dtype)  # σ = the log-sum-exp, rounded: every shifted logit ≤ about 0
                 wa, xa = _augmented(xc, wc, bc, shift)
-                coef = grad * torch.exp(shift.float() - lse)  # softmax = e · exp(σ − lse), times the upstream gradient
                 D = xc.shape[1]
                 grads = _zero_grads(xc, wa)
                 step = _chunk_rows(wc.shape[0], wc.element_size())
@@ -256,7 +255,9 @@ class _TiedNLL(torch.autograd.Function):
                 for i in range(0, xc.shape[0], step):
                     rows = slice(i, i + step)
                     e = _exp_(buffer.mm(wa, xa[rows].t()))
-                    _add_chunk_grads(e, _chunk_gx(e, wa), coef[rows], rows, xa, grads)
+                    ge = _chunk_gx(e, wa)  # column D+1: Σ_v e of these very exponentials
+                    # softmax = e / Σe, normalised by its own sum (in bf16 that sum is off 1 by the rounding of σ and of e)
+                    _add_chunk_grads(e, ge, grad[rows] / ge[:, D + 1].float(), rows, xa, grads)
                 _sub_one_hot(grad, target, xc, wc, grads)
         gx, gwa = grads
         D = xc.shape[1]
