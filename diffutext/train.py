@@ -37,11 +37,11 @@ from .allocator import limit_heap_fragmentation
 from . import distributed as dist
 from .config import RunConfig, with_vocab
 from .data import tokenizer as tok
-from .data.batches import Packed, pack_split
+from .data.batches import Packed, choose_seq_len, pack_split
 from .data.tasks import MissingSplit, load_split
 from .data.tasks import resolve as resolve_task
 from .diffusion import alpha_bar_table
-from .losses import diffusion_loss, dp_window, draw_noise
+from .losses import LossOptions, diffusion_loss, dp_window, draw_noise
 from .timesteps import make_timesteps
 from .model import Denoiser, count_parameters
 
@@ -173,9 +173,9 @@ def validation_loss(model, data: Packed, config: RunConfig, alpha_bar, device, w
         if ids.shape[0] == 0:
             break
         t = torch.randint(0, config.diffusion.T, (ids.shape[0],), generator=g).to(device)
-        noise = draw_noise((*ids.shape, config.model.hidden_dim), False, g).to(device)
+        noise = draw_noise((*ids.shape, config.model.hidden_dim), False, g, **_option_draws(config)).to(device)
         with autocast(device, t_cfg.precision):
-            terms = diffusion_loss(model, ids, mask, t, alpha_bar, noise=noise)
+            terms = diffusion_loss(model, ids, mask, t, alpha_bar, noise=noise, options=LossOptions.from_config(config))
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + v.float().sum().item()
         n += ids.shape[0]
@@ -186,14 +186,19 @@ def validation_loss(model, data: Packed, config: RunConfig, alpha_bar, device, w
 class _Objective(torch.nn.Module):
     """The whole loss as one module, so that DDP sees one forward (and one all-reduce) per micro-step."""
 
-    def __init__(self, model: Denoiser, compile: bool = False):
+    def __init__(self, model: Denoiser, compile: bool = False, options: LossOptions = LossOptions()):
         super().__init__()
-        self.model = model
+        self.model, self.options = model, options
         self.denoiser = torch.compile(model) if compile else model  # same parameters; embed/logits pass through
 
     def forward(self, ids, mask, t, noise, alpha_bar, dp_weight, window, dp_partner):
         return diffusion_loss(self.denoiser, ids, mask, t, alpha_bar, dp_weight=dp_weight, window=window,
-                              dp_partner=dp_partner, noise=noise)
+                              dp_partner=dp_partner, noise=noise, options=self.options)
+
+
+def _option_draws(config: RunConfig) -> dict[str, bool]:
+    """Which optional draws `draw_noise` makes for this model's options."""
+    return {"self_condition": config.model.self_condition > 0, "absorbing": config.model.absorbing > 0}
 
 
 def _check_fresh(run_dir: Path) -> None:
@@ -260,6 +265,8 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callb
         dist.barrier()
     vocab = tok.from_str(dist.main_first(lambda: prepare_vocab(config, run_dir, resume, train_ds).to_str(), TrainError))
     config = with_vocab(config, vocab.size)
+    if config.model.seq_len == 0:  # follow the data: no training pair cut, no source cut at decoding
+        config = replace(config, model=replace(config.model, seq_len=choose_seq_len(train_ds, vocab)))
     data = Data(pack_split(train_ds, vocab, config.model.seq_len),
                 pack_split(valid_ds, vocab, config.model.seq_len) if valid_ds is not None else None)
 
@@ -280,9 +287,10 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callb
     opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay, fused=True)
     scaler = torch.amp.GradScaler(dev.type, enabled=t_cfg.precision == "fp16")
     alpha_bar = alpha_bar_table(config.diffusion.schedule, config.diffusion.T).float().to(dev)
-    timesteps = make_timesteps(config.diffusion.timestep_sampler, config.diffusion.T, dev)
+    timesteps = make_timesteps(config.diffusion.timestep_sampler, config.diffusion.T, dev, alpha_bar, model.embedding,
+                               config.diffusion.noise_factor)
     window = tuple(w.to(dev) for w in dp_window(alpha_bar_table(config.diffusion.schedule, config.diffusion.T), t_cfg.dp_window))
-    objective = _Objective(model, compile)
+    objective = _Objective(model, compile, LossOptions.from_config(config))
     ddp = None
     if dist.active():
         ddp = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
@@ -367,7 +375,8 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callb
         ids_all, mask_all = batches.next()  # the global batch, the same rows on every rank
         t_all, weights_all = timesteps.sample(ids_all.shape[0], noise_gen)
         row_losses = torch.zeros(ids_all.shape[0], device=dev) if timesteps.learns else None  # this rank's rows filled
-        noise_all = draw_noise((*ids_all.shape, config.model.hidden_dim), t_cfg.distance_penalty > 0, noise_gen, dev)
+        dp_weight = t_cfg.distance_penalty if progress >= t_cfg.dp_from else 0.0  # dp_from: DP for the last part only
+        noise_all = draw_noise((*ids_all.shape, config.model.hidden_dim), dp_weight > 0, noise_gen, dev, **_option_draws(config))
         opt.zero_grad(set_to_none=True)
         for k in range(accum):  # micro-step k of this rank: rows of chunk k·world + rank
             rows = slice((k * world + rank) * micro, (k * world + rank + 1) * micro)
@@ -375,7 +384,7 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callb
             last = k == accum - 1
             with ddp.no_sync() if (ddp is not None and not last) else nullcontext():  # all-reduce once, on the last
                 with autocast(dev, t_cfg.precision):
-                    terms = (ddp or objective)(ids, mask, t_all[rows], noise_all[rows], alpha_bar, t_cfg.distance_penalty,
+                    terms = (ddp or objective)(ids, mask, t_all[rows], noise_all[rows], alpha_bar, dp_weight,
                                                window, t_cfg.dp_partner)
                     per_row = terms["loss"] if weights_all is None else terms["loss"] * weights_all[rows]
                     loss = per_row.mean() / accum  # DDP averages over ranks: the global-batch mean

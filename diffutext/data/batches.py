@@ -3,7 +3,8 @@
 A sequence is `[CLS] src [SEP] trg [SEP]` padded with [PAD] to `seq_len`; `target_mask` is True
 on everything after the first [SEP] (padding included: the model generates the padding, which is
 how it chooses the output length). Too-long pairs lose tokens from the longer side first, and are
-counted. Tokenisation runs once per split through `datasets.map` (cached on disk for file-backed
+counted; `choose_seq_len` picks a length from a training split that cuts nothing (the model config's
+`seq_len = 0`). Tokenisation runs once per split through `datasets.map` (cached on disk for file-backed
 splits); the packed split lives in memory as two tensors.
 """
 
@@ -50,6 +51,15 @@ def pack_one(src: list[int], trg: list[int] | None, seq_len: int, vocab: Vocab) 
     n_src, n_trg = truncate_lengths(len(src), len(trg), seq_len - 3)
     seq = [vocab.cls, *src[:n_src], vocab.sep, *trg[:n_trg], vocab.sep]
     return seq, n_src + 1, (n_src, n_trg) != (len(src), len(trg))
+
+
+def choose_seq_len(dataset, vocab: Vocab, multiple: int = 8) -> int:
+    """The shortest length, a multiple of `multiple`, that holds every pair of the split whole
+    (|src| + |trg| + 3) and that decodes every source whole (`pack_one` without a target keeps at most
+    (seq_len − 3) // 2 source tokens, so 2·|src| + 3)."""
+    src, trg = vocab.encode(list(dataset["src"])), vocab.encode(list(dataset["trg"]))
+    need = max([max(len(s) + len(t) + 3, 2 * len(s) + 3) for s, t in zip(src, trg)], default=8)
+    return max(8, -(-need // multiple) * multiple)
 
 
 def pack_split(dataset, vocab: Vocab, seq_len: int, with_target: bool = True) -> Packed:
