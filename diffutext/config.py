@@ -39,6 +39,10 @@ class ModelConfig:
     # DiffuSeq-v2's soft absorbing state: the rate r of replacing a target token by a learned vector m with
     # probability r·σ_t in training (0.5 there); > 0 adds m, and sampling starts from ε + m. 0: off.
     absorbing: float = 0.0
+    # Where the learned position embedding counts from: "absolute" (DiffuSeq: 0..L−1 over [CLS] src [SEP] trg)
+    # or "segment" (each side from its own start, target token k at the position of source token k, plus a
+    # learned source/target embedding: the alignment an encoder–decoder gets for free).
+    positions: str = "absolute"
 
 
 @dataclass(frozen=True)
@@ -231,6 +235,7 @@ def validate(config: RunConfig) -> None:
         (m.seq_len >= 8 or m.seq_len == 0, "model.seq_len must be at least 8 (or 0: chosen from the training split)"),
         (0.0 <= m.self_condition <= 1.0, "model.self_condition must be a probability in [0, 1]"),
         (0.0 <= m.absorbing <= 1.0, "model.absorbing must be in [0, 1] (the rate of the soft absorbing state)"),
+        (m.positions in ("absolute", "segment"), "model.positions must be absolute or segment"),
         (2 <= d.T <= MAX_T, f"diffusion.T must be between 2 and {MAX_T}"),
         (d.schedule in ("sqrt", "linear", "cosine"), "diffusion.schedule must be sqrt, linear or cosine"),
         (d.timestep_sampler in ("uniform", "lossaware", "clipped"), "diffusion.timestep_sampler must be uniform, lossaware or clipped"),

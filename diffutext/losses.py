@@ -154,16 +154,19 @@ def forward_noise(z0: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, ep
     return torch.where(target_mask.unsqueeze(-1), z_t, z0)
 
 
-def _self_conditioned(model, z: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+def _self_conditioned(model, z: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None,
+                      target_mask: torch.Tensor | None = None) -> torch.Tensor:
     """f(z, t) with self-conditioning: the examples in `rows` (B,) bool first run a no-grad pass (fed zeros)
-    whose x0_hat, detached, the trained pass also reads; the others read zeros. rows None: f(z, t)."""
+    whose x0_hat, detached, the trained pass also reads; the others read zeros. rows None: f(z, t).
+    target_mask is passed on only to a model that needs it (segment positions)."""
+    extra = {} if target_mask is None else {"target_mask": target_mask}
     if rows is None:
-        return model(z, t)
+        return model(z, t, **extra)
     prev = torch.zeros_like(z)
     if bool(rows.any()):
         with torch.no_grad():
-            prev[rows] = model(z[rows], t[rows]).to(prev.dtype)
-    return model(z, t, prev)
+            prev[rows] = model(z[rows], t[rows], **({} if target_mask is None else {"target_mask": target_mask[rows]})).to(prev.dtype)
+    return model(z, t, prev, **extra)
 
 
 def _positions_mean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -214,6 +217,7 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
     """
     mcfg = getattr(model, "config", None)
     sc_prob, rate = getattr(mcfg, "self_condition", 0.0), getattr(mcfg, "absorbing", 0.0)
+    seg = target_mask if getattr(mcfg, "positions", "absolute") == "segment" else None  # the model needs the mask
     mask_state = getattr(model, "mask_state", None)
     x0 = model.embed(ids)  # E(w): (B, L, D)
     z0 = x0 + sigma(alpha_bar[:1]).to(x0.dtype) * (noise.eps0 if noise is not None else torch.randn_like(x0))
@@ -238,7 +242,7 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
     tT = mean_flat(prior) if w is None else _positions_mean(prior.float().mean(-1), w)
 
     if dp_weight <= 0:
-        x0_hat = _self_conditioned(model, z_t, t, sc_rows)
+        x0_hat = _self_conditioned(model, z_t, t, sc_rows, seg)
         mse = _sq_error(x0, x0_hat, w)
         terms = {"loss": mse + decoder_nll + tT, "mse": mse, "decoder_nll": decoder_nll, "tT": tT}
         if options.anchor_weight > 0:
@@ -257,9 +261,10 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
         eps2 = eps2 if eps2 is not None else torch.randn_like(z0)
         z_t2 = forward_noise(z0, t2, alpha_bar, eps2, target_mask, options.noise_factor, mask_state, rate, absorb2)
         rows = None if sc_rows is None else torch.cat([sc_rows, sc_rows])
-        x0_hat, x0_hat2 = _self_conditioned(model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), rows).chunk(2)
+        seg2 = None if seg is None else torch.cat([seg, seg])
+        x0_hat, x0_hat2 = _self_conditioned(model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), rows, seg2).chunk(2)
     elif dp_partner == "reverse":  # paper wording: the partner comes from z_t through the model's own step
-        x0_hat = _self_conditioned(model, z_t, t, sc_rows)
+        x0_hat = _self_conditioned(model, z_t, t, sc_rows, seg)
         if eps2 is not None and options.noise_factor != 1.0:
             eps2 = eps2 * options.noise_factor
         shift = mask_state.to(z_t.dtype) if mask_state is not None else None  # the process runs around m
@@ -268,7 +273,7 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
         else:
             z_t2 = reverse_partner(z_t - shift, x0_hat.detach() - shift, t, t2, alpha_bar, eps2) + shift
         z_t2 = torch.where(target_mask.unsqueeze(-1), z_t2, z0)
-        x0_hat2 = _self_conditioned(model, z_t2, t2, sc_rows)
+        x0_hat2 = _self_conditioned(model, z_t2, t2, sc_rows, seg)
     else:
         raise ValueError(f"unknown dp_partner {dp_partner!r}; expected forward or reverse")
     mse = _sq_error(x0, x0_hat, w)

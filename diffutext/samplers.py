@@ -246,6 +246,7 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     if self_condition_input not in ("clamped", "raw"):
         raise SamplerError(f"unknown self_condition_input {self_condition_input!r}; expected clamped or raw")
     self_cond = getattr(getattr(model, "config", None), "self_condition", 0.0) > 0
+    extra = {"target_mask": target_mask} if getattr(getattr(model, "config", None), "positions", "absolute") == "segment" else {}
     m = getattr(model, "mask_state", None)
     m = m.detach().float() if m is not None else None
     weight = model.embedding.weight.float()
@@ -261,7 +262,7 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     t_vec = torch.empty(ids.shape[0], dtype=torch.long, device=ids.device)
     for i, (t, abar_t, abar_prev) in enumerate(sampler.triples(alpha_bar, steps)):
         with _autocast(ids.device, precision):
-            x0_hat = model(z, t_vec.fill_(t), prev) if self_cond else model(z, t_vec.fill_(t))
+            x0_hat = model(z, t_vec.fill_(t), prev, **extra) if self_cond else model(z, t_vec.fill_(t), **extra)
         x0_hat = x0_hat.float()
         if self_cond and (self_condition_input == "raw" or not clamp):
             prev = x0_hat.clone()

@@ -363,3 +363,32 @@ def test_options_off_draw_exactly_the_base_noise():
     b = draw_noise((2, 5, 3), True, g2, self_condition=True, absorbing=True)
     assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("eps0", "eps", "side", "offset", "eps2"))
     assert a.self_cond is None and b.self_cond.shape == (2,) and b.absorb.shape == (2, 5) and b.absorb2.shape == (2, 5)
+
+
+# ---- segment positions ----
+
+def test_segment_positions_count_each_side_from_its_start():
+    model = tiny_model(positions="segment")
+    mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    pos = model.positional(12, mask)
+    P, S = model.position.weight, model.segment.weight
+    assert torch.allclose(pos[0, 1], P[1] + S[0]) and torch.allclose(pos[0, 4], P[1] + S[1])  # first target token ↔ first source token
+    assert torch.allclose(pos[1, 9], P[3] + S[1]) and torch.allclose(pos[1, 6], P[6] + S[0])
+    absolute = tiny_model()
+    assert torch.equal(absolute.positional(12, mask), absolute.position.weight[:12])
+    z, t = torch.randn(2, 12, 8), torch.tensor([5, 900])
+    assert not torch.allclose(model(z, t, target_mask=mask), model(z, t, target_mask=mask.flip(0)))
+    with pytest.raises(ValueError):
+        model(z, t)
+
+
+def test_segment_positions_reach_the_model_in_training_and_sampling():
+    model, (ids, mask, t) = tiny_model(positions="segment", self_condition=1.0), batch()
+    rec = Recorder(model)
+    seen = []
+    rec.forward = lambda z, t, prev=None, target_mask=None: (seen.append(target_mask), model(z, t, prev, target_mask))[1]
+    terms = diffusion_loss(rec, ids, mask, t, AB, dp_weight=1.0, window=WINDOW, noise=noise_for(ids, True, self_condition=True))
+    assert torch.isfinite(terms["loss"]).all() and len(seen) == 2 and all(m is not None for m in seen)
+    seen.clear()
+    denoise(rec, AB, make_sampler("ads"), 5, ids, mask, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 5 and all(torch.equal(m, mask) for m in seen)
