@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 Schedule = Literal["sqrt", "linear", "cosine"]  # noise schedules (diffusion.py)
-TimestepSampler = Literal["uniform", "lossaware"]  # how training draws t (timesteps.py)
+TimestepSampler = Literal["uniform", "lossaware", "clipped"]  # how training draws t (timesteps.py)
 LrSchedule = Literal["linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # autocast (device.py); auto: bf16 where the device multiplies bf16 natively
 TokenizerType = Literal["bpe", "wordpiece"]  # the tokenizer trained when none is given (data/tokenizer.py)
@@ -40,6 +40,9 @@ Layout = Literal["diffutext", "diffuseq"]
 # DiffuSeq's scripts/eval_seq2seq.py (diffuseq_metrics.py): since 2023-02-14 its get_bleu puts the reference in the
 # reference slot; its first release (2022-11-21) put the output there
 DiffuSeqScript = Literal["2023", "2022"]
+LossPositions = Literal["all", "target"]  # where mse, decoder_nll and tT are averaged (losses.py)
+Positions = Literal["absolute", "segment"]  # the denoiser's position embedding (model.py)
+SelfConditionInput = Literal["clamped", "raw"]  # which previous x0_hat a self-conditioned model is fed (samplers.py)
 
 
 def choices(kind) -> tuple[str, ...]:
@@ -64,10 +67,21 @@ class ModelConfig:
     heads: int = 12
     ffn: int = 3072
     dropout: float = 0.1
-    seq_len: int = 128  # [CLS] src [SEP] trg [SEP] padded to this length
+    seq_len: int = 128  # [CLS] src [SEP] trg [SEP] padded to this length; 0: chosen from the training split
     time_dim: int = 128  # sinusoidal timestep features before the MLP
     arch: Arch = "diffutext"  # diffuseq: DiffuSeq's network exactly (post-LN BERT blocks, t·1000/T into the sinusoid)
     layout: Layout = "diffutext"  # the sequence layout the model was trained on (diffuseq: imported DiffuSeq models)
+    # Self-conditioning (Chen et al. 2022; SeqDiffuSeq): the probability that a training example first runs a
+    # no-grad pass whose x0_hat the second pass also sees (the up-projection takes [z_t, x0_hat_prev]); every
+    # sampler feeds the previous step's x0_hat. 0: off (the input is z_t alone).
+    self_condition: float = 0.0
+    # DiffuSeq-v2's soft absorbing state: the rate r of replacing a target token by a learned vector m with
+    # probability r·σ_t in training (0.5 there); > 0 adds m, and sampling starts from ε + m. 0: off.
+    absorbing: float = 0.0
+    # Where the learned position embedding counts from: "absolute" (DiffuSeq: 0..L−1 over [CLS] src [SEP] trg)
+    # or "segment" (each side from its own start, target token k at the position of source token k, plus a
+    # learned source/target embedding: the alignment an encoder–decoder gets for free).
+    positions: Positions = "absolute"
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,8 @@ class DiffusionConfig:
 
     T: int = 2000
     schedule: Schedule = "sqrt"
-    timestep_sampler: TimestepSampler = "uniform"  # lossaware: DiffuSeq's second-moment resampler
+    timestep_sampler: TimestepSampler = "uniform"  # lossaware: DiffuSeq's second-moment resampler; clipped: DiNoiSer's
+    noise_factor: float = 1.0  # Difformer's F: training noise scaled by F (decoding keeps 1); 1: off
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,10 @@ class TrainConfig:
     dp_partner: Partner = "forward"  # forward (reference code) | reverse (paper wording)
     dp_window_ends: WindowEnds = "diffutext"  # reference: no partner on a side whose window reaches T−1 or 0
     init_from: str = ""  # a run folder whose weights start this run (post-training)
+    dp_from: float = 0.0  # the Distance Penalty is on only from this share of the budget (steps or minutes) on
+    loss_positions: LossPositions = "all"  # all (DiffuSeq: every position) | target: mse, decoder_nll, tT over target positions only
+    anchor_weight: float = 0.0  # Difformer's anchor loss: CE of the tied head on x0_hat at target positions (0: off)
+    anchor_smoothing: float = 0.0  # label smoothing ε of the anchor loss (0.1 in Difformer)
 
 
 @dataclass(frozen=True)
@@ -143,6 +162,7 @@ class SampleConfig:
     variance: Variance = "large"
     eta: float = 0.0  # DDIM eta
     clamp: bool = True  # snap x0_hat to the nearest word embedding at every step
+    self_condition_input: SelfConditionInput = "clamped"  # a self-conditioned model is fed the previous x0_hat: clamped | raw (before snapping)
     ads_shares: tuple[float, float, float] | None = None
     batch_size: int = 128
     seed: int = 0
@@ -272,8 +292,13 @@ def validate(config: RunConfig) -> None:
         (m.heads > 0 and m.width % m.heads == 0, f"model.width ({m.width}) must be a multiple of model.heads ({m.heads})"),
         (m.time_dim > 0 and m.time_dim % 2 == 0, "model.time_dim must be a positive even number"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (m.seq_len >= 8, "model.seq_len must be at least 8"),
+        (m.arch == "diffutext" or (m.self_condition == 0 and m.positions == "absolute"),
+         "model.arch diffuseq is DiffuSeq's network: it has no self-conditioning and absolute positions only"),
+        (m.seq_len >= 8 or m.seq_len == 0, "model.seq_len must be at least 8 (or 0: chosen from the training split)"),
+        (0.0 <= m.self_condition <= 1.0, "model.self_condition must be a probability in [0, 1]"),
+        (0.0 <= m.absorbing <= 1.0, "model.absorbing must be in [0, 1] (the rate of the soft absorbing state)"),
         (2 <= d.T <= MAX_T, f"diffusion.T must be between 2 and {MAX_T}"),
+        (d.noise_factor > 0, "diffusion.noise_factor must be positive (1: off)"),
         (t.max_steps > 0, "train.max_steps must be positive"),
         (t.max_minutes >= 0, "train.max_minutes must be >= 0"),
         (t.batch_size > 0, "train.batch_size must be positive"),
@@ -290,6 +315,9 @@ def validate(config: RunConfig) -> None:
         (0 <= t.seed < MAX_SEED, f"train.seed must be in [0, {MAX_SEED})"),
         (t.distance_penalty >= 0, "train.distance_penalty (λ) must be >= 0: it is a positive weight"),
         (t.dp_window > 0, "train.dp_window (δ) must be positive"),
+        (0.0 <= t.dp_from < 1.0, "train.dp_from must be in [0, 1): the share of the budget before the Distance Penalty starts"),
+        (t.anchor_weight >= 0, "train.anchor_weight must be >= 0"),
+        (0.0 <= t.anchor_smoothing < 1.0, "train.anchor_smoothing must be in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -131,7 +131,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             generator.manual_seed(batch_seed(cfg.seed + k, b))
             t0 = time.perf_counter()
             out = generate(model, loaded.alpha_bar, sampler, cfg.steps, ids, mask, clamp=cfg.clamp, generator=generator,
-                           precision=precision, callback=on_step)
+                           precision=precision, self_condition_input=cfg.self_condition_input, callback=on_step)
             out = out.cpu()  # one sync per batch
             batch_seconds += time.perf_counter() - t0
             per_seed.append(_to_text(out, mask.cpu(), vocab))

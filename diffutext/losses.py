@@ -72,6 +72,27 @@ def partner_timesteps(t: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor,
     return torch.where(valid, start + offset, t), valid
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """The loss options beyond DiffuSeq (PAPER.md §7); the defaults are DiffuSeq's loss exactly.
+
+    positions: "all" averages mse, decoder_nll and tT over every position (DiffuSeq), "target" over the
+    target positions only (the source is never noised). anchor_weight > 0 adds Difformer's anchor loss,
+    the tied head's cross-entropy on x0_hat at target positions, with label smoothing anchor_smoothing.
+    noise_factor F scales the forward-process noise in training (Difformer; decoding keeps 1).
+    """
+
+    positions: str = "all"
+    anchor_weight: float = 0.0
+    anchor_smoothing: float = 0.0
+    noise_factor: float = 1.0
+
+    @classmethod
+    def from_config(cls, config) -> "LossOptions":
+        t = config.train
+        return cls(t.loss_positions, t.anchor_weight, t.anchor_smoothing, config.diffusion.noise_factor)
+
+
 @dataclass
 class Noise:
     """Every random draw of one `diffusion_loss` call, made up front (`draw_noise`).
@@ -85,6 +106,9 @@ class Noise:
     side: torch.Tensor | None = None  # (B,) uniform: which side of t the partner lies on
     offset: torch.Tensor | None = None  # (B,) uniform: where in that side
     eps2: torch.Tensor | None = None  # (B, L, D) the partner's own noise (forward or reverse)
+    self_cond: torch.Tensor | None = None  # (B,) uniform: an example self-conditions when below the probability
+    absorb: torch.Tensor | None = None  # (B, L) uniform: a target token is absorbed when below r·σ_t
+    absorb2: torch.Tensor | None = None  # (B, L) the same for the partner
 
     def __getitem__(self, rows) -> "Noise":
         return Noise(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows] for f in fields(self)})
@@ -94,60 +118,184 @@ class Noise:
 
 
 def draw_noise(shape: tuple[int, int, int], partner: bool, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None) -> Noise:
+               device: torch.device | str | None = None, self_condition: bool = False,
+               absorbing: bool = False) -> Noise:
     """The draws of one loss evaluation for a batch of `shape` (B, L, D), in the order
-    `diffusion_loss` would make them itself; `partner` adds the Distance Penalty's draws."""
-    B = shape[0]
+    `diffusion_loss` would make them itself; `partner` adds the Distance Penalty's draws,
+    `self_condition` and `absorbing` those of the options (drawn after all the others, so that
+    with the options off the draws are exactly the base loss's)."""
+    B, L = shape[0], shape[1]
     eps0 = torch.randn(shape, generator=generator, device=device)
     eps = torch.randn(shape, generator=generator, device=device)
-    if not partner:
-        return Noise(eps0, eps)
-    side = torch.rand(B, generator=generator, device=device)
-    offset = torch.rand(B, generator=generator, device=device)
-    return Noise(eps0, eps, side, offset, torch.randn(shape, generator=generator, device=device))
+    noise = Noise(eps0, eps)
+    if partner:
+        noise.side = torch.rand(B, generator=generator, device=device)
+        noise.offset = torch.rand(B, generator=generator, device=device)
+        noise.eps2 = torch.randn(shape, generator=generator, device=device)
+    if self_condition:
+        noise.self_cond = torch.rand(B, generator=generator, device=device)
+    if absorbing:
+        noise.absorb = torch.rand(B, L, generator=generator, device=device)
+        if partner:
+            noise.absorb2 = torch.rand(B, L, generator=generator, device=device)
+    return noise
+
+
+def forward_noise(z0: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, eps: torch.Tensor, target_mask: torch.Tensor,
+                  factor: float = 1.0, mask_state: torch.Tensor | None = None, rate: float = 0.0,
+                  absorb: torch.Tensor | None = None) -> torch.Tensor:
+    """z_t of the training forward process: `q_sample` with the noise scaled by `factor` (Difformer's F).
+
+    With a mask_state m (DiffuSeq-v2's soft absorbing state) the process runs around m:
+    z_t = sqrt(ᾱ_t)·(z0 − m) + sqrt(1 − ᾱ_t)·F·ε + m on target positions, and each target position is
+    replaced by m itself where absorb (B, L) uniform < rate·sqrt(1 − ᾱ_t). Source positions stay at z0.
+    """
+    if factor != 1.0:
+        eps = eps * factor
+    if mask_state is None:
+        return q_sample(z0, t, alpha_bar, eps, target_mask)
+    m = mask_state.to(z0.dtype)
+    ab = alpha_bar[t].to(z0.dtype).view(-1, 1, 1)
+    z_t = ab.sqrt() * (z0 - m) + (1 - ab).sqrt() * eps + m
+    if rate > 0 and absorb is not None:
+        hit = absorb.to(ab.dtype) < rate * (1 - ab[:, :, 0]).sqrt()  # (B, L)
+        z_t = torch.where(hit.unsqueeze(-1), m.expand_as(z_t), z_t)
+    return torch.where(target_mask.unsqueeze(-1), z_t, z0)
+
+
+def _self_conditioned(model, z: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None,
+                      target_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """f(z, t) with self-conditioning: the examples in `rows` (B,) bool first run a no-grad pass (fed zeros)
+    whose x0_hat, detached, the trained pass also reads; the others read zeros. rows None: f(z, t).
+    target_mask is passed on only to a model that needs it (segment positions)."""
+    extra = {} if target_mask is None else {"target_mask": target_mask}
+    if rows is None:
+        return model(z, t, **extra)
+    prev = torch.zeros_like(z)
+    if bool(rows.any()):
+        with torch.no_grad():
+            prev[rows] = model(z[rows], t[rows], **({} if target_mask is None else {"target_mask": target_mask[rows]})).to(prev.dtype)
+    return model(z, t, prev, **extra)
+
+
+def _positions_mean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """(B, L) -> (B,): the mean over all positions (weights None), or over those with weight 1."""
+    if weights is None:
+        return x.float().mean(1)
+    return (x.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def _sq_error(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared difference per example over positions × dims: all positions (as `mean_flat`) or the weighted ones."""
+    if weights is None:
+        return mean_flat((a - b) ** 2)
+    return _positions_mean(((a - b) ** 2).float().mean(-1), weights)
+
+
+def anchor_loss(model, x0_hat: torch.Tensor, ids: torch.Tensor, target_mask: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Difformer's anchor loss per example (B,): the tied head's cross-entropy on x0_hat against the
+    tokens, averaged over target positions, with label smoothing ε:
+    (1 − ε)·nll + ε·(lse − mean_v logit_v) = nll + ε·(logit_y − mean_v logit_v), where the mean logit is
+    x·mean(E) + mean(b). Only the target rows go through the chunked head."""
+    weight, bias = model.embedding.weight, getattr(model, "head_bias", None)
+    rows = target_mask.reshape(-1).nonzero().squeeze(1)
+    x = x0_hat.reshape(-1, x0_hat.shape[-1]).index_select(0, rows)
+    y = ids.reshape(-1).index_select(0, rows)
+    ce = tied_nll(x, weight, bias, y)
+    if smoothing > 0:
+        xf, wf = x.float(), weight.float()
+        b = bias.float() if bias is not None else torch.zeros(weight.shape[0], device=weight.device)
+        picked = (xf * wf[y]).sum(-1) + b[y]
+        mean_logit = xf @ wf.mean(0) + b.mean()
+        ce = ce + smoothing * (picked - mean_logit)
+    per_row = torch.zeros(ids.numel(), dtype=ce.dtype, device=ce.device).index_copy(0, rows, ce)
+    return _positions_mean(per_row.view(ids.shape), target_mask.float())
 
 
 def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
                    dp_weight: float = 0.0, window: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   dp_partner: str = "forward", noise: Noise | None = None) -> dict[str, torch.Tensor]:
+                   dp_partner: str = "forward", noise: Noise | None = None,
+                   options: LossOptions = LossOptions()) -> dict[str, torch.Tensor]:
     """Every loss term per example, shape (B,); "loss" is the one to optimise.
 
     ids, target_mask: (B, L); t: (B,) long; alpha_bar: (T,) on the model's device.
     With dp_weight > 0, `window` (from `dp_window`) gives the partner ranges.
     `noise` (from `draw_noise`) replaces the draws from the global generator.
+    `options` adds the loss options of PAPER.md §7; the model's own config says whether it
+    self-conditions (`self_condition`) and has an absorbing state (`absorbing`, its `mask_state`).
     """
+    mcfg = getattr(model, "config", None)
+    sc_prob, rate = getattr(mcfg, "self_condition", 0.0), getattr(mcfg, "absorbing", 0.0)
+    seg = target_mask if getattr(mcfg, "positions", "absolute") == "segment" else None  # the model needs the mask
+    mask_state = getattr(model, "mask_state", None)
     x0 = model.embed(ids)  # E(w): (B, L, D)
     z0 = x0 + sigma(alpha_bar[:1]).to(x0.dtype) * (noise.eps0 if noise is not None else torch.randn_like(x0))
-    z_t = q_sample(z0, t, alpha_bar, noise.eps if noise is not None else torch.randn_like(z0), target_mask)
+    eps = noise.eps if noise is not None else torch.randn_like(z0)
+    absorb = None
+    if mask_state is not None:
+        absorb = noise.absorb if noise is not None else None
+        if absorb is None and noise is None:
+            absorb = torch.rand(ids.shape, device=ids.device)
+    z_t = forward_noise(z0, t, alpha_bar, eps, target_mask, options.noise_factor, mask_state, rate, absorb)
+    sc_rows = None
+    if sc_prob > 0:
+        u = noise.self_cond if noise is not None else None
+        sc_rows = (u if u is not None else torch.rand(ids.shape[0], device=ids.device)) < sc_prob
+        if noise is not None and u is None:  # noise drawn without the self-conditioning draws (validation): no rows
+            sc_rows = torch.zeros_like(sc_rows)
     T = alpha_bar.shape[0]
-    decoder_nll = tied_nll(z0.flatten(0, 1), model.embedding.weight, getattr(model, "head_bias", None), ids.flatten()).view(ids.shape).mean(1)
-    tT = mean_flat((alpha_bar[T - 1].sqrt().to(z0.dtype) * z0) ** 2)
+    w = target_mask.float() if options.positions == "target" else None  # position weights of mse, decoder_nll, tT
+    nll = tied_nll(z0.flatten(0, 1), model.embedding.weight, getattr(model, "head_bias", None), ids.flatten()).view(ids.shape)
+    decoder_nll = nll.mean(1) if w is None else _positions_mean(nll, w)
+    prior = (alpha_bar[T - 1].sqrt().to(z0.dtype) * z0) ** 2
+    tT = mean_flat(prior) if w is None else _positions_mean(prior.float().mean(-1), w)
 
     if dp_weight <= 0:
-        x0_hat = model(z_t, t)
-        mse = mean_flat((x0 - x0_hat) ** 2)
-        return {"loss": mse + decoder_nll + tT, "mse": mse, "decoder_nll": decoder_nll, "tT": tT}
+        x0_hat = _self_conditioned(model, z_t, t, sc_rows, seg)
+        mse = _sq_error(x0, x0_hat, w)
+        terms = {"loss": mse + decoder_nll + tT, "mse": mse, "decoder_nll": decoder_nll, "tT": tT}
+        if options.anchor_weight > 0:
+            terms["anchor"] = anchor_loss(model, x0_hat, ids, target_mask, options.anchor_smoothing)
+            terms["loss"] = terms["loss"] + options.anchor_weight * terms["anchor"]
+        return terms
 
     if window is None:
         raise ValueError("the Distance Penalty needs the partner window (losses.dp_window)")
     t2, valid = partner_timesteps(t, *window, uniforms=(noise.side, noise.offset) if noise is not None else None)
     eps2 = noise.eps2 if noise is not None else None
+    absorb2 = None
+    if mask_state is not None:
+        absorb2 = noise.absorb2 if noise is not None else torch.rand(ids.shape, device=ids.device)
     if dp_partner == "forward":  # reference code: same z0, fresh independent noise, one batched pass
-        z_t2 = q_sample(z0, t2, alpha_bar, eps2 if eps2 is not None else torch.randn_like(z0), target_mask)
-        x0_hat, x0_hat2 = model(torch.cat([z_t, z_t2]), torch.cat([t, t2])).chunk(2)
+        eps2 = eps2 if eps2 is not None else torch.randn_like(z0)
+        z_t2 = forward_noise(z0, t2, alpha_bar, eps2, target_mask, options.noise_factor, mask_state, rate, absorb2)
+        rows = None if sc_rows is None else torch.cat([sc_rows, sc_rows])
+        seg2 = None if seg is None else torch.cat([seg, seg])
+        x0_hat, x0_hat2 = _self_conditioned(model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), rows, seg2).chunk(2)
     elif dp_partner == "reverse":  # paper wording: the partner comes from z_t through the model's own step
-        x0_hat = model(z_t, t)
-        z_t2 = reverse_partner(z_t, x0_hat.detach(), t, t2, alpha_bar, eps2)
+        x0_hat = _self_conditioned(model, z_t, t, sc_rows, seg)
+        if eps2 is not None and options.noise_factor != 1.0:
+            eps2 = eps2 * options.noise_factor
+        shift = mask_state.to(z_t.dtype) if mask_state is not None else None  # the process runs around m
+        if shift is None:
+            z_t2 = reverse_partner(z_t, x0_hat.detach(), t, t2, alpha_bar, eps2)
+        else:
+            z_t2 = reverse_partner(z_t - shift, x0_hat.detach() - shift, t, t2, alpha_bar, eps2) + shift
         z_t2 = torch.where(target_mask.unsqueeze(-1), z_t2, z0)
-        x0_hat2 = model(z_t2, t2)
+        x0_hat2 = _self_conditioned(model, z_t2, t2, sc_rows, seg)
     else:
         raise ValueError(f"unknown dp_partner {dp_partner!r}; expected forward or reverse")
-    mse = mean_flat((x0 - x0_hat) ** 2)
-    mse2 = mean_flat((x0 - x0_hat2) ** 2)
-    penalty = mean_flat((x0_hat2 - x0_hat) ** 2) * valid
+    mse = _sq_error(x0, x0_hat, w)
+    mse2 = _sq_error(x0, x0_hat2, w)
+    penalty = _sq_error(x0_hat2, x0_hat, w) * valid
     loss = 0.5 * (mse + mse2 + 2 * decoder_nll + 2 * tT + dp_weight * penalty)
-    return {"loss": loss, "mse": mse, "mse_partner": mse2, "penalty": penalty, "decoder_nll": decoder_nll, "tT": tT,
-            "partner_valid": valid.float()}
+    terms = {"loss": loss, "mse": mse, "mse_partner": mse2, "penalty": penalty, "decoder_nll": decoder_nll, "tT": tT,
+             "partner_valid": valid.float()}
+    if options.anchor_weight > 0:  # both passes, halved like their mse terms
+        terms["anchor"] = 0.5 * (anchor_loss(model, x0_hat, ids, target_mask, options.anchor_smoothing)
+                                 + anchor_loss(model, x0_hat2, ids, target_mask, options.anchor_smoothing))
+        terms["loss"] = terms["loss"] + options.anchor_weight * terms["anchor"]
+    return terms
 
 
 def reverse_partner(z_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t2: torch.Tensor,
@@ -256,7 +404,6 @@ class _TiedNLL(torch.autograd.Function):
             with torch.autocast(xc.device.type, enabled=False):
                 shift = lse.to(xc.dtype)  # σ = the log-sum-exp, rounded: every shifted logit ≤ about 0
                 wa, xa = _augmented(xc, wc, bc, shift)
-                coef = grad * torch.exp(shift.float() - lse)  # softmax = e · exp(σ − lse), times the upstream gradient
                 D = xc.shape[1]
                 grads = _zero_grads(xc, wa)
                 step = _chunk_rows(wc.shape[0], wc.element_size())
@@ -264,7 +411,9 @@ class _TiedNLL(torch.autograd.Function):
                 for i in range(0, xc.shape[0], step):
                     rows = slice(i, i + step)
                     e = _exp_(buffer.mm(wa, xa[rows].t()))
-                    _add_chunk_grads(e, _chunk_gx(e, wa), coef[rows], rows, xa, grads)
+                    ge = _chunk_gx(e, wa)  # column D+1: Σ_v e of these very exponentials
+                    # softmax = e / Σe, normalised by its own sum (in bf16 that sum is off 1 by the rounding of σ and of e)
+                    _add_chunk_grads(e, ge, grad[rows] / ge[:, D + 1].float(), rows, xa, grads)
                 _sub_one_hot(grad, target, xc, wc, grads)
         gx, gwa = grads
         D = xc.shape[1]

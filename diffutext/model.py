@@ -72,13 +72,19 @@ class Denoiser(nn.Module):
         c = self.config = config
         self.embedding = nn.Embedding(c.vocab_size, c.hidden_dim)  # E, initialised N(0, 1) like DiffuSeq's
         self.head_bias = nn.Parameter(torch.zeros(c.vocab_size))
-        self.up = nn.Sequential(nn.Linear(c.hidden_dim, c.width), nn.Tanh(), nn.Linear(c.width, c.width))
+        # with self-conditioning the up-projection reads [z_t, x0_hat_prev] (SeqDiffuSeq's concatenation)
+        self.up = nn.Sequential(nn.Linear(c.hidden_dim * (2 if c.self_condition > 0 else 1), c.width), nn.Tanh(),
+                                nn.Linear(c.width, c.width))
         self.time_mlp = nn.Sequential(nn.Linear(c.time_dim, 4 * c.time_dim), nn.SiLU(), nn.Linear(4 * c.time_dim, c.width))
         self.position = nn.Embedding(c.seq_len, c.width)
         self.in_norm = nn.LayerNorm(c.width)
         self.blocks = nn.ModuleList(Block(c.width, c.heads, c.ffn, c.dropout) for _ in range(c.layers))
         self.out_norm = nn.LayerNorm(c.width)
         self.down = nn.Sequential(nn.Linear(c.width, c.width), nn.Tanh(), nn.Linear(c.width, c.hidden_dim))
+        if c.absorbing > 0:  # DiffuSeq-v2's learned absorbing state m, initialised N(0, 1/hidden_dim) as there
+            self.mask_state = nn.Parameter(torch.randn(c.hidden_dim) * c.hidden_dim ** -0.5)
+        if c.positions == "segment":
+            self.segment = nn.Embedding(2, c.width)  # source / target
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """E(w): (B, L) -> (B, L, hidden_dim)."""
@@ -88,10 +94,30 @@ class Denoiser(nn.Module):
         """Tied head: (..., hidden_dim) -> (..., vocab)."""
         return x @ self.embedding.weight.t() + self.head_bias
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x0_hat = f(z_t, t): (B, L, hidden_dim), (B,) -> (B, L, hidden_dim)."""
+    def positional(self, L: int, target_mask: torch.Tensor | None) -> torch.Tensor:
+        """What marks each position: (L, W) for "absolute" positions, or, for "segment" positions,
+        (B, L, W): source positions 0, 1, … from [CLS], target positions 1, 2, … from the first target token
+        (target token k where source token k is), plus the side's embedding. target_mask (B, L)."""
+        if self.config.positions == "absolute":
+            return self.position.weight[:L]
+        if target_mask is None:
+            raise ValueError("a model with segment positions needs the target mask")
+        idx = torch.arange(L, device=target_mask.device)
+        start = target_mask.int().argmax(1, keepdim=True)  # the first target position (after [CLS] src [SEP])
+        ids = torch.where(target_mask, (idx - start + 1).clamp(max=L - 1), idx)
+        return self.position(ids) + self.segment(target_mask.long())
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
+                target_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x0_hat = f(z_t, t): (B, L, hidden_dim), (B,) -> (B, L, hidden_dim).
+
+        A self-conditioned model (config.self_condition > 0) also reads x0_prev, the previous estimate of x0
+        (zeros when there is none, the default); any other model ignores it. A model with segment positions
+        needs target_mask (B, L); any other ignores it."""
         L = z_t.shape[1]
-        h = self.up(z_t) + self.position.weight[:L] + self.time_mlp(timestep_embedding(t, self.config.time_dim))[:, None]
+        if self.config.self_condition > 0:
+            z_t = torch.cat([z_t, torch.zeros_like(z_t) if x0_prev is None else x0_prev.to(z_t.dtype)], -1)
+        h = self.up(z_t) + self.positional(L, target_mask) + self.time_mlp(timestep_embedding(t, self.config.time_dim))[:, None]
         h = ops.dropout(self.in_norm(h), self.config.dropout, self.training)  # (B, L, W)
         for block in self.blocks:
             h = block(h)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Callable, Literal, Optional, get_type_hints
 
 import typer
 
-from .config import DEFAULT_PRESET, PRESETS, DiffusionConfig, DiffuSeqScript, SampleConfig, SamplerName, Split, TrainConfig, choices
+from .config import DEFAULT_PRESET, PRESETS, DiffusionConfig, DiffuSeqScript, ModelConfig, SampleConfig, SamplerName, Split, TrainConfig, choices
 
 _DEFAULT = SampleConfig()
 
@@ -68,6 +68,7 @@ SAMPLING = [  # how the chain runs: every field of SampleConfig but the sampler 
     _sample_option("variance", "Ancestral variance: large (DiffuSeq) or small (posterior)."),
     _sample_option("eta", "DDIM η.", min=0),
     _sample_option("clamp", "Snap x0_hat to the nearest word embedding at every step."),
+    _sample_option("self_condition_input", "What a self-conditioned model is fed: the previous x0_hat after snapping, or raw."),
     option("ads_shares", Optional[str], None, "ADS step shares of the three thirds, e.g. 0.1,0.4,0.5.", callback=_shares),
     _sample_option("seeds", "Decode K times and keep the per-source MBR pick.", min=1),
     _sample_option("seed", "Seed of the first decode.", min=0, max=2**32 - 1),
@@ -144,7 +145,7 @@ class Field:
     min: float | None = None
 
     def parameter(self) -> inspect.Parameter:
-        cls = {"train": TrainConfig, "diffusion": DiffusionConfig}[self.section]
+        cls = {"model": ModelConfig, "train": TrainConfig, "diffusion": DiffusionConfig}[self.section]
         kind = self.kind or get_type_hints(cls)[self.name]
         return option(self.flag or self.name, Optional[kind], None, self.help, **({"min": self.min} if self.min is not None else {}))
 
@@ -177,6 +178,16 @@ TRAIN_FIELDS = [
     Field("train", "grad_accum", "Micro-steps per optimizer step (the batch size stays the global batch).", min=1),
     Field("train", "seed", "Seed of the initialisation, the data order and the noise."),
     Field("train", "save_every", "Checkpoint every N steps (0: only at the end).", min=0),
+    # beyond DiffuSeq (README, "Quality options"; each from the paper named)
+    Field("model", "seq_len", "Tokens per packed sequence; 0: the shortest that cuts no training pair or source.", min=0),
+    Field("train", "loss_positions", "Average mse, decoder_nll and tT over all positions (DiffuSeq) or the target ones only."),
+    Field("train", "anchor_weight", "Weight of the anchor loss, the tied head's cross-entropy on x0_hat (Difformer; 0: off).", min=0),
+    Field("train", "anchor_smoothing", "Label smoothing of the anchor loss (Difformer: 0.1).", min=0),
+    Field("model", "self_condition", "Share of training batches that self-condition on their own x0_hat (Chen et al. 2022; 0: off).", min=0),
+    Field("diffusion", "noise_factor", "Training noise scaled by F, decoding by 1 (Difformer: 4; 1: off).", min=0),
+    Field("model", "absorbing", "Rate of DiffuSeq-v2's soft absorbing state (its scripts: 0.5; 0: off).", min=0),
+    Field("model", "positions", "Position embedding: absolute (DiffuSeq) or segment (each side counted from its own start)."),
+    Field("train", "dp_from", "Share of the budget after which the Distance Penalty is on (0: throughout).", min=0),
 ]
 TRAIN_FLAGS = [f.parameter() for f in TRAIN_FIELDS]
 TRAIN_RUN = [  # how the run is kept: its folder, checkpoints, interruption and checks

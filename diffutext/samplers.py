@@ -22,7 +22,7 @@ from typing import Callable, get_args
 
 import torch
 
-from .config import SamplerName, UpdateName, Variance, choices
+from .config import SamplerName, SelfConditionInput, UpdateName, Variance, choices
 from .device import autocast
 
 # Step shares of ADS from the least to the most noisy third of [0, T): measured constants of the
@@ -237,13 +237,25 @@ def nearest_indices(flat: torch.Tensor, weight_t: torch.Tensor, neg_half_sq_norm
 @torch.inference_mode()
 def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
             clamp: bool = True, generator: torch.Generator | None = None,
-            callback: Callable[[int, int], None] | None = None, precision: str = "fp32") -> torch.Tensor:
+            callback: Callable[[int, int], None] | None = None, precision: str = "fp32",
+            self_condition_input: str = "clamped") -> torch.Tensor:
     """Run the reverse chain on one batch and return the final continuous sample z (B, L, D).
 
     ids/target_mask (B, L) carry the source; target positions start from z_T ~ N(0, I), source
     positions hold the clean source embedding throughout. `precision` bf16/fp16 runs the denoiser
     under autocast; the chain itself (z, the updates, the snapping) stays in float32.
+
+    Options of the model (PAPER.md §7): a self-conditioned model (config.self_condition > 0) is fed the
+    previous step's x0_hat, after snapping ("clamped", Difformer) or before it ("raw", SeqDiffuSeq, Plaid),
+    zeros at the first step; a model with an absorbing state m (`mask_state`) starts from z_T = ε + m and
+    every update runs around m (on z − m and x0_hat − m), as its forward process does.
     """
+    if self_condition_input not in choices(SelfConditionInput):
+        raise SamplerError(f"unknown self_condition_input {self_condition_input!r}; expected {', '.join(choices(SelfConditionInput))}")
+    self_cond = getattr(getattr(model, "config", None), "self_condition", 0.0) > 0
+    extra = {"target_mask": target_mask} if getattr(getattr(model, "config", None), "positions", "absolute") == "segment" else {}
+    m = getattr(model, "mask_state", None)
+    m = m.detach().float() if m is not None else None
     weight = model.embedding.weight.float()
     weight_t = weight.t().contiguous()  # (D, V)
     neg_half_sq_norm = -0.5 * (weight * weight).sum(-1)
@@ -251,17 +263,27 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     mask = target_mask.unsqueeze(-1)
     target_rows = target_mask.reshape(-1).nonzero().squeeze(1)  # once per batch, not per step
     z = torch.where(mask, _noise(x_src, generator), x_src)
+    if m is not None:
+        z = torch.where(mask, z + m, x_src)
+    prev = torch.zeros_like(x_src) if self_cond else None
     t_vec = torch.empty(ids.shape[0], dtype=torch.long, device=ids.device)
     state = ChainState()  # what a multistep update (dpm++) keeps between steps
     for i, (t, abar_t, abar_prev) in enumerate(sampler.triples(alpha_bar, steps)):
         with autocast(ids.device, precision):
-            x0_hat = model(z, t_vec.fill_(t))
+            x0_hat = model(z, t_vec.fill_(t), prev, **extra) if self_cond else model(z, t_vec.fill_(t), **extra)
         x0_hat = x0_hat.float()
+        if self_cond and (self_condition_input == "raw" or not clamp):
+            prev = x0_hat.clone()
         if clamp:  # snap the target rows only: the source rows are replaced by x_src below
             flat = x0_hat.reshape(-1, x0_hat.shape[-1])
             picked = nearest_indices(flat.index_select(0, target_rows), weight_t, neg_half_sq_norm)
             flat.index_copy_(0, target_rows, weight.index_select(0, picked))
-        z = torch.where(mask, sampler.update(z, x0_hat, abar_t, abar_prev, generator, state=state), x_src)
+            if self_cond and self_condition_input == "clamped":
+                prev = x0_hat
+        if m is None:
+            z = torch.where(mask, sampler.update(z, x0_hat, abar_t, abar_prev, generator, state=state), x_src)
+        else:
+            z = torch.where(mask, sampler.update(z - m, x0_hat - m, abar_t, abar_prev, generator, state=state) + m, x_src)
         if callback is not None:
             callback(i, t)
     return z
@@ -270,10 +292,11 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
 @torch.inference_mode()
 def generate(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
              clamp: bool = True, generator: torch.Generator | None = None,
-             callback: Callable[[int, int], None] | None = None, precision: str = "fp32") -> torch.Tensor:
+             callback: Callable[[int, int], None] | None = None, precision: str = "fp32",
+             self_condition_input: str = "clamped") -> torch.Tensor:
     """Decode one batch to token ids (B, L): the tied head's argmax on the final sample at target
     positions, computed in row blocks (never the whole (B·L × V) logits); source positions keep ids."""
-    z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback, precision)
+    z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback, precision, self_condition_input)
     rows = target_mask.reshape(-1).nonzero().squeeze(1)
     z_rows = z.reshape(-1, z.shape[-1]).index_select(0, rows)
     picked = torch.cat([model.logits(z_rows[i:i + ROW_BLOCK]).argmax(-1) for i in range(0, z_rows.shape[0], ROW_BLOCK)]

@@ -5,6 +5,9 @@
 last 10 losses seen at every t; once every t has 10, draw t with probability ∝ sqrt(E[loss²])
 (mixed with 0.1% uniform) and weight each example by 1/(T·p_t), so the objective stays unbiased.
 Until then it draws uniformly. Its history is part of the training state (saved, resumed).
+`ClippedTimesteps`: DiNoiSer's clipped minimum noise (yegcjs/DINOISER `ClippedSampler`): t uniform over
+[t_min, T−1], where t_min is the first t whose noise, relative to the signal, reaches the embeddings' mean
+squared nearest-neighbour distance per dimension, re-estimated from the live embedding table as it moves.
 """
 
 from __future__ import annotations
@@ -73,11 +76,64 @@ class LossAwareTimesteps:
             self.counts.copy_(state["counts"])
 
 
-TIMESTEP_SAMPLERS: dict[TimestepSampler, type] = {"uniform": UniformTimesteps, "lossaware": LossAwareTimesteps}
+def nearest_neighbour_var(weight: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """mean_i min_{j≠i} ‖e_i − e_j‖² / D over the rows of weight (V, D), in row blocks (never V × V at once)."""
+    w = weight.detach().float()
+    sq = (w * w).sum(-1)
+    mins = torch.empty(w.shape[0], device=w.device)
+    for i in range(0, w.shape[0], block):
+        d = torch.addmm(sq[None, :], w[i:i + block], w.t(), alpha=-2.0).add_(sq[i:i + block, None])  # (b, V)
+        d[torch.arange(d.shape[0], device=w.device), torch.arange(i, i + d.shape[0], device=w.device)] = float("inf")
+        mins[i:i + block] = d.amin(1)
+    return mins.clamp(min=0).mean() / w.shape[1]
+
+
+def clip_timestep(var: float, alpha_bar: torch.Tensor, noise_factor: float = 1.0) -> int:
+    """The first t at which the training noise reaches the clip: F²·(1 − ᾱ_t)/ᾱ_t ≥ var, i.e. (F = 1) DiNoiSer's
+    σ_t ≥ sqrt(var / (1 + var)). T − 1 if no t does."""
+    ab = alpha_bar.double().cpu()
+    reached = (noise_factor ** 2) * (1 - ab) >= var * ab
+    return int(reached.nonzero()[0]) if bool(reached.any()) else len(ab) - 1
+
+
+class ClippedTimesteps(UniformTimesteps):
+    """t uniform over [t_min, T−1]: the same draw as UniformTimesteps, mapped onto the clipped range, with t_min
+    re-estimated from `embedding` (the live word embedding) every `every` calls (the table moves slowly; every
+    call costs a V × V × D product)."""
+
+    def __init__(self, T: int, device: torch.device, alpha_bar: torch.Tensor, embedding: torch.nn.Module,
+                 noise_factor: float = 1.0, every: int = 10):
+        super().__init__(T, device)
+        self.alpha_bar, self.embedding, self.noise_factor, self.every = alpha_bar, embedding, noise_factor, every
+        self.calls, self.t_min = 0, 0
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.calls % self.every == 0:
+            self.t_min = clip_timestep(float(nearest_neighbour_var(self.embedding.weight)), self.alpha_bar, self.noise_factor)
+        self.calls += 1
+        t, _ = super().sample(batch_size, generator)
+        return self.t_min + t * (self.T - self.t_min) // self.T, None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"calls": torch.tensor(self.calls), "t_min": torch.tensor(self.t_min)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            self.calls, self.t_min = int(state["calls"]), int(state["t_min"])
+
+
+TIMESTEP_SAMPLERS: dict[TimestepSampler, type] = {"uniform": UniformTimesteps, "lossaware": LossAwareTimesteps,
+                                                  "clipped": ClippedTimesteps}
 assert tuple(TIMESTEP_SAMPLERS) == choices(TimestepSampler)
 
 
-def make_timesteps(name: TimestepSampler, T: int, device: torch.device):
+def make_timesteps(name: TimestepSampler, T: int, device: torch.device, alpha_bar: torch.Tensor | None = None,
+                   embedding: torch.nn.Module | None = None, noise_factor: float = 1.0):
+    """The timestep sampler `name`; the clipped one reads the schedule and the live word embedding."""
     if name not in TIMESTEP_SAMPLERS:
         raise ValueError(f"unknown timestep sampler {name!r}; expected {', '.join(TIMESTEP_SAMPLERS)}")
+    if name == "clipped":
+        if alpha_bar is None or embedding is None:
+            raise ValueError("the clipped timestep sampler needs alpha_bar and the word embedding")
+        return ClippedTimesteps(T, device, alpha_bar, embedding, noise_factor)
     return TIMESTEP_SAMPLERS[name](T, device)

@@ -209,13 +209,19 @@ def load_or_taskerror(data: bytes) -> None:
 PROPERTY = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 
 
-@PROPERTY
+def sweep(test):
+    """A broad hypothesis sweep: in the slow set (`python -m pytest -m slow`); what it found stays in the default run
+    as a regression test of its own."""
+    return pytest.mark.slow(PROPERTY(test))
+
+
+@sweep
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes(data):
     load_or_taskerror(data)
 
 
-@PROPERTY
+@sweep
 @given(st.lists(st.text(max_size=60), max_size=6))
 def test_arbitrary_text_lines(lines):
     load_or_taskerror("\n".join(lines).encode("utf-8"))
@@ -228,14 +234,14 @@ examples = st.fixed_dictionaries({}, optional={"src": json_values | st.text(max_
                                                "refs": st.lists(json_values | st.text(max_size=30), max_size=3) | json_values})
 
 
-@PROPERTY
+@sweep
 @given(st.lists(examples | json_values, min_size=1, max_size=5), st.booleans())
 def test_arbitrary_json_lines(rows, crlf):
     newline = "\r\n" if crlf else "\n"
     load_or_taskerror(newline.join(json.dumps(r) for r in rows).encode("utf-8"))
 
 
-@PROPERTY
+@sweep
 @given(st.lists(st.text(min_size=1, max_size=40).filter(str.strip), min_size=1, max_size=4))
 def test_every_good_line_loads(texts):
     lines = [json.dumps({"src": t, "trg": t[::-1] if t[::-1].strip() else t}) for t in texts]

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 
 import datasets
 import pytest
@@ -14,13 +13,13 @@ from diffutext.evaluate import decode, load_model
 from helpers import assert_one_line_error, copy_run, invoke
 
 
-def test_help_is_fast_and_imports_no_torch():
-    code = "import time,sys; t=time.time(); from diffutext.cli import app; print(time.time()-t, 'torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert float(out[0]) < 1.0 and out[1] == "False"
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "diffutext", "--help"], capture_output=True, check=True)
-    assert time.perf_counter() - start < 5  # interpreter start included; the import itself is checked above
+def test_help_imports_none_of_the_heavy_libraries():
+    """`--help` stays instant because it imports neither torch nor datasets nor nltk (checked by the modules loaded,
+    not by a clock: timings on a shared machine prove nothing)."""
+    code = ("import sys\nfrom diffutext.cli import main\nsys.argv = ['diffutext', 'train', '--help']\ntry:\n    main()\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'datasets', 'nltk', 'pyarrow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--max-steps" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.fixture(scope="module")

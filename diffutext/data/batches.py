@@ -3,7 +3,8 @@
 A sequence is `[CLS] src [SEP] trg [SEP]` padded with [PAD] to `seq_len`; `target_mask` is True
 on everything after the first [SEP] (padding included: the model generates the padding, which is
 how it chooses the output length). Too-long pairs lose tokens from the longer side first, and are
-counted.
+counted; `choose_seq_len` picks a length from a training split that cuts nothing (the model config's
+`seq_len = 0`).
 
 `pack_split` tokenizes a split in chunks (`encode_batch`) and packs each chunk with array
 arithmetic, no loop over rows or tokens. The result is two (N, L) matrices: the ids at 16 bits
@@ -233,6 +234,18 @@ def _pack_cached(dataset, vocab: Vocab, seq_len: int, with_target: bool, folder:
     if packed is None:
         raise OSError(f"{folder}: the packed split cannot be read back")
     return packed
+
+
+def choose_seq_len(dataset, vocab: Vocab, multiple: int = 8, chunk: int = 65_536) -> int:
+    """The shortest length, a multiple of `multiple`, that holds every pair of the split whole
+    (|src| + |trg| + 3) and that decodes every source whole (`pack_one` without a target keeps at most
+    (seq_len − 3) // 2 source tokens, so 2·|src| + 3). Tokenizes the split once more, chunk by chunk."""
+    need = 8
+    for i in range(0, len(dataset), chunk):
+        rows = dataset[i:i + chunk]
+        n_src, n_trg = (np.fromiter(map(len, vocab.encode(rows[k])), np.int64) for k in ("src", "trg"))
+        need = max(need, int(np.maximum(n_src + n_trg + 3, 2 * n_src + 3).max(initial=8)))
+    return -(-need // multiple) * multiple
 
 
 def pack_split(dataset, vocab: Vocab, seq_len: int, with_target: bool = True, layout: str = "diffutext") -> Packed:
