@@ -42,6 +42,7 @@ Layout = Literal["diffutext", "diffuseq"]
 DiffuSeqScript = Literal["2023", "2022"]
 LossPositions = Literal["all", "target"]  # where mse, decoder_nll and tT are averaged (losses.py)
 Positions = Literal["absolute", "segment"]  # the denoiser's position embedding (model.py)
+X0From = Literal["regression", "softmax"]  # how the denoiser's output becomes x0_hat (model.py)
 SelfConditionInput = Literal["clamped", "raw"]  # which previous x0_hat a self-conditioned model is fed (samplers.py)
 
 
@@ -82,6 +83,10 @@ class ModelConfig:
     # or "segment" (each side from its own start, target token k at the position of source token k, plus a
     # learned source/target embedding: the alignment an encoder–decoder gets for free).
     positions: Positions = "absolute"
+    # How the denoiser's output becomes x0_hat: "regression" (DiffuSeq: the output is x0_hat) or "softmax" (CDCD,
+    # Dieleman et al. 2022, score interpolation: the output is read by the tied head as logits over the vocabulary,
+    # and x0_hat = softmax(logits)·E, the expected embedding; the anchor loss then trains those logits).
+    x0_from: X0From = "regression"
 
 
 @dataclass(frozen=True)
@@ -292,8 +297,8 @@ def validate(config: RunConfig) -> None:
         (m.heads > 0 and m.width % m.heads == 0, f"model.width ({m.width}) must be a multiple of model.heads ({m.heads})"),
         (m.time_dim > 0 and m.time_dim % 2 == 0, "model.time_dim must be a positive even number"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (m.arch == "diffutext" or (m.self_condition == 0 and m.positions == "absolute"),
-         "model.arch diffuseq is DiffuSeq's network: it has no self-conditioning and absolute positions only"),
+        (m.arch == "diffutext" or (m.self_condition == 0 and m.positions == "absolute" and m.x0_from == "regression"),
+         "model.arch diffuseq is DiffuSeq's network: no self-conditioning, absolute positions, x0 by regression"),
         (m.seq_len >= 8 or m.seq_len == 0, "model.seq_len must be at least 8 (or 0: chosen from the training split)"),
         (0.0 <= m.self_condition <= 1.0, "model.self_condition must be a probability in [0, 1]"),
         (0.0 <= m.absorbing <= 1.0, "model.absorbing must be in [0, 1] (the rate of the soft absorbing state)"),

@@ -164,18 +164,29 @@ def forward_noise(z0: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, ep
 
 
 def _self_conditioned(model, z: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None,
-                      target_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """f(z, t) with self-conditioning: the examples in `rows` (B,) bool first run a no-grad pass (fed zeros)
-    whose x0_hat, detached, the trained pass also reads; the others read zeros. rows None: f(z, t).
+                      target_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, h) of f(z, t) (h: what the anchor loss scores, `Denoiser.forward`'s with_head), with
+    self-conditioning: the examples in `rows` (B,) bool first run a no-grad pass (fed zeros) whose x0_hat,
+    detached, the trained pass also reads; the others read zeros. rows None: plain f(z, t).
     target_mask is passed on only to a model that needs it (segment positions)."""
     extra = {} if target_mask is None else {"target_mask": target_mask}
+    if getattr(getattr(model, "config", None), "x0_from", "regression") == "softmax":
+        extra["with_head"] = True
     if rows is None:
-        return model(z, t, **extra)
-    prev = torch.zeros_like(z)
-    if bool(rows.any()):
-        with torch.no_grad():
-            prev[rows] = model(z[rows], t[rows], **({} if target_mask is None else {"target_mask": target_mask[rows]})).to(prev.dtype)
-    return model(z, t, prev, **extra)
+        out = model(z, t, **extra)
+    else:
+        prev = torch.zeros_like(z)
+        if bool(rows.any()):
+            with torch.no_grad():
+                prev[rows] = model(z[rows], t[rows], **({} if target_mask is None else {"target_mask": target_mask[rows]})).to(prev.dtype)
+        out = model(z, t, prev, **extra)
+    return out if isinstance(out, tuple) else (out, out)  # a regression model's head reads x0_hat itself
+
+
+def _chunk2(pair: tuple[torch.Tensor, torch.Tensor]):
+    """((a, a′), (h, h′)) of a batched pass over [z_t; z_t′]."""
+    (a, a2), (h, h2) = (x.chunk(2) for x in pair)
+    return (a, h), (a2, h2)
 
 
 def _positions_mean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -193,8 +204,9 @@ def _sq_error(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None) ->
 
 
 def anchor_loss(model, x0_hat: torch.Tensor, ids: torch.Tensor, target_mask: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Difformer's anchor loss per example (B,): the tied head's cross-entropy on x0_hat against the
-    tokens, averaged over target positions, with label smoothing ε:
+    """Difformer's anchor loss per example (B,): the tied head's cross-entropy on x0_hat (for a "softmax" model:
+    on the logits its x0_hat is the expectation of) against the tokens, averaged over target positions, with
+    label smoothing ε:
     (1 − ε)·nll + ε·(lse − mean_v logit_v) = nll + ε·(logit_y − mean_v logit_v), where the mean logit is
     x·mean(E) + mean(b). Only the target rows go through the chunked head."""
     weight, bias = model.embedding.weight, getattr(model, "head_bias", None)
@@ -251,11 +263,11 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
     tT = mean_flat(prior) if w is None else _positions_mean(prior.float().mean(-1), w)
 
     if dp_weight <= 0:
-        x0_hat = _self_conditioned(model, z_t, t, sc_rows, seg)
+        x0_hat, head = _self_conditioned(model, z_t, t, sc_rows, seg)
         mse = _sq_error(x0, x0_hat, w)
         terms = {"loss": mse + decoder_nll + tT, "mse": mse, "decoder_nll": decoder_nll, "tT": tT}
         if options.anchor_weight > 0:
-            terms["anchor"] = anchor_loss(model, x0_hat, ids, target_mask, options.anchor_smoothing)
+            terms["anchor"] = anchor_loss(model, head, ids, target_mask, options.anchor_smoothing)
             terms["loss"] = terms["loss"] + options.anchor_weight * terms["anchor"]
         return terms
 
@@ -271,9 +283,9 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
         z_t2 = forward_noise(z0, t2, alpha_bar, eps2, target_mask, options.noise_factor, mask_state, rate, absorb2)
         rows = None if sc_rows is None else torch.cat([sc_rows, sc_rows])
         seg2 = None if seg is None else torch.cat([seg, seg])
-        x0_hat, x0_hat2 = _self_conditioned(model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), rows, seg2).chunk(2)
+        (x0_hat, head), (x0_hat2, head2) = _chunk2(_self_conditioned(model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), rows, seg2))
     elif dp_partner == "reverse":  # paper wording: the partner comes from z_t through the model's own step
-        x0_hat = _self_conditioned(model, z_t, t, sc_rows, seg)
+        x0_hat, head = _self_conditioned(model, z_t, t, sc_rows, seg)
         if eps2 is not None and options.noise_factor != 1.0:
             eps2 = eps2 * options.noise_factor
         shift = mask_state.to(z_t.dtype) if mask_state is not None else None  # the process runs around m
@@ -282,7 +294,7 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
         else:
             z_t2 = reverse_partner(z_t - shift, x0_hat.detach() - shift, t, t2, alpha_bar, eps2) + shift
         z_t2 = torch.where(target_mask.unsqueeze(-1), z_t2, z0)
-        x0_hat2 = _self_conditioned(model, z_t2, t2, sc_rows, seg)
+        x0_hat2, head2 = _self_conditioned(model, z_t2, t2, sc_rows, seg)
     else:
         raise ValueError(f"unknown dp_partner {dp_partner!r}; expected forward or reverse")
     mse = _sq_error(x0, x0_hat, w)
@@ -292,8 +304,8 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
     terms = {"loss": loss, "mse": mse, "mse_partner": mse2, "penalty": penalty, "decoder_nll": decoder_nll, "tT": tT,
              "partner_valid": valid.float()}
     if options.anchor_weight > 0:  # both passes, halved like their mse terms
-        terms["anchor"] = 0.5 * (anchor_loss(model, x0_hat, ids, target_mask, options.anchor_smoothing)
-                                 + anchor_loss(model, x0_hat2, ids, target_mask, options.anchor_smoothing))
+        terms["anchor"] = 0.5 * (anchor_loss(model, head, ids, target_mask, options.anchor_smoothing)
+                                 + anchor_loss(model, head2, ids, target_mask, options.anchor_smoothing))
         terms["loss"] = terms["loss"] + options.anchor_weight * terms["anchor"]
     return terms
 

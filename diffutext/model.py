@@ -108,12 +108,14 @@ class Denoiser(nn.Module):
         return self.position(ids) + self.segment(target_mask.long())
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
-                target_mask: torch.Tensor | None = None) -> torch.Tensor:
+                target_mask: torch.Tensor | None = None, with_head: bool = False):
         """x0_hat = f(z_t, t): (B, L, hidden_dim), (B,) -> (B, L, hidden_dim).
 
         A self-conditioned model (config.self_condition > 0) also reads x0_prev, the previous estimate of x0
         (zeros when there is none, the default); any other model ignores it. A model with segment positions
-        needs target_mask (B, L); any other ignores it."""
+        needs target_mask (B, L); any other ignores it. with_head: (x0_hat, h), where h is what the tied head
+        reads as this prediction's logits (the anchor loss's input): x0_hat itself for "regression", the
+        network's output before the softmax for "softmax"."""
         L = z_t.shape[1]
         if self.config.self_condition > 0:
             z_t = torch.cat([z_t, torch.zeros_like(z_t) if x0_prev is None else x0_prev.to(z_t.dtype)], -1)
@@ -121,7 +123,16 @@ class Denoiser(nn.Module):
         h = ops.dropout(self.in_norm(h), self.config.dropout, self.training)  # (B, L, W)
         for block in self.blocks:
             h = block(h)
-        return self.down(self.out_norm(h))
+        h = self.down(self.out_norm(h))
+        x0_hat = h if self.config.x0_from == "regression" else self.expected_embedding(h)
+        return (x0_hat, h) if with_head else x0_hat
+
+    def expected_embedding(self, h: torch.Tensor) -> torch.Tensor:
+        """softmax(h·Eᵀ + b)·E: the embedding expected under the tied head's distribution (CDCD's score
+        interpolation), in float32 over the vocabulary: (B, L, hidden_dim) -> (B, L, hidden_dim)."""
+        weight = self.embedding.weight
+        probs = torch.softmax(self.logits(h).float(), -1)
+        return (probs.to(weight.dtype) @ weight).to(h.dtype) if probs.dtype != weight.dtype else probs @ weight
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -187,6 +187,7 @@ TRAIN_FIELDS = [
     Field("diffusion", "noise_factor", "Training noise scaled by F, decoding by 1 (Difformer: 4; 1: off).", min=0),
     Field("model", "absorbing", "Rate of DiffuSeq-v2's soft absorbing state (its scripts: 0.5; 0: off).", min=0),
     Field("model", "positions", "Position embedding: absolute (DiffuSeq) or segment (each side counted from its own start)."),
+    Field("model", "x0_from", "x0_hat as the denoiser's output (DiffuSeq) or as softmax(logits)·E over the tied head (CDCD)."),
     Field("train", "dp_from", "Share of the budget after which the Distance Penalty is on (0: throughout).", min=0),
 ]
 TRAIN_FLAGS = [f.parameter() for f in TRAIN_FIELDS]
