@@ -224,6 +224,39 @@ def anchor_loss(model, x0_hat: torch.Tensor, ids: torch.Tensor, target_mask: tor
     return _positions_mean(per_row.view(ids.shape), target_mask.float())
 
 
+@dataclass
+class _Inputs:
+    """What the denoiser's passes of one loss evaluation share: E(w), z0, z_t and the options' draws."""
+
+    x0: torch.Tensor  # E(w): (B, L, D)
+    z0: torch.Tensor  # E(w) + σ0·ε0
+    z_t: torch.Tensor
+    sc_rows: torch.Tensor | None  # (B,) bool: the examples that self-condition (None: the model does not)
+    seg: torch.Tensor | None  # the target mask, for a model with segment positions
+    mask_state: torch.Tensor | None  # the absorbing state m, for a model with one
+    rate: float  # its absorbing rate
+
+
+def _inputs(model, ids, target_mask, t, alpha_bar, noise: Noise | None, options: LossOptions) -> _Inputs:
+    mcfg = getattr(model, "config", None)
+    sc_prob, rate = getattr(mcfg, "self_condition", 0.0), getattr(mcfg, "absorbing", 0.0)
+    seg = target_mask if getattr(mcfg, "positions", "absolute") == "segment" else None  # the model needs the mask
+    mask_state = getattr(model, "mask_state", None)
+    x0 = model.embed(ids)
+    z0 = x0 + sigma(alpha_bar[:1]).to(x0.dtype) * (noise.eps0 if noise is not None else torch.randn_like(x0))
+    eps = noise.eps if noise is not None else torch.randn_like(z0)
+    absorb = None
+    if mask_state is not None:
+        absorb = noise.absorb if noise is not None else torch.rand(ids.shape, device=ids.device)
+    z_t = forward_noise(z0, t, alpha_bar, eps, target_mask, options.noise_factor, mask_state, rate, absorb)
+    sc_rows = None
+    if sc_prob > 0:
+        u = noise.self_cond if noise is not None else torch.rand(ids.shape[0], device=ids.device)
+        # noise drawn without the self-conditioning draws (validation): no example self-conditions
+        sc_rows = u < sc_prob if u is not None else torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    return _Inputs(x0, z0, z_t, sc_rows, seg, mask_state, rate)
+
+
 def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
                    dp_weight: float = 0.0, window: tuple[torch.Tensor, torch.Tensor] | None = None,
                    dp_partner: str = "forward", noise: Noise | None = None,
@@ -236,78 +269,66 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
     `options` adds the loss options of PAPER.md §7; the model's own config says whether it
     self-conditions (`self_condition`) and has an absorbing state (`absorbing`, its `mask_state`).
     """
-    mcfg = getattr(model, "config", None)
-    sc_prob, rate = getattr(mcfg, "self_condition", 0.0), getattr(mcfg, "absorbing", 0.0)
-    seg = target_mask if getattr(mcfg, "positions", "absolute") == "segment" else None  # the model needs the mask
-    mask_state = getattr(model, "mask_state", None)
-    x0 = model.embed(ids)  # E(w): (B, L, D)
-    z0 = x0 + sigma(alpha_bar[:1]).to(x0.dtype) * (noise.eps0 if noise is not None else torch.randn_like(x0))
-    eps = noise.eps if noise is not None else torch.randn_like(z0)
-    absorb = None
-    if mask_state is not None:
-        absorb = noise.absorb if noise is not None else None
-        if absorb is None and noise is None:
-            absorb = torch.rand(ids.shape, device=ids.device)
-    z_t = forward_noise(z0, t, alpha_bar, eps, target_mask, options.noise_factor, mask_state, rate, absorb)
-    sc_rows = None
-    if sc_prob > 0:
-        u = noise.self_cond if noise is not None else None
-        sc_rows = (u if u is not None else torch.rand(ids.shape[0], device=ids.device)) < sc_prob
-        if noise is not None and u is None:  # noise drawn without the self-conditioning draws (validation): no rows
-            sc_rows = torch.zeros_like(sc_rows)
+    inp = _inputs(model, ids, target_mask, t, alpha_bar, noise, options)
+    x0, z0 = inp.x0, inp.z0
     T = alpha_bar.shape[0]
     w = target_mask.float() if options.positions == "target" else None  # position weights of mse, decoder_nll, tT
     nll = tied_nll(z0.flatten(0, 1), model.embedding.weight, getattr(model, "head_bias", None), ids.flatten()).view(ids.shape)
     decoder_nll = nll.mean(1) if w is None else _positions_mean(nll, w)
     prior = (alpha_bar[T - 1].sqrt().to(z0.dtype) * z0) ** 2
     tT = mean_flat(prior) if w is None else _positions_mean(prior.float().mean(-1), w)
+    anchor = (lambda head: anchor_loss(model, head, ids, target_mask, options.anchor_smoothing)) if options.anchor_weight > 0 else None
 
     if dp_weight <= 0:
-        x0_hat, head = _self_conditioned(model, z_t, t, sc_rows, seg)
+        x0_hat, head = _self_conditioned(model, inp.z_t, t, inp.sc_rows, inp.seg)
         mse = _sq_error(x0, x0_hat, w)
         terms = {"loss": mse + decoder_nll + tT, "mse": mse, "decoder_nll": decoder_nll, "tT": tT}
-        if options.anchor_weight > 0:
-            terms["anchor"] = anchor_loss(model, head, ids, target_mask, options.anchor_smoothing)
+        if anchor is not None:
+            terms["anchor"] = anchor(head)
             terms["loss"] = terms["loss"] + options.anchor_weight * terms["anchor"]
         return terms
 
-    if window is None:
-        raise ValueError("the Distance Penalty needs the partner window (losses.dp_window)")
-    t2, valid = partner_timesteps(t, *window, uniforms=(noise.side, noise.offset) if noise is not None else None)
-    eps2 = noise.eps2 if noise is not None else None
-    absorb2 = None
-    if mask_state is not None:
-        absorb2 = noise.absorb2 if noise is not None else torch.rand(ids.shape, device=ids.device)
-    if dp_partner == "forward":  # reference code: same z0, fresh independent noise, one batched pass
-        eps2 = eps2 if eps2 is not None else torch.randn_like(z0)
-        z_t2 = forward_noise(z0, t2, alpha_bar, eps2, target_mask, options.noise_factor, mask_state, rate, absorb2)
-        rows = None if sc_rows is None else torch.cat([sc_rows, sc_rows])
-        seg2 = None if seg is None else torch.cat([seg, seg])
-        (x0_hat, head), (x0_hat2, head2) = _chunk2(_self_conditioned(model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), rows, seg2))
-    elif dp_partner == "reverse":  # paper wording: the partner comes from z_t through the model's own step
-        x0_hat, head = _self_conditioned(model, z_t, t, sc_rows, seg)
-        if eps2 is not None and options.noise_factor != 1.0:
-            eps2 = eps2 * options.noise_factor
-        shift = mask_state.to(z_t.dtype) if mask_state is not None else None  # the process runs around m
-        if shift is None:
-            z_t2 = reverse_partner(z_t, x0_hat.detach(), t, t2, alpha_bar, eps2)
-        else:
-            z_t2 = reverse_partner(z_t - shift, x0_hat.detach() - shift, t, t2, alpha_bar, eps2) + shift
-        z_t2 = torch.where(target_mask.unsqueeze(-1), z_t2, z0)
-        x0_hat2, head2 = _self_conditioned(model, z_t2, t2, sc_rows, seg)
-    else:
-        raise ValueError(f"unknown dp_partner {dp_partner!r}; expected forward or reverse")
+    (x0_hat, head), (x0_hat2, head2), valid = _with_partner(model, inp, ids, target_mask, t, alpha_bar, window, dp_partner,
+                                                             noise, options)
     mse = _sq_error(x0, x0_hat, w)
     mse2 = _sq_error(x0, x0_hat2, w)
     penalty = _sq_error(x0_hat2, x0_hat, w) * valid
     loss = 0.5 * (mse + mse2 + 2 * decoder_nll + 2 * tT + dp_weight * penalty)
     terms = {"loss": loss, "mse": mse, "mse_partner": mse2, "penalty": penalty, "decoder_nll": decoder_nll, "tT": tT,
              "partner_valid": valid.float()}
-    if options.anchor_weight > 0:  # both passes, halved like their mse terms
-        terms["anchor"] = 0.5 * (anchor_loss(model, head, ids, target_mask, options.anchor_smoothing)
-                                 + anchor_loss(model, head2, ids, target_mask, options.anchor_smoothing))
+    if anchor is not None:  # both passes, halved like their mse terms
+        terms["anchor"] = 0.5 * (anchor(head) + anchor(head2))
         terms["loss"] = terms["loss"] + options.anchor_weight * terms["anchor"]
     return terms
+
+
+def _with_partner(model, inp: _Inputs, ids, target_mask, t, alpha_bar, window, dp_partner: str, noise: Noise | None,
+                  options: LossOptions):
+    """The Distance Penalty's two passes (PAPER.md §3): ((x0_hat, head), (x0_hat′, head′), valid) at t and its partner t′."""
+    if window is None:
+        raise ValueError("the Distance Penalty needs the partner window (losses.dp_window)")
+    z0, z_t, sc_rows, seg, mask_state = inp.z0, inp.z_t, inp.sc_rows, inp.seg, inp.mask_state
+    t2, valid = partner_timesteps(t, *window, uniforms=(noise.side, noise.offset) if noise is not None else None)
+    eps2 = noise.eps2 if noise is not None else None
+    if dp_partner == "forward":  # reference code: same z0, fresh independent noise, one batched pass
+        absorb2 = None
+        if mask_state is not None:
+            absorb2 = noise.absorb2 if noise is not None else torch.rand(ids.shape, device=ids.device)
+        eps2 = eps2 if eps2 is not None else torch.randn_like(z0)
+        z_t2 = forward_noise(z0, t2, alpha_bar, eps2, target_mask, options.noise_factor, mask_state, inp.rate, absorb2)
+        rows = None if sc_rows is None else torch.cat([sc_rows, sc_rows])
+        seg2 = None if seg is None else torch.cat([seg, seg])
+        return (*_chunk2(_self_conditioned(model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), rows, seg2)), valid)
+    if dp_partner != "reverse":
+        raise ValueError(f"unknown dp_partner {dp_partner!r}; expected forward or reverse")
+    # paper wording: the partner comes from z_t through the model's own step
+    first = _self_conditioned(model, z_t, t, sc_rows, seg)
+    if eps2 is not None and options.noise_factor != 1.0:
+        eps2 = eps2 * options.noise_factor
+    shift = mask_state.to(z_t.dtype) if mask_state is not None else 0.0  # the process runs around m
+    z_t2 = reverse_partner(z_t - shift, first[0].detach() - shift, t, t2, alpha_bar, eps2) + shift
+    z_t2 = torch.where(target_mask.unsqueeze(-1), z_t2, z0)
+    return first, _self_conditioned(model, z_t2, t2, sc_rows, seg), valid
 
 
 def reverse_partner(z_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t2: torch.Tensor,
