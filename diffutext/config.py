@@ -122,6 +122,9 @@ class SampleConfig:
     variance: str = "large"  # ancestral variance: large (beta', DiffuSeq) | small (posterior)
     eta: float = 0.0  # DDIM eta
     clamp: bool = True  # snap x0_hat to the nearest word embedding at every step
+    # how clamping snaps x0_hat: nearest (the nearest word embedding in L2, DiffuSeq) | head (the embedding of the
+    # tied head's argmax, Difformer) | auto (head for a model trained with the anchor loss, else nearest)
+    clamp_by: str = "auto"
     self_condition_input: str = "clamped"  # a self-conditioned model is fed the previous x0_hat: clamped | raw (before snapping)
     ads_shares: tuple[float, float, float] | None = None
     batch_size: int = 64

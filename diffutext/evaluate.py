@@ -76,6 +76,14 @@ def _pack_batch(srcs: list[str], vocab, seq_len: int) -> tuple[torch.Tensor, tor
     return ids, mask, truncated
 
 
+def resolve_clamp_by(clamp_by: str, run_config) -> str:
+    """"auto": a model trained with the anchor loss snaps by the head's argmax (its x0_hat is trained for the
+    head, not to lie near the embedding), any other by the nearest embedding; else the value itself."""
+    if clamp_by != "auto":
+        return clamp_by
+    return "head" if run_config.train.anchor_weight > 0 else "nearest"
+
+
 def batch_seed(seed: int, batch: int) -> int:
     """The generator seed of one batch: depends on the seed and the batch index only."""
     return seed * 1_000_003 + batch
@@ -95,6 +103,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
     mine: dict[int, tuple[list[str], list[list[str]], list[float], list[float]]] = {}
     generator = torch.Generator(device=loaded.device)
     precision = resolve_precision(cfg.precision, loaded.device)
+    clamp_by = resolve_clamp_by(cfg.clamp_by, ck.config)
     for b in range(rank, -(-n // bs), world):
         ids, mask, cut = _pack_batch(dataset[b * bs:(b + 1) * bs]["src"], vocab, seq_len)
         truncated += cut
@@ -104,7 +113,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             generator.manual_seed(batch_seed(cfg.seed + k, b))
             t0 = time.perf_counter()
             out = generate(model, loaded.alpha_bar, sampler, cfg.steps, ids, mask, clamp=cfg.clamp, generator=generator,
-                           precision=precision, self_condition_input=cfg.self_condition_input)
+                           precision=precision, self_condition_input=cfg.self_condition_input, clamp_by=clamp_by)
             out = out.cpu()  # one sync per batch
             seconds += time.perf_counter() - t0
             per_seed.append(_to_text(out, mask.cpu(), vocab))

@@ -196,6 +196,9 @@ class Snap(nn.Module):
     def embed(self, ids):
         return self.embedding(ids)
 
+    def logits(self, x):
+        return x @ self.embedding.weight.t()
+
     def forward(self, z, t, prev=None):
         self.fed.append(prev.clone())
         out = torch.tanh(z) / 2 + prev / 4
@@ -220,6 +223,28 @@ def test_samplers_feed_the_previous_steps_x0_hat(which):
         else:  # snapped to the nearest word embedding
             nearest = w[torch.cdist(out[0, 2:], w).argmin(-1)]
             assert torch.allclose(target, nearest) and not torch.allclose(target, out[0, 2:])
+
+
+def test_clamping_by_the_head_snaps_to_the_embedding_of_the_heads_argmax():
+    model = Snap()
+    ids = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    denoise(model, AB, make_sampler("ads"), 5, ids, mask, clamp=True, generator=torch.Generator().manual_seed(0), clamp_by="head")
+    w = model.embedding.weight.detach()
+    differs = 0
+    for i in range(1, 5):
+        out = model.out[i - 1][0, 2:]
+        assert torch.allclose(model.fed[i][0, 2:], w[(out @ w.t()).argmax(-1)])
+        differs += int(((out @ w.t()).argmax(-1) != torch.cdist(out, w).argmin(-1)).sum())
+    assert differs > 0  # the two rules pick different words here, so the test tells them apart
+
+
+def test_auto_clamping_follows_the_anchor_loss():
+    from diffutext.evaluate import resolve_clamp_by
+
+    assert resolve_clamp_by("auto", resolve("tiny")) == "nearest"
+    assert resolve_clamp_by("auto", resolve("tiny", {"train": {"anchor_weight": 0.5}})) == "head"
+    assert resolve_clamp_by("head", resolve("tiny")) == "head" and resolve_clamp_by("nearest", resolve("tiny", {"train": {"anchor_weight": 1.0}})) == "nearest"
 
 
 # ---- a sequence length that follows the data ----
