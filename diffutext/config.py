@@ -44,6 +44,7 @@ LossPositions = Literal["all", "target"]  # where mse, decoder_nll and tT are av
 Positions = Literal["absolute", "segment"]  # the denoiser's position embedding (model.py)
 X0From = Literal["regression", "softmax"]  # how the denoiser's output becomes x0_hat (model.py)
 SelfConditionInput = Literal["clamped", "raw"]  # which previous x0_hat a self-conditioned model is fed (samplers.py)
+ClampBy = Literal["nearest", "head", "auto"]  # how clamping snaps x0_hat: nearest embedding in L2 (DiffuSeq) | the tied head's argmax (Difformer) | auto (head for an anchor-trained run)
 
 
 def choices(kind) -> tuple[str, ...]:
@@ -87,6 +88,15 @@ class ModelConfig:
     # Dieleman et al. 2022, score interpolation: the output is read by the tied head as logits over the vocabulary,
     # and x0_hat = softmax(logits)·E, the expected embedding; the anchor loss then trains those logits).
     x0_from: X0From = "regression"
+    # Copy prior (after the uniform copy of the source into the decoder's inputs of non-autoregressive translation,
+    # Gu et al. 2018): x0_hat = f(z_t, t) + the source embedding at the aligned position (target token k at source
+    # token k, the source's [SEP] past its end), so that copying the source is where the model starts. False: off.
+    copy_source: bool = False
+
+    @property
+    def needs_target_mask(self) -> bool:
+        """Whether the denoiser reads the target mask (segment positions, the copy prior)."""
+        return self.positions == "segment" or self.copy_source
 
 
 @dataclass(frozen=True)
@@ -167,6 +177,9 @@ class SampleConfig:
     variance: Variance = "large"
     eta: float = 0.0  # DDIM eta
     clamp: bool = True  # snap x0_hat to the nearest word embedding at every step
+    # how clamping snaps x0_hat: nearest (the nearest word embedding in L2, DiffuSeq) | head (the embedding of the
+    # tied head's argmax, Difformer) | auto (head for a model trained with the anchor loss, else nearest)
+    clamp_by: ClampBy = "auto"
     self_condition_input: SelfConditionInput = "clamped"  # a self-conditioned model is fed the previous x0_hat: clamped | raw (before snapping)
     ads_shares: tuple[float, float, float] | None = None
     batch_size: int = 128
@@ -297,8 +310,10 @@ def validate(config: RunConfig) -> None:
         (m.heads > 0 and m.width % m.heads == 0, f"model.width ({m.width}) must be a multiple of model.heads ({m.heads})"),
         (m.time_dim > 0 and m.time_dim % 2 == 0, "model.time_dim must be a positive even number"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (m.arch == "diffutext" or (m.self_condition == 0 and m.positions == "absolute" and m.x0_from == "regression"),
-         "model.arch diffuseq is DiffuSeq's network: no self-conditioning, absolute positions, x0 by regression"),
+        (m.arch == "diffutext" or (m.self_condition == 0 and m.positions == "absolute" and m.x0_from == "regression"
+                                   and not m.copy_source),
+         "model.arch diffuseq is DiffuSeq's network: no self-conditioning, absolute positions, x0 by regression, no copy prior"),
+        (not m.copy_source or m.x0_from == "regression", "model.copy_source adds to a regressed x0_hat: it needs model.x0_from regression"),
         (m.seq_len >= 8 or m.seq_len == 0, "model.seq_len must be at least 8 (or 0: chosen from the training split)"),
         (0.0 <= m.self_condition <= 1.0, "model.self_condition must be a probability in [0, 1]"),
         (0.0 <= m.absorbing <= 1.0, "model.absorbing must be in [0, 1] (the rate of the soft absorbing state)"),

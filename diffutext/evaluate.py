@@ -82,6 +82,16 @@ def _pack_batch(srcs: list[str], vocab, seq_len: int, layout: str = "diffutext")
     return ids, mask, truncated
 
 
+def resolve_clamp_by(clamp_by: str, run_config) -> str:
+    """"auto": a model trained with the anchor loss, or whose x0_hat is the head's expected embedding (x0_from
+    softmax), snaps by the head's argmax (its x0_hat is trained for the head, not to lie near one embedding);
+    any other by the nearest embedding; else the value itself."""
+    if clamp_by != "auto":
+        return clamp_by
+    by_head = run_config.train.anchor_weight > 0 or run_config.model.x0_from == "softmax"
+    return "head" if by_head else "nearest"
+
+
 def batch_seed(seed: int, batch: int) -> int:
     """The generator seed of one batch: depends on the seed and the batch index only."""
     return seed * 1_000_003 + batch
@@ -114,6 +124,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
     whole = identity(loaded, cfg, precision, list(dataset["src"])) if keep is not None else None
     n_steps = len(timesteps)
     on_step = lambda i, t: emit("step", {"done": i + 1, "total": n_steps, "t": t})  # host numbers: no device sync
+    clamp_by = resolve_clamp_by(cfg.clamp_by, ck.config)
     for b in range(rank, -(-n // bs), world):
         key = fingerprint(whole, b) if keep is not None else ""
         stored = keep.get(key) if keep is not None else None
@@ -131,7 +142,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             generator.manual_seed(batch_seed(cfg.seed + k, b))
             t0 = time.perf_counter()
             out = generate(model, loaded.alpha_bar, sampler, cfg.steps, ids, mask, clamp=cfg.clamp, generator=generator,
-                           precision=precision, self_condition_input=cfg.self_condition_input, callback=on_step)
+                           precision=precision, self_condition_input=cfg.self_condition_input, callback=on_step, clamp_by=clamp_by)
             out = out.cpu()  # one sync per batch
             batch_seconds += time.perf_counter() - t0
             per_seed.append(_to_text(out, mask.cpu(), vocab))

@@ -100,8 +100,6 @@ class Denoiser(nn.Module):
         (target token k where source token k is), plus the side's embedding. target_mask (B, L)."""
         if self.config.positions == "absolute":
             return self.position.weight[:L]
-        if target_mask is None:
-            raise ValueError("a model with segment positions needs the target mask")
         idx = torch.arange(L, device=target_mask.device)
         start = target_mask.int().argmax(1, keepdim=True)  # the first target position (after [CLS] src [SEP])
         ids = torch.where(target_mask, (idx - start + 1).clamp(max=L - 1), idx)
@@ -115,8 +113,12 @@ class Denoiser(nn.Module):
         (zeros when there is none, the default); any other model ignores it. A model with segment positions
         needs target_mask (B, L); any other ignores it. with_head: (x0_hat, h), where h is what the tied head
         reads as this prediction's logits (the anchor loss's input): x0_hat itself for "regression", the
-        network's output before the softmax for "softmax"."""
+        network's output before the softmax for "softmax". With the copy prior (config.copy_source) x0_hat is the
+        network's output plus `copied_source(z_t)`."""
         L = z_t.shape[1]
+        if self.config.needs_target_mask and target_mask is None:
+            raise ValueError("a model with segment positions or the copy prior needs the target mask")
+        copied = self.copied_source(z_t, target_mask) if self.config.copy_source else None
         if self.config.self_condition > 0:
             z_t = torch.cat([z_t, torch.zeros_like(z_t) if x0_prev is None else x0_prev.to(z_t.dtype)], -1)
         h = self.up(z_t) + self.positional(L, target_mask) + self.time_mlp(timestep_embedding(t, self.config.time_dim))[:, None]
@@ -125,7 +127,20 @@ class Denoiser(nn.Module):
             h = block(h)
         h = self.down(self.out_norm(h))
         x0_hat = h if self.config.x0_from == "regression" else self.expected_embedding(h)
+        if copied is not None:
+            x0_hat = h = x0_hat + copied.to(x0_hat.dtype)
         return (x0_hat, h) if with_head else x0_hat
+
+    @staticmethod
+    def copied_source(z_t: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """The copy prior's starting point: at target position start + k − 1 (target token k) the input at source
+        token k's position k, or at the source's [SEP] (position start − 1) once the source has ended; at source
+        positions their own input (the unnoised source). (B, L, D), (B, L) -> (B, L, D)."""
+        B, L, D = z_t.shape
+        idx = torch.arange(L, device=z_t.device).expand(B, L)
+        start = target_mask.int().argmax(1, keepdim=True)  # the first target position (after [CLS] src [SEP])
+        aligned = torch.where(target_mask, torch.minimum(idx - start + 1, start - 1), idx)
+        return z_t.gather(1, aligned[..., None].expand(B, L, D))
 
     def expected_embedding(self, h: torch.Tensor) -> torch.Tensor:
         """softmax(h·Eᵀ + b)·E: the embedding expected under the tied head's distribution (CDCD's score

@@ -68,6 +68,7 @@ SAMPLING = [  # how the chain runs: every field of SampleConfig but the sampler 
     _sample_option("variance", "Ancestral variance: large (DiffuSeq) or small (posterior)."),
     _sample_option("eta", "DDIM η.", min=0),
     _sample_option("clamp", "Snap x0_hat to the nearest word embedding at every step."),
+    _sample_option("clamp_by", "How x0_hat is snapped: nearest embedding (L2), the tied head's argmax, or auto (head for an anchor-trained run)."),
     _sample_option("self_condition_input", "What a self-conditioned model is fed: the previous x0_hat after snapping, or raw."),
     option("ads_shares", Optional[str], None, "ADS step shares of the three thirds, e.g. 0.1,0.4,0.5.", callback=_shares),
     _sample_option("seeds", "Decode K times and keep the per-source MBR pick.", min=1),
@@ -188,6 +189,7 @@ TRAIN_FIELDS = [
     Field("model", "absorbing", "Rate of DiffuSeq-v2's soft absorbing state (its scripts: 0.5; 0: off).", min=0),
     Field("model", "positions", "Position embedding: absolute (DiffuSeq) or segment (each side counted from its own start)."),
     Field("model", "x0_from", "x0_hat as the denoiser's output (DiffuSeq) or as softmax(logits)·E over the tied head (CDCD)."),
+    Field("model", "copy_source", "Copy prior: x0_hat = the network's output + the aligned source embedding (after NAT's source copy)."),
     Field("train", "dp_from", "Share of the budget after which the Distance Penalty is on (0: throughout).", min=0),
 ]
 TRAIN_FLAGS = [f.parameter() for f in TRAIN_FIELDS]

@@ -234,11 +234,23 @@ def nearest_indices(flat: torch.Tensor, weight_t: torch.Tensor, neg_half_sq_norm
     return out
 
 
+def nearest_embedding(x: torch.Tensor, weight: torch.Tensor, half_sq_norm: torch.Tensor) -> torch.Tensor:
+    """Snap every vector of x (..., D) to its nearest row of weight (V, D) in L2 (see `nearest_indices`)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return weight[nearest_indices(flat, weight.t().contiguous(), -half_sq_norm)].view_as(x)
+
+
+def head_indices(model, rows: torch.Tensor) -> torch.Tensor:
+    """argmax of the tied head for every row of rows (N, D), in row blocks (never the whole N × V logits)."""
+    return torch.cat([model.logits(rows[i:i + ROW_BLOCK]).argmax(-1) for i in range(0, rows.shape[0], ROW_BLOCK)]
+                     or [torch.empty(0, dtype=torch.long, device=rows.device)])
+
+
 @torch.inference_mode()
 def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
             clamp: bool = True, generator: torch.Generator | None = None,
             callback: Callable[[int, int], None] | None = None, precision: str = "fp32",
-            self_condition_input: str = "clamped") -> torch.Tensor:
+            self_condition_input: str = "clamped", clamp_by: str = "nearest") -> torch.Tensor:
     """Run the reverse chain on one batch and return the final continuous sample z (B, L, D).
 
     ids/target_mask (B, L) carry the source; target positions start from z_T ~ N(0, I), source
@@ -247,13 +259,16 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
 
     Options of the model (PAPER.md §7): a self-conditioned model (config.self_condition > 0) is fed the
     previous step's x0_hat, after snapping ("clamped", Difformer) or before it ("raw", SeqDiffuSeq, Plaid),
-    zeros at the first step; a model with an absorbing state m (`mask_state`) starts from z_T = ε + m and
+    zeros at the first step. clamp_by "head" snaps x0_hat to the embedding of the tied head's argmax (Difformer)
+    instead of the nearest embedding in L2 (DiffuSeq, "nearest"). A model with an absorbing state m (`mask_state`) starts from z_T = ε + m and
     every update runs around m (on z − m and x0_hat − m), as its forward process does.
     """
     if self_condition_input not in choices(SelfConditionInput):
         raise SamplerError(f"unknown self_condition_input {self_condition_input!r}; expected {', '.join(choices(SelfConditionInput))}")
+    if clamp_by not in ("nearest", "head"):  # "auto" is resolved against the run's config before decoding
+        raise SamplerError(f"unknown clamp_by {clamp_by!r}; expected nearest or head")
     self_cond = getattr(getattr(model, "config", None), "self_condition", 0.0) > 0
-    extra = {"target_mask": target_mask} if getattr(getattr(model, "config", None), "positions", "absolute") == "segment" else {}
+    extra = {"target_mask": target_mask} if getattr(getattr(model, "config", None), "needs_target_mask", False) else {}
     m = getattr(model, "mask_state", None)
     m = m.detach().float() if m is not None else None
     weight = model.embedding.weight.float()
@@ -276,7 +291,8 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
             prev = x0_hat.clone()
         if clamp:  # snap the target rows only: the source rows are replaced by x_src below
             flat = x0_hat.reshape(-1, x0_hat.shape[-1])
-            picked = nearest_indices(flat.index_select(0, target_rows), weight_t, neg_half_sq_norm)
+            rows = flat.index_select(0, target_rows)
+            picked = nearest_indices(rows, weight_t, neg_half_sq_norm) if clamp_by == "nearest" else head_indices(model, rows)
             flat.index_copy_(0, target_rows, weight.index_select(0, picked))
             if self_cond and self_condition_input == "clamped":
                 prev = x0_hat
@@ -293,14 +309,13 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
 def generate(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
              clamp: bool = True, generator: torch.Generator | None = None,
              callback: Callable[[int, int], None] | None = None, precision: str = "fp32",
-             self_condition_input: str = "clamped") -> torch.Tensor:
+             self_condition_input: str = "clamped", clamp_by: str = "nearest") -> torch.Tensor:
     """Decode one batch to token ids (B, L): the tied head's argmax on the final sample at target
     positions, computed in row blocks (never the whole (B·L × V) logits); source positions keep ids."""
-    z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback, precision, self_condition_input)
+    z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback, precision, self_condition_input,
+                clamp_by)
     rows = target_mask.reshape(-1).nonzero().squeeze(1)
-    z_rows = z.reshape(-1, z.shape[-1]).index_select(0, rows)
-    picked = torch.cat([model.logits(z_rows[i:i + ROW_BLOCK]).argmax(-1) for i in range(0, z_rows.shape[0], ROW_BLOCK)]
-                       or [ids.new_empty(0)])
+    picked = head_indices(model, z.reshape(-1, z.shape[-1]).index_select(0, rows))
     out = ids.clone()
     out.view(-1).index_copy_(0, rows, picked)
     return out

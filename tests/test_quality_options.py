@@ -197,6 +197,9 @@ class Snap(nn.Module):
     def embed(self, ids):
         return self.embedding(ids)
 
+    def logits(self, x):
+        return x @ self.embedding.weight.t()
+
     def forward(self, z, t, prev=None):
         self.fed.append(prev.clone())
         out = torch.tanh(z) / 2 + prev / 4
@@ -221,6 +224,29 @@ def test_samplers_feed_the_previous_steps_x0_hat(which):
         else:  # snapped to the nearest word embedding
             nearest = w[torch.cdist(out[0, 2:], w).argmin(-1)]
             assert torch.allclose(target, nearest) and not torch.allclose(target, out[0, 2:])
+
+
+def test_clamping_by_the_head_snaps_to_the_embedding_of_the_heads_argmax():
+    model = Snap()
+    ids = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    denoise(model, AB, make_sampler("ads"), 5, ids, mask, clamp=True, generator=torch.Generator().manual_seed(0), clamp_by="head")
+    w = model.embedding.weight.detach()
+    differs = 0
+    for i in range(1, 5):
+        out = model.out[i - 1][0, 2:]
+        assert torch.allclose(model.fed[i][0, 2:], w[(out @ w.t()).argmax(-1)])
+        differs += int(((out @ w.t()).argmax(-1) != torch.cdist(out, w).argmin(-1)).sum())
+    assert differs > 0  # the two rules pick different words here, so the test tells them apart
+
+
+def test_auto_clamping_follows_the_anchor_loss():
+    from diffutext.evaluate import resolve_clamp_by
+
+    assert resolve_clamp_by("auto", resolve("tiny")) == "nearest"
+    assert resolve_clamp_by("auto", resolve("tiny", {"train": {"anchor_weight": 0.5}})) == "head"
+    assert resolve_clamp_by("auto", resolve("tiny", {"model": {"x0_from": "softmax"}})) == "head"
+    assert resolve_clamp_by("head", resolve("tiny")) == "head" and resolve_clamp_by("nearest", resolve("tiny", {"train": {"anchor_weight": 1.0}})) == "nearest"
 
 
 # ---- a sequence length that follows the data ----
@@ -425,3 +451,40 @@ def test_softmax_x0_is_the_expected_embedding_and_the_anchor_reads_its_logits():
     x0_hat, h = model(z_t, t, with_head=True)
     assert torch.allclose(terms["anchor"], anchor_loss(model, h, ids, mask), atol=1e-5)
     assert torch.allclose(terms["mse"], ((x0 - x0_hat) ** 2).mean((1, 2)), atol=1e-5)
+
+
+def test_copy_prior_adds_the_aligned_source_input_to_the_networks_output():
+    """copy_source: x0_hat = f(z_t, t) + z at the aligned position (target token k <- source token k, the
+    source's [SEP] once the source has ended; source positions their own input)."""
+    model = tiny_model(copy_source=True).eval()
+    mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    z, t = torch.randn(2, 12, 8), torch.tensor([5, 900])
+    # row 0: [CLS] s1 s2 [SEP] | target 4..11 -> s1 s2 then [SEP] (index 3); row 1: [CLS] s1..s5 [SEP] | 7..11 -> s1..s5
+    aligned = torch.tensor([[0, 1, 2, 3, 1, 2, 3, 3, 3, 3, 3, 3], [0, 1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5]])
+    expected_copy = torch.stack([z[b, aligned[b]] for b in range(2)])
+    assert torch.equal(Denoiser.copied_source(z, mask), expected_copy)
+    plain = tiny_model().eval()
+    plain.load_state_dict(model.state_dict())
+    assert torch.allclose(model(z, t, target_mask=mask), plain(z, t) + expected_copy, atol=1e-6)
+    with pytest.raises(ValueError):
+        model(z, t)
+
+
+def test_copy_prior_with_a_silent_network_decodes_the_source():
+    """With the network's output zeroed, the copy prior alone makes every sampler write the source again."""
+    model = tiny_model(copy_source=True).eval()
+    with torch.no_grad():
+        model.down[2].weight.zero_()
+        model.down[2].bias.zero_()
+    ids = torch.tensor([[1, 7, 8, 9, 2, 0, 0, 0, 0, 0, 0, 0]])  # [CLS] 7 8 9 [SEP] | seven target slots
+    mask = (torch.arange(12) >= 5)[None]
+    w = model.embedding.weight.detach()
+
+    def words(m):
+        z = denoise(m, AB, make_sampler("ads"), 5, ids, mask, clamp=True, generator=torch.Generator().manual_seed(0))
+        return torch.cdist(z[0, 5:], w).argmin(-1).tolist()
+
+    assert words(model) == [7, 8, 9, 2, 2, 2, 2]
+    off = tiny_model().eval()
+    off.load_state_dict(model.state_dict())
+    assert words(off)[:3] != [7, 8, 9]
