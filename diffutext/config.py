@@ -90,7 +90,8 @@ class ModelConfig:
     x0_from: X0From = "regression"
     # Copy prior (after the uniform copy of the source into the decoder's inputs of non-autoregressive translation,
     # Gu et al. 2018): x0_hat = f(z_t, t) + the source embedding at the aligned position (target token k at source
-    # token k, the source's [SEP] past its end), so that copying the source is where the model starts. False: off.
+    # token k, the source's [SEP] past its end), with the network's last projection initialised to 0, so that the
+    # untrained model copies the source and training learns the edit. False: off.
     copy_source: bool = False
 
     @property

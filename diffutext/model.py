@@ -85,6 +85,9 @@ class Denoiser(nn.Module):
             self.mask_state = nn.Parameter(torch.randn(c.hidden_dim) * c.hidden_dim ** -0.5)
         if c.positions == "segment":
             self.segment = nn.Embedding(2, c.width)  # source / target
+        if c.copy_source:  # the copy prior starts from the copy itself: the network's output is 0 until it learns
+            nn.init.zeros_(self.down[2].weight)
+            nn.init.zeros_(self.down[2].bias)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """E(w): (B, L) -> (B, L, hidden_dim)."""

@@ -457,6 +457,8 @@ def test_copy_prior_adds_the_aligned_source_input_to_the_networks_output():
     """copy_source: x0_hat = f(z_t, t) + z at the aligned position (target token k <- source token k, the
     source's [SEP] once the source has ended; source positions their own input)."""
     model = tiny_model(copy_source=True).eval()
+    with torch.no_grad():
+        model.down[2].weight.normal_()  # a trained network's output is not 0
     mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
     z, t = torch.randn(2, 12, 8), torch.tensor([5, 900])
     # row 0: [CLS] s1 s2 [SEP] | target 4..11 -> s1 s2 then [SEP] (index 3); row 1: [CLS] s1..s5 [SEP] | 7..11 -> s1..s5
@@ -471,11 +473,9 @@ def test_copy_prior_adds_the_aligned_source_input_to_the_networks_output():
 
 
 def test_copy_prior_with_a_silent_network_decodes_the_source():
-    """With the network's output zeroed, the copy prior alone makes every sampler write the source again."""
+    """The untrained copy-prior model (its last projection starts at 0) writes the source again."""
     model = tiny_model(copy_source=True).eval()
-    with torch.no_grad():
-        model.down[2].weight.zero_()
-        model.down[2].bias.zero_()
+    assert not model.down[2].weight.any() and not model.down[2].bias.any()
     ids = torch.tensor([[1, 7, 8, 9, 2, 0, 0, 0, 0, 0, 0, 0]])  # [CLS] 7 8 9 [SEP] | seven target slots
     mask = (torch.arange(12) >= 5)[None]
     w = model.embedding.weight.detach()
