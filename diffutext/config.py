@@ -44,7 +44,7 @@ LossPositions = Literal["all", "target"]  # where mse, decoder_nll and tT are av
 Positions = Literal["absolute", "segment"]  # the denoiser's position embedding (model.py)
 X0From = Literal["regression", "softmax"]  # how the denoiser's output becomes x0_hat (model.py)
 SelfConditionInput = Literal["clamped", "raw"]  # which previous x0_hat a self-conditioned model is fed (samplers.py)
-ClampBy = Literal["nearest", "head", "auto"]  # how clamping snaps x0_hat: nearest embedding in L2 (DiffuSeq) | the tied head's argmax (Difformer) | auto (head for an anchor-trained run)
+ClampBy = Literal["nearest", "head", "auto"]  # how clamping snaps x0_hat: nearest embedding in L2 (DiffuSeq) | the tied head's argmax (Difformer) | auto (head for a run trained with the anchor loss or x0_from softmax)
 
 
 def choices(kind) -> tuple[str, ...]:
@@ -179,7 +179,7 @@ class SampleConfig:
     eta: float = 0.0  # DDIM eta
     clamp: bool = True  # snap x0_hat to the nearest word embedding at every step
     # how clamping snaps x0_hat: nearest (the nearest word embedding in L2, DiffuSeq) | head (the embedding of the
-    # tied head's argmax, Difformer) | auto (head for a model trained with the anchor loss, else nearest)
+    # tied head's argmax, Difformer) | auto (head for a model trained with the anchor loss or x0_from softmax, else nearest)
     clamp_by: ClampBy = "auto"
     self_condition_input: SelfConditionInput = "clamped"  # a self-conditioned model is fed the previous x0_hat: clamped | raw (before snapping)
     ads_shares: tuple[float, float, float] | None = None

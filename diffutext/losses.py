@@ -240,7 +240,7 @@ class _Inputs:
 def _inputs(model, ids, target_mask, t, alpha_bar, noise: Noise | None, options: LossOptions) -> _Inputs:
     mcfg = getattr(model, "config", None)
     sc_prob, rate = getattr(mcfg, "self_condition", 0.0), getattr(mcfg, "absorbing", 0.0)
-    seg = target_mask if getattr(getattr(model, "config", None), "needs_target_mask", False) else None  # the model needs the mask
+    seg = target_mask if getattr(mcfg, "needs_target_mask", False) else None  # the model needs the mask
     mask_state = getattr(model, "mask_state", None)
     x0 = model.embed(ids)
     z0 = x0 + sigma(alpha_bar[:1]).to(x0.dtype) * (noise.eps0 if noise is not None else torch.randn_like(x0))

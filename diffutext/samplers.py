@@ -234,12 +234,6 @@ def nearest_indices(flat: torch.Tensor, weight_t: torch.Tensor, neg_half_sq_norm
     return out
 
 
-def nearest_embedding(x: torch.Tensor, weight: torch.Tensor, half_sq_norm: torch.Tensor) -> torch.Tensor:
-    """Snap every vector of x (..., D) to its nearest row of weight (V, D) in L2 (see `nearest_indices`)."""
-    flat = x.reshape(-1, x.shape[-1])
-    return weight[nearest_indices(flat, weight.t().contiguous(), -half_sq_norm)].view_as(x)
-
-
 def head_indices(model, rows: torch.Tensor) -> torch.Tensor:
     """argmax of the tied head for every row of rows (N, D), in row blocks (never the whole N × V logits)."""
     return torch.cat([model.logits(rows[i:i + ROW_BLOCK]).argmax(-1) for i in range(0, rows.shape[0], ROW_BLOCK)]
