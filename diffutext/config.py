@@ -93,11 +93,16 @@ class ModelConfig:
     # token k, the source's [SEP] past its end), with the network's last projection initialised to 0, so that the
     # untrained model copies the source and training learns the edit. False: off.
     copy_source: bool = False
+    # The copied source as the denoiser's input too, as in Gu et al. 2018, whose decoder reads the copied source
+    # embeddings: the up-projection takes [z_t, copied source] (with self-conditioning [z_t, x0_hat_prev, copied
+    # source]), so target position k sees the source token aligned to it without having to find it by attention.
+    # False: off.
+    copy_input: bool = False
 
     @property
     def needs_target_mask(self) -> bool:
-        """Whether the denoiser reads the target mask (segment positions, the copy prior)."""
-        return self.positions == "segment" or self.copy_source
+        """Whether the denoiser reads the target mask (segment positions, the copy prior, the copied input)."""
+        return self.positions == "segment" or self.copy_source or self.copy_input
 
 
 @dataclass(frozen=True)
@@ -314,8 +319,8 @@ def validate(config: RunConfig) -> None:
         (m.time_dim > 0 and m.time_dim % 2 == 0, "model.time_dim must be a positive even number"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (m.arch == "diffutext" or (m.self_condition == 0 and m.positions == "absolute" and m.x0_from == "regression"
-                                   and not m.copy_source),
-         "model.arch diffuseq is DiffuSeq's network: no self-conditioning, absolute positions, x0 by regression, no copy prior"),
+                                   and not m.copy_source and not m.copy_input),
+         "model.arch diffuseq is DiffuSeq's network: no self-conditioning, absolute positions, x0 by regression, no copy prior or copied input"),
         (not m.copy_source or m.x0_from == "regression", "model.copy_source adds to a regressed x0_hat: it needs model.x0_from regression"),
         (m.seq_len >= 8 or m.seq_len == 0, "model.seq_len must be at least 8 (or 0: chosen from the training split)"),
         (0.0 <= m.self_condition <= 1.0, "model.self_condition must be a probability in [0, 1]"),

@@ -73,7 +73,9 @@ class Denoiser(nn.Module):
         self.embedding = nn.Embedding(c.vocab_size, c.hidden_dim)  # E, initialised N(0, 1) like DiffuSeq's
         self.head_bias = nn.Parameter(torch.zeros(c.vocab_size))
         # with self-conditioning the up-projection reads [z_t, x0_hat_prev] (SeqDiffuSeq's concatenation)
-        self.up = nn.Sequential(nn.Linear(c.hidden_dim * (2 if c.self_condition > 0 else 1), c.width), nn.Tanh(),
+        # and with the copied input also the aligned source embedding (Gu et al. 2018's decoder input)
+        inputs = 1 + (c.self_condition > 0) + c.copy_input
+        self.up = nn.Sequential(nn.Linear(c.hidden_dim * inputs, c.width), nn.Tanh(),
                                 nn.Linear(c.width, c.width))
         self.time_mlp = nn.Sequential(nn.Linear(c.time_dim, 4 * c.time_dim), nn.SiLU(), nn.Linear(4 * c.time_dim, c.width))
         self.position = nn.Embedding(c.seq_len, c.width)
@@ -117,20 +119,25 @@ class Denoiser(nn.Module):
         needs target_mask (B, L); any other ignores it. with_head: (x0_hat, h), where h is what the tied head
         reads as this prediction's logits (the anchor loss's input): x0_hat itself for "regression", the
         network's output before the softmax for "softmax". With the copy prior (config.copy_source) x0_hat is the
-        network's output plus `copied_source(z_t)`."""
+        network's output plus `copied_source(z_t)`; with the copied input (config.copy_input) the network also reads it."""
         L = z_t.shape[1]
         if self.config.needs_target_mask and target_mask is None:
-            raise ValueError("a model with segment positions or the copy prior needs the target mask")
-        copied = self.copied_source(z_t, target_mask) if self.config.copy_source else None
-        if self.config.self_condition > 0:
-            z_t = torch.cat([z_t, torch.zeros_like(z_t) if x0_prev is None else x0_prev.to(z_t.dtype)], -1)
-        h = self.up(z_t) + self.positional(L, target_mask) + self.time_mlp(timestep_embedding(t, self.config.time_dim))[:, None]
+            raise ValueError("a model with segment positions, the copy prior or the copied input needs the target mask")
+        c = self.config
+        copied = self.copied_source(z_t, target_mask) if c.copy_source or c.copy_input else None
+        inputs = [z_t]
+        if c.self_condition > 0:
+            inputs.append(torch.zeros_like(z_t) if x0_prev is None else x0_prev.to(z_t.dtype))
+        if c.copy_input:
+            inputs.append(copied)
+        h = self.up(torch.cat(inputs, -1) if len(inputs) > 1 else z_t)
+        h = h + self.positional(L, target_mask) + self.time_mlp(timestep_embedding(t, c.time_dim))[:, None]
         h = ops.dropout(self.in_norm(h), self.config.dropout, self.training)  # (B, L, W)
         for block in self.blocks:
             h = block(h)
         h = self.down(self.out_norm(h))
         x0_hat = h if self.config.x0_from == "regression" else self.expected_embedding(h)
-        if copied is not None:
+        if c.copy_source:
             x0_hat = h = x0_hat + copied.to(x0_hat.dtype)
         return (x0_hat, h) if with_head else x0_hat
 

@@ -190,6 +190,7 @@ TRAIN_FIELDS = [
     Field("model", "positions", "Position embedding: absolute (DiffuSeq) or segment (each side counted from its own start)."),
     Field("model", "x0_from", "x0_hat as the denoiser's output (DiffuSeq) or as softmax(logits)·E over the tied head (CDCD)."),
     Field("model", "copy_source", "Copy prior: x0_hat = the network's output + the aligned source embedding (after NAT's source copy)."),
+    Field("model", "copy_input", "Feed the aligned source embedding to the denoiser beside z_t (Gu et al. 2018's copied decoder input)."),
     Field("train", "dp_from", "Share of the budget after which the Distance Penalty is on (0: throughout).", min=0),
 ]
 TRAIN_FLAGS = [f.parameter() for f in TRAIN_FIELDS]

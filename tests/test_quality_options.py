@@ -488,3 +488,32 @@ def test_copy_prior_with_a_silent_network_decodes_the_source():
     off = tiny_model().eval()
     off.load_state_dict(model.state_dict())
     assert words(off)[:3] != [7, 8, 9]
+
+
+def test_copied_input_feeds_the_aligned_source_beside_z_t():
+    """copy_input: the up-projection reads [z_t, copied source] (after the self-conditioning input when both are on),
+    so target position k sees source token k; with copy_input alone x0_hat is the network's output (no prior added)."""
+    mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    z, t = torch.randn(1, 12, 8), torch.tensor([700])
+    for options, width in (({"copy_input": True}, 16), ({"copy_input": True, "self_condition": 0.5}, 24)):
+        model = tiny_model(**options).eval()
+        assert model.up[0].in_features == width
+        seen = []
+        model.up[0].register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+        x0_prev = torch.randn(1, 12, 8)
+        with torch.no_grad():
+            model(z, t, x0_prev=x0_prev, target_mask=mask)
+        assert torch.equal(seen[0][..., :8], z)
+        assert torch.equal(seen[0][..., -8:], Denoiser.copied_source(z, mask))
+        if "self_condition" in options:
+            assert torch.equal(seen[0][..., 8:16], x0_prev)
+    model = tiny_model(copy_input=True).eval()
+    other = z.clone()
+    other[0, 2] += 1.0  # source token 2 changes; with attention cut off only its aligned target position (5) can see it
+    with torch.no_grad():
+        for block in model.blocks:
+            block.proj.weight.zero_(), block.proj.bias.zero_()
+        diff = (model(z, t, target_mask=mask) - model(other, t, target_mask=mask)).abs().sum(-1)[0]
+    assert diff[5] > 0 and diff[2] > 0 and not diff[[4, 6, 7, 8]].any()
+    with pytest.raises(ValueError):
+        model(z, t)
