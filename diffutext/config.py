@@ -44,6 +44,10 @@ LossPositions = Literal["all", "target"]  # where mse, decoder_nll and tT are av
 Positions = Literal["absolute", "segment"]  # the denoiser's position embedding (model.py)
 X0From = Literal["regression", "softmax"]  # how the denoiser's output becomes x0_hat (model.py)
 SelfConditionInput = Literal["clamped", "raw"]  # which previous x0_hat a self-conditioned model is fed (samplers.py)
+# the copy prior (model.py): on | off | auto (on when the training pairs' sources share enough tokens with their
+# targets, COPY_OVERLAP; resolved when training starts and stored in the run's config as on or off)
+CopySource = Literal["auto", "on", "off"]
+COPY_OVERLAP = 0.4  # auto's threshold on the train split's token Dice overlap (bible-basic 0.52, CommonGen 0.32)
 ClampBy = Literal["nearest", "head", "auto"]  # how clamping snaps x0_hat: nearest embedding in L2 (DiffuSeq) | the tied head's argmax (Difformer) | auto (head for a run trained with the anchor loss or x0_from softmax)
 
 
@@ -91,8 +95,10 @@ class ModelConfig:
     # Copy prior (after the uniform copy of the source into the decoder's inputs of non-autoregressive translation,
     # Gu et al. 2018): x0_hat = f(z_t, t) + the source embedding at the aligned position (target token k at source
     # token k, the source's [SEP] past its end), with the network's last projection initialised to 0, so that the
-    # untrained model copies the source and training learns the edit. False: off.
-    copy_source: bool = False
+    # untrained model copies the source and training learns the edit. "auto": on when the training split's sources
+    # and targets overlap (a token Dice of at least COPY_OVERLAP over their first 10,000 pairs), chosen when training
+    # starts: on for a paraphrase or a simplification set, off for translation or concept-to-sentence.
+    copy_source: CopySource = "off"
     # The copied source as the denoiser's input too, as in Gu et al. 2018, whose decoder reads the copied source
     # embeddings: the up-projection takes [z_t, copied source] (with self-conditioning [z_t, x0_hat_prev, copied
     # source]), so target position k sees the source token aligned to it without having to find it by attention.
@@ -102,7 +108,7 @@ class ModelConfig:
     @property
     def needs_target_mask(self) -> bool:
         """Whether the denoiser reads the target mask (segment positions, the copy prior, the copied input)."""
-        return self.positions == "segment" or self.copy_source or self.copy_input
+        return self.positions == "segment" or self.copy_source == "on" or self.copy_input
 
 
 @dataclass(frozen=True)
@@ -164,8 +170,11 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         try:
+            model = dict(data.get("model", {}))
+            if isinstance(model.get("copy_source"), bool):  # run folders written before auto stored true/false
+                model["copy_source"] = "on" if model["copy_source"] else "off"
             return cls(
-                model=_build(ModelConfig, data.get("model", {})),
+                model=_build(ModelConfig, model),
                 diffusion=_build(DiffusionConfig, data.get("diffusion", {})),
                 train=_build(TrainConfig, data.get("train", {})),
             )
@@ -229,7 +238,7 @@ PRESETS: dict[str, RunConfig] = {
     # first: 1,500 to 4,000 steps on 2 CPU cores, depending on the CPU.
     "small": RunConfig(
         model=ModelConfig(hidden_dim=32, width=256, layers=4, heads=4, ffn=1024, dropout=0.0, seq_len=56, time_dim=128,
-                          copy_source=True),
+                          copy_source="auto"),
         train=TrainConfig(max_steps=6000, max_minutes=14.0, batch_size=32, lr=3e-3, warmup_steps=100, ema_decay=0.999, precision="auto",
                           eval_every=500, save_every=1000, vocab_size=8000),
     ),
@@ -319,9 +328,9 @@ def validate(config: RunConfig) -> None:
         (m.time_dim > 0 and m.time_dim % 2 == 0, "model.time_dim must be a positive even number"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (m.arch == "diffutext" or (m.self_condition == 0 and m.positions == "absolute" and m.x0_from == "regression"
-                                   and not m.copy_source and not m.copy_input),
+                                   and m.copy_source != "on" and not m.copy_input),
          "model.arch diffuseq is DiffuSeq's network: no self-conditioning, absolute positions, x0 by regression, no copy prior or copied input"),
-        (not m.copy_source or m.x0_from == "regression", "model.copy_source adds to a regressed x0_hat: it needs model.x0_from regression"),
+        (m.copy_source != "on" or m.x0_from == "regression", "model.copy_source adds to a regressed x0_hat: it needs model.x0_from regression"),
         (m.seq_len >= 8 or m.seq_len == 0, "model.seq_len must be at least 8 (or 0: chosen from the training split)"),
         (0.0 <= m.self_condition <= 1.0, "model.self_condition must be a probability in [0, 1]"),
         (0.0 <= m.absorbing <= 1.0, "model.absorbing must be in [0, 1] (the rate of the soft absorbing state)"),

@@ -70,6 +70,8 @@ class Denoiser(nn.Module):
         if config.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
         c = self.config = config
+        if c.copy_source == "auto":
+            raise ValueError("ModelConfig.copy_source auto must be resolved (on or off, from the training split) before building the model")
         self.embedding = nn.Embedding(c.vocab_size, c.hidden_dim)  # E, initialised N(0, 1) like DiffuSeq's
         self.head_bias = nn.Parameter(torch.zeros(c.vocab_size))
         # with self-conditioning the up-projection reads [z_t, x0_hat_prev] (SeqDiffuSeq's concatenation)
@@ -87,7 +89,7 @@ class Denoiser(nn.Module):
             self.mask_state = nn.Parameter(torch.randn(c.hidden_dim) * c.hidden_dim ** -0.5)
         if c.positions == "segment":
             self.segment = nn.Embedding(2, c.width)  # source / target
-        if c.copy_source:  # the copy prior starts from the copy itself: the network's output is 0 until it learns
+        if c.copy_source == "on":  # the copy prior starts from the copy itself: the network's output is 0 until it learns
             nn.init.zeros_(self.down[2].weight)
             nn.init.zeros_(self.down[2].bias)
 
@@ -124,7 +126,7 @@ class Denoiser(nn.Module):
         if self.config.needs_target_mask and target_mask is None:
             raise ValueError("a model with segment positions, the copy prior or the copied input needs the target mask")
         c = self.config
-        copied = self.copied_source(z_t, target_mask) if c.copy_source or c.copy_input else None
+        copied = self.copied_source(z_t, target_mask) if c.copy_source == "on" or c.copy_input else None
         inputs = [z_t]
         if c.self_condition > 0:
             inputs.append(torch.zeros_like(z_t) if x0_prev is None else x0_prev.to(z_t.dtype))
@@ -137,7 +139,7 @@ class Denoiser(nn.Module):
             h = block(h)
         h = self.down(self.out_norm(h))
         x0_hat = h if self.config.x0_from == "regression" else self.expected_embedding(h)
-        if c.copy_source:
+        if c.copy_source == "on":
             x0_hat = h = x0_hat + copied.to(x0_hat.dtype)
         return (x0_hat, h) if with_head else x0_hat
 

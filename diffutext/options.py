@@ -189,7 +189,8 @@ TRAIN_FIELDS = [
     Field("model", "absorbing", "Rate of DiffuSeq-v2's soft absorbing state (its scripts: 0.5; 0: off).", min=0),
     Field("model", "positions", "Position embedding: absolute (DiffuSeq) or segment (each side counted from its own start)."),
     Field("model", "x0_from", "x0_hat as the denoiser's output (DiffuSeq) or as softmax(logits)·E over the tied head (CDCD)."),
-    Field("model", "copy_source", "Copy prior: x0_hat = the network's output + the aligned source embedding (after NAT's source copy)."),
+    Field("model", "copy_source", "Copy prior: x0_hat = the network's output + the aligned source embedding (after NAT's source "
+                                 "copy); auto: on when the training pairs' sources and targets share tokens (Dice ≥ 0.4)."),
     Field("model", "copy_input", "Feed the aligned source embedding to the denoiser beside z_t (Gu et al. 2018's copied decoder input)."),
     Field("train", "dp_from", "Share of the budget after which the Distance Penalty is on (0: throughout).", min=0),
 ]

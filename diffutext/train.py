@@ -37,9 +37,9 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import RunConfig, with_vocab
+from .config import COPY_OVERLAP, RunConfig, with_vocab
 from .data import tokenizer as tok
-from .data.batches import Packed, choose_seq_len, pack_split
+from .data.batches import Packed, choose_seq_len, pack_split, source_overlap
 from .data.tasks import MissingSplit, load_split
 from .data.tasks import resolve as resolve_task
 from .device import autocast, resolve_device, resolve_precision
@@ -230,6 +230,8 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callb
     config = with_vocab(config, vocab.size)
     if config.model.seq_len == 0:  # chosen from the data: stored in the run's config like any other size
         config = replace(config, model=replace(config.model, seq_len=data.train.ids.shape[1]))
+    if config.model.copy_source == "auto":  # chosen from the data too, and stored as on or off
+        config = resolve_copy_source(config, source_overlap(data.train, vocab), emit)
     trainer = Trainer(config, dev, data, compile, init=prior is None)
     if prior is not None:
         trainer.restore(prior)
@@ -291,6 +293,16 @@ def _load_data(config: RunConfig, run_dir: Path, resume: bool, emit: Callback) -
     data = Data(pack_split(train_ds, vocab, seq_len, layout=layout),
                 pack_split(valid_ds, vocab, seq_len, layout=layout) if valid_ds is not None else None)
     return data, vocab, task_source
+
+
+def resolve_copy_source(config: RunConfig, overlap: float, emit: Callback) -> RunConfig:
+    """copy_source auto: on when the training pairs' token overlap reaches COPY_OVERLAP and the model can take the
+    prior (diffutext's network, x0_hat by regression); off otherwise."""
+    m = config.model
+    on = overlap >= COPY_OVERLAP and m.arch == "diffutext" and m.x0_from == "regression"
+    emit("status", {"message": f"copy prior {'on' if on else 'off'} (auto): the training pairs' token overlap is {overlap:.2f}"
+                               f" ({'at least' if overlap >= COPY_OVERLAP else 'under'} {COPY_OVERLAP})"})
+    return replace(config, model=replace(m, copy_source="on" if on else "off"))
 
 
 class Trainer:

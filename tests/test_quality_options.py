@@ -456,7 +456,7 @@ def test_softmax_x0_is_the_expected_embedding_and_the_anchor_reads_its_logits():
 def test_copy_prior_adds_the_aligned_source_input_to_the_networks_output():
     """copy_source: x0_hat = f(z_t, t) + z at the aligned position (target token k <- source token k, the
     source's [SEP] once the source has ended; source positions their own input)."""
-    model = tiny_model(copy_source=True).eval()
+    model = tiny_model(copy_source="on").eval()
     with torch.no_grad():
         model.down[2].weight.normal_()  # a trained network's output is not 0
     mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -474,7 +474,7 @@ def test_copy_prior_adds_the_aligned_source_input_to_the_networks_output():
 
 def test_copy_prior_with_a_silent_network_decodes_the_source():
     """The untrained copy-prior model (its last projection starts at 0) writes the source again."""
-    model = tiny_model(copy_source=True).eval()
+    model = tiny_model(copy_source="on").eval()
     assert not model.down[2].weight.any() and not model.down[2].bias.any()
     ids = torch.tensor([[1, 7, 8, 9, 2, 0, 0, 0, 0, 0, 0, 0]])  # [CLS] 7 8 9 [SEP] | seven target slots
     mask = (torch.arange(12) >= 5)[None]
@@ -517,3 +517,54 @@ def test_copied_input_feeds_the_aligned_source_beside_z_t():
     assert diff[5] > 0 and diff[2] > 0 and not diff[[4, 6, 7, 8]].any()
     with pytest.raises(ValueError):
         model(z, t)
+
+
+# ---- the copy prior's auto setting ----
+
+def test_source_overlap_is_the_token_dice_of_the_packed_pairs():
+    """2·|src ∩ trg| / (|src| + |trg|) with multiset intersections per pair, specials left out."""
+    from diffutext.data.batches import CompactIds, Packed, source_overlap
+    class V:  # the special ids of a vocabulary
+        pad, cls, sep = 0, 2, 3
+
+    # pair 1: src 5 5 6, trg 5 6 6 7 -> shared 5, 6 (2 of 7 tokens on each count): 2·2 / 7
+    # pair 2: src 8 9, trg 10 -> nothing shared: 0 / 3
+    rows = [[2, 5, 5, 6, 3, 5, 6, 6, 7, 3, 0], [2, 8, 9, 3, 10, 3, 0, 0, 0, 0, 0]]
+    first_target = [5, 4]
+    ids = torch.tensor(rows)
+    mask = torch.arange(11)[None] >= torch.tensor(first_target)[:, None]
+    packed = Packed(CompactIds(ids), mask, 0)
+    assert source_overlap(packed, V()) == pytest.approx(2 * 2 / (7 + 3))
+    assert source_overlap(Packed(CompactIds(ids[1:]), mask[1:], 0), V()) == 0.0
+    assert source_overlap(Packed(CompactIds(ids[:1]), mask[:1], 0), V()) == pytest.approx(4 / 7)
+
+
+def test_copy_source_auto_follows_the_training_pairs_and_is_stored_resolved(tmp_path):
+    """auto: on for bible-basic (its sources and targets overlap), off for a set whose targets share no token
+    with their sources; the run's config keeps on/off, and the status line says which and why."""
+    events = []
+    cfg = resolve("tiny", {"model": {"copy_source": "auto"}, "train": {"max_steps": 1, "eval_every": 0}})
+    train(cfg, tmp_path / "bible", device="cpu", callback=lambda e, info: events.append((e, info)))
+    assert json.loads((tmp_path / "bible" / "config.json").read_text())["model"]["copy_source"] == "on"
+    assert any(e == "status" and "copy prior on (auto)" in i["message"] for e, i in events)
+    folder = tmp_path / "unrelated"
+    folder.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    lines = [json.dumps({"src": f"{words[i % 3]} {words[(i + 1) % 3]}", "trg": f"{words[3 + i % 3]} {words[3 + (i + 2) % 3]}"})
+             for i in range(40)]
+    for split in ("train", "valid"):
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = resolve("tiny", {"model": {"copy_source": "auto"}, "train": {"task": str(folder), "max_steps": 1, "eval_every": 0}})
+    train(cfg, tmp_path / "off", device="cpu")
+    assert json.loads((tmp_path / "off" / "config.json").read_text())["model"]["copy_source"] == "off"
+
+
+def test_copy_source_auto_is_never_built_and_old_boolean_configs_still_load():
+    from diffutext.config import RunConfig
+    with pytest.raises(ValueError, match="resolved"):
+        tiny_model(copy_source="auto")
+    old = resolve("tiny").to_dict()
+    for stored, read in ((True, "on"), (False, "off")):
+        old["model"]["copy_source"] = stored
+        assert RunConfig.from_dict(old).model.copy_source == read
+    assert resolve("small").model.copy_source == "auto"
