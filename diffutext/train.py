@@ -300,7 +300,7 @@ def resolve_copy_source(config: RunConfig, overlap: float, emit: Callback) -> Ru
     prior (diffutext's network, x0_hat by regression); off otherwise."""
     m = config.model
     on = overlap >= COPY_OVERLAP and m.arch == "diffutext" and m.x0_from == "regression"
-    emit("status", {"message": f"copy prior {'on' if on else 'off'} (auto): the training pairs' token overlap is {overlap:.2f}"
+    emit("choice", {"message": f"copy prior {'on' if on else 'off'} (auto): the training pairs' token overlap is {overlap:.2f}"
                                f" ({'at least' if overlap >= COPY_OVERLAP else 'under'} {COPY_OVERLAP})"})
     return replace(config, model=replace(m, copy_source="on" if on else "off"))
 

@@ -58,6 +58,8 @@ class TrainView:
             # still gets exactly one line.
             if err.is_terminal:
                 self.status = self.progress.add_task("status", total=None, info=info["message"])
+        elif event == "choice":  # a setting the run chose from its data: a line of its own, like the warnings
+            err.print(info["message"])
         elif event == "start":
             err.print(f"run {info['run_dir']}: {info['parameters'] / 1e6:.2f}M parameters, {info['train_examples']} training pairs "
                       f"of {info['task_source']} ({info['truncated']} truncated), vocabulary {info['vocab_size']}, device {info['device']}")

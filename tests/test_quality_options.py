@@ -546,7 +546,7 @@ def test_copy_source_auto_follows_the_training_pairs_and_is_stored_resolved(tmp_
     cfg = resolve("tiny", {"model": {"copy_source": "auto"}, "train": {"max_steps": 1, "eval_every": 0}})
     train(cfg, tmp_path / "bible", device="cpu", callback=lambda e, info: events.append((e, info)))
     assert json.loads((tmp_path / "bible" / "config.json").read_text())["model"]["copy_source"] == "on"
-    assert any(e == "status" and "copy prior on (auto)" in i["message"] for e, i in events)
+    assert any(e == "choice" and "copy prior on (auto)" in i["message"] for e, i in events)
     folder = tmp_path / "unrelated"
     folder.mkdir()
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
