@@ -104,11 +104,22 @@ class ModelConfig:
     # source]), so target position k sees the source token aligned to it without having to find it by attention.
     # False: off.
     copy_input: bool = False
+    # The copy prior's lexicon (Guo et al. 2019's phrase-table lookup, `lexicon.py`): the prior and the copied input
+    # take source token s as lex(s), the target token most often aligned with s in the training split, where s is
+    # aligned at least 30 times and that token holds at least this share of them (thee → you, spake → said on
+    # bible-basic); counted when training starts and stored with the weights. 0: off (every token copied as itself).
+    # Without the copy prior and the copied input there is nothing to translate: a run stores 0.
+    copy_lexicon: float = 0.0
 
     @property
     def needs_target_mask(self) -> bool:
         """Whether the denoiser reads the target mask (segment positions, the copy prior, the copied input)."""
         return self.positions == "segment" or self.copy_source == "on" or self.copy_input
+
+    @property
+    def needs_ids(self) -> bool:
+        """Whether the denoiser reads the token ids (the lexicon of the copy prior or the copied input)."""
+        return self.copy_lexicon > 0 and (self.copy_source == "on" or self.copy_input)
 
 
 @dataclass(frozen=True)
@@ -232,13 +243,13 @@ PRESETS: dict[str, RunConfig] = {
     ),
     # The CPU default, chosen for quality per CPU-minute on the embedded task (README, "Choosing the small
     # preset" and "Quality options"): a narrow 4-layer denoiser in a 32-wide embedding space with the copy
-    # prior, sequences of 56 BPE tokens from an 8,000-entry vocabulary, small batches at a high learning rate,
+    # prior and its lexicon, sequences of 56 BPE tokens from an 8,000-entry vocabulary, small batches at a high learning rate,
     # no dropout (a 15-minute budget underfits), bf16 autocast where the CPU multiplies bf16 natively. Training
     # stops at 14 minutes of wall time (the learning rate decays to 0 by then) or 6,000 steps, whichever comes
     # first: 1,500 to 4,000 steps on 2 CPU cores, depending on the CPU.
     "small": RunConfig(
         model=ModelConfig(hidden_dim=32, width=256, layers=4, heads=4, ffn=1024, dropout=0.0, seq_len=56, time_dim=128,
-                          copy_source="auto"),
+                          copy_source="auto", copy_lexicon=0.15),
         train=TrainConfig(max_steps=6000, max_minutes=14.0, batch_size=32, lr=3e-3, warmup_steps=100, ema_decay=0.999, precision="auto",
                           eval_every=500, save_every=1000, vocab_size=8000),
     ),
@@ -331,6 +342,7 @@ def validate(config: RunConfig) -> None:
                                    and m.copy_source != "on" and not m.copy_input),
          "model.arch diffuseq is DiffuSeq's network: no self-conditioning, absolute positions, x0 by regression, no copy prior or copied input"),
         (m.copy_source != "on" or m.x0_from == "regression", "model.copy_source adds to a regressed x0_hat: it needs model.x0_from regression"),
+        (0.0 <= m.copy_lexicon <= 1.0, "model.copy_lexicon must be a share in [0, 1] (0: off)"),
         (m.seq_len >= 8 or m.seq_len == 0, "model.seq_len must be at least 8 (or 0: chosen from the training split)"),
         (0.0 <= m.self_condition <= 1.0, "model.self_condition must be a probability in [0, 1]"),
         (0.0 <= m.absorbing <= 1.0, "model.absorbing must be in [0, 1] (the rate of the soft absorbing state)"),

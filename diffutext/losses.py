@@ -24,6 +24,7 @@ import torch
 
 from .device import compute_dtype
 from .diffusion import q_sample, sigma
+from .model import conditioning
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -164,12 +165,13 @@ def forward_noise(z0: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, ep
 
 
 def _self_conditioned(model, z: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None,
-                      target_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0_hat, h) of f(z, t) (h: what the anchor loss scores, `Denoiser.forward`'s with_head), with
     self-conditioning: the examples in `rows` (B,) bool first run a no-grad pass (fed zeros) whose x0_hat,
     detached, the trained pass also reads; the others read zeros. rows None: plain f(z, t).
-    target_mask is passed on only to a model that needs it (segment positions)."""
-    extra = {} if target_mask is None else {"target_mask": target_mask}
+    cond: the per-position inputs the model reads besides z and t (`conditioning`), (B, L) each."""
+    cond = cond or {}
+    extra = dict(cond)
     if getattr(getattr(model, "config", None), "x0_from", "regression") == "softmax":
         extra["with_head"] = True
     if rows is None:
@@ -178,7 +180,7 @@ def _self_conditioned(model, z: torch.Tensor, t: torch.Tensor, rows: torch.Tenso
         prev = torch.zeros_like(z)
         if bool(rows.any()):
             with torch.no_grad():
-                prev[rows] = model(z[rows], t[rows], **({} if target_mask is None else {"target_mask": target_mask[rows]})).to(prev.dtype)
+                prev[rows] = model(z[rows], t[rows], **{k: v[rows] for k, v in cond.items()}).to(prev.dtype)
         out = model(z, t, prev, **extra)
     return out if isinstance(out, tuple) else (out, out)  # a regression model's head reads x0_hat itself
 
@@ -232,7 +234,7 @@ class _Inputs:
     z0: torch.Tensor  # E(w) + σ0·ε0
     z_t: torch.Tensor
     sc_rows: torch.Tensor | None  # (B,) bool: the examples that self-condition (None: the model does not)
-    seg: torch.Tensor | None  # the target mask, for a model that needs it (segment positions, the copy prior)
+    cond: dict[str, torch.Tensor]  # what the model reads besides z_t and t (`conditioning`)
     mask_state: torch.Tensor | None  # the absorbing state m, for a model with one
     rate: float  # its absorbing rate
 
@@ -240,7 +242,7 @@ class _Inputs:
 def _inputs(model, ids, target_mask, t, alpha_bar, noise: Noise | None, options: LossOptions) -> _Inputs:
     mcfg = getattr(model, "config", None)
     sc_prob, rate = getattr(mcfg, "self_condition", 0.0), getattr(mcfg, "absorbing", 0.0)
-    seg = target_mask if getattr(mcfg, "needs_target_mask", False) else None  # the model needs the mask
+    cond = conditioning(model, ids, target_mask)
     mask_state = getattr(model, "mask_state", None)
     x0 = model.embed(ids)
     z0 = x0 + sigma(alpha_bar[:1]).to(x0.dtype) * (noise.eps0 if noise is not None else torch.randn_like(x0))
@@ -254,7 +256,7 @@ def _inputs(model, ids, target_mask, t, alpha_bar, noise: Noise | None, options:
         u = noise.self_cond if noise is not None else torch.rand(ids.shape[0], device=ids.device)
         # noise drawn without the self-conditioning draws (validation): no example self-conditions
         sc_rows = u < sc_prob if u is not None else torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    return _Inputs(x0, z0, z_t, sc_rows, seg, mask_state, rate)
+    return _Inputs(x0, z0, z_t, sc_rows, cond, mask_state, rate)
 
 
 def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
@@ -280,7 +282,7 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
     anchor = (lambda head: anchor_loss(model, head, ids, target_mask, options.anchor_smoothing)) if options.anchor_weight > 0 else None
 
     if dp_weight <= 0:
-        x0_hat, head = _self_conditioned(model, inp.z_t, t, inp.sc_rows, inp.seg)
+        x0_hat, head = _self_conditioned(model, inp.z_t, t, inp.sc_rows, inp.cond)
         mse = _sq_error(x0, x0_hat, w)
         terms = {"loss": mse + decoder_nll + tT, "mse": mse, "decoder_nll": decoder_nll, "tT": tT}
         if anchor is not None:
@@ -307,7 +309,7 @@ def _with_partner(model, inp: _Inputs, ids, target_mask, t, alpha_bar, window, d
     """The Distance Penalty's two passes (PAPER.md §3): ((x0_hat, head), (x0_hat′, head′), valid) at t and its partner t′."""
     if window is None:
         raise ValueError("the Distance Penalty needs the partner window (losses.dp_window)")
-    z0, z_t, sc_rows, seg, mask_state = inp.z0, inp.z_t, inp.sc_rows, inp.seg, inp.mask_state
+    z0, z_t, sc_rows, cond, mask_state = inp.z0, inp.z_t, inp.sc_rows, inp.cond, inp.mask_state
     t2, valid = partner_timesteps(t, *window, uniforms=(noise.side, noise.offset) if noise is not None else None)
     eps2 = noise.eps2 if noise is not None else None
     if dp_partner == "forward":  # reference code: same z0, fresh independent noise, one batched pass
@@ -317,18 +319,18 @@ def _with_partner(model, inp: _Inputs, ids, target_mask, t, alpha_bar, window, d
         eps2 = eps2 if eps2 is not None else torch.randn_like(z0)
         z_t2 = forward_noise(z0, t2, alpha_bar, eps2, target_mask, options.noise_factor, mask_state, inp.rate, absorb2)
         rows = None if sc_rows is None else torch.cat([sc_rows, sc_rows])
-        seg2 = None if seg is None else torch.cat([seg, seg])
-        return (*_chunk2(_self_conditioned(model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), rows, seg2)), valid)
+        cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
+        return (*_chunk2(_self_conditioned(model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), rows, cond2)), valid)
     if dp_partner != "reverse":
         raise ValueError(f"unknown dp_partner {dp_partner!r}; expected forward or reverse")
     # paper wording: the partner comes from z_t through the model's own step
-    first = _self_conditioned(model, z_t, t, sc_rows, seg)
+    first = _self_conditioned(model, z_t, t, sc_rows, cond)
     if eps2 is not None and options.noise_factor != 1.0:
         eps2 = eps2 * options.noise_factor
     shift = mask_state.to(z_t.dtype) if mask_state is not None else 0.0  # the process runs around m
     z_t2 = reverse_partner(z_t - shift, first[0].detach() - shift, t, t2, alpha_bar, eps2) + shift
     z_t2 = torch.where(target_mask.unsqueeze(-1), z_t2, z0)
-    return first, _self_conditioned(model, z_t2, t2, sc_rows, seg), valid
+    return first, _self_conditioned(model, z_t2, t2, sc_rows, cond), valid
 
 
 def reverse_partner(z_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t2: torch.Tensor,

@@ -89,6 +89,8 @@ class Denoiser(nn.Module):
             self.mask_state = nn.Parameter(torch.randn(c.hidden_dim) * c.hidden_dim ** -0.5)
         if c.positions == "segment":
             self.segment = nn.Embedding(2, c.width)  # source / target
+        if c.needs_ids:  # the copy prior's lexicon, counted from the training split when training starts (identity here)
+            self.register_buffer("lexicon", torch.arange(c.vocab_size))
         if c.copy_source == "on":  # the copy prior starts from the copy itself: the network's output is 0 until it learns
             nn.init.zeros_(self.down[2].weight)
             nn.init.zeros_(self.down[2].bias)
@@ -113,7 +115,7 @@ class Denoiser(nn.Module):
         return self.position(ids) + self.segment(target_mask.long())
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
-                target_mask: torch.Tensor | None = None, with_head: bool = False):
+                target_mask: torch.Tensor | None = None, with_head: bool = False, ids: torch.Tensor | None = None):
         """x0_hat = f(z_t, t): (B, L, hidden_dim), (B,) -> (B, L, hidden_dim).
 
         A self-conditioned model (config.self_condition > 0) also reads x0_prev, the previous estimate of x0
@@ -121,12 +123,15 @@ class Denoiser(nn.Module):
         needs target_mask (B, L); any other ignores it. with_head: (x0_hat, h), where h is what the tied head
         reads as this prediction's logits (the anchor loss's input): x0_hat itself for "regression", the
         network's output before the softmax for "softmax". With the copy prior (config.copy_source) x0_hat is the
-        network's output plus `copied_source(z_t)`; with the copied input (config.copy_input) the network also reads it."""
+        network's output plus `copy_prior(z_t)`; with the copied input (config.copy_input) the network also reads it.
+        A model with the lexicon (config.copy_lexicon) needs the token ids (B, L) too."""
         L = z_t.shape[1]
         if self.config.needs_target_mask and target_mask is None:
             raise ValueError("a model with segment positions, the copy prior or the copied input needs the target mask")
         c = self.config
-        copied = self.copied_source(z_t, target_mask) if c.copy_source == "on" or c.copy_input else None
+        if c.needs_ids and ids is None:
+            raise ValueError("a model with the copy prior's lexicon needs the token ids")
+        copied = self.copy_prior(z_t, target_mask, ids) if c.copy_source == "on" or c.copy_input else None
         inputs = [z_t]
         if c.self_condition > 0:
             inputs.append(torch.zeros_like(z_t) if x0_prev is None else x0_prev.to(z_t.dtype))
@@ -142,6 +147,14 @@ class Denoiser(nn.Module):
         if c.copy_source == "on":
             x0_hat = h = x0_hat + copied.to(x0_hat.dtype)
         return (x0_hat, h) if with_head else x0_hat
+
+    def copy_prior(self, z_t: torch.Tensor, target_mask: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """What the copy prior adds (and the copied input reads): `copied_source(z_t)`, or with the lexicon the source
+        embedding of lex(s) for each source token s (E(lex(s)) at the aligned target position); source positions keep z_t."""
+        if not self.config.needs_ids:
+            return self.copied_source(z_t, target_mask)
+        source = self.embed(self.lexicon[ids]).to(z_t.dtype)  # only its source positions are read
+        return torch.where(target_mask.unsqueeze(-1), self.copied_source(source, target_mask), z_t)
 
     @staticmethod
     def copied_source(z_t: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
@@ -160,6 +173,18 @@ class Denoiser(nn.Module):
         weight = self.embedding.weight
         probs = torch.softmax(self.logits(h).float(), -1)
         return (probs.to(weight.dtype) @ weight).to(h.dtype) if probs.dtype != weight.dtype else probs @ weight
+
+
+def conditioning(model: nn.Module, ids: torch.Tensor, target_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a denoiser reads besides z_t and t, as keyword arguments: the target mask and the token ids where its
+    config needs them (`needs_target_mask`, `needs_ids`); nothing for a model without such a config."""
+    config = getattr(model, "config", None)
+    out = {}
+    if getattr(config, "needs_target_mask", False):
+        out["target_mask"] = target_mask
+    if getattr(config, "needs_ids", False):
+        out["ids"] = ids
+    return out
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -193,6 +193,8 @@ TRAIN_FIELDS = [
                                  "copy); auto: on when the training pairs' sources and targets share tokens (Dice ≥ 0.4)."),
     Field("model", "copy_input", "Feed the aligned source embedding to the denoiser beside z_t (Gu et al. 2018's copied decoder input)."),
     Field("train", "dp_from", "Share of the budget after which the Distance Penalty is on (0: throughout).", min=0),
+    Field("model", "copy_lexicon", "Copy prior's lexicon: copy each source token as the target token most often aligned with it in "
+                                   "train, when it holds at least this share (Guo et al. 2019's phrase-table lookup; 0: off).", min=0),
 ]
 TRAIN_FLAGS = [f.parameter() for f in TRAIN_FIELDS]
 TRAIN_RUN = [  # how the run is kept: its folder, checkpoints, interruption and checks

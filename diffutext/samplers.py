@@ -24,6 +24,7 @@ import torch
 
 from .config import SamplerName, SelfConditionInput, UpdateName, Variance, choices
 from .device import autocast
+from .model import conditioning
 
 # Step shares of ADS from the least to the most noisy third of [0, T): measured constants of the
 # reference code (CODINNLG/Bridge_Gap_Diffusion), PAPER.md §4.
@@ -262,7 +263,7 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     if clamp_by not in ("nearest", "head"):  # "auto" is resolved against the run's config before decoding
         raise SamplerError(f"unknown clamp_by {clamp_by!r}; expected nearest or head")
     self_cond = getattr(getattr(model, "config", None), "self_condition", 0.0) > 0
-    extra = {"target_mask": target_mask} if getattr(getattr(model, "config", None), "needs_target_mask", False) else {}
+    extra = conditioning(model, ids, target_mask)
     m = getattr(model, "mask_state", None)
     m = m.detach().float() if m is not None else None
     weight = model.embedding.weight.float()

@@ -44,6 +44,7 @@ from .data.tasks import MissingSplit, load_split
 from .data.tasks import resolve as resolve_task
 from .device import autocast, resolve_device, resolve_precision
 from .diffusion import alpha_bar_table
+from .lexicon import LEXICON_MIN_COUNT, build_lexicon
 from .lock import run_lock
 from .losses import LossOptions, diffusion_loss, dp_window, draw_noise
 from .model import Denoiser, build_model, count_parameters
@@ -232,7 +233,11 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callb
         config = replace(config, model=replace(config.model, seq_len=data.train.ids.shape[1]))
     if config.model.copy_source == "auto":  # chosen from the data too, and stored as on or off
         config = resolve_copy_source(config, source_overlap(data.train, vocab), emit)
+    if config.model.copy_lexicon and not config.model.needs_ids:  # nothing copied, nothing to translate
+        config = replace(config, model=replace(config.model, copy_lexicon=0.0))
     trainer = Trainer(config, dev, data, compile, init=prior is None)
+    if config.model.needs_ids and prior is None and not config.train.init_from:  # a resumed or post-trained run has its own
+        trainer.set_lexicon(count_lexicon(data.train, vocab, config.model.copy_lexicon, emit))
     if prior is not None:
         trainer.restore(prior)
         if main:
@@ -305,6 +310,17 @@ def resolve_copy_source(config: RunConfig, overlap: float, emit: Callback) -> Ru
     return replace(config, model=replace(m, copy_source="on" if on else "off"))
 
 
+def count_lexicon(train: Packed, vocab: tok.Vocab, share: float, emit: Callback) -> torch.Tensor:
+    """The copy prior's lexicon from the training split (`lexicon.build_lexicon`), announced with a few of its entries."""
+    lex = build_lexicon(train.ids[:], train.target_mask, vocab.size, share, [vocab.pad, vocab.cls, vocab.sep])
+    changed = (lex != torch.arange(vocab.size)).nonzero().squeeze(1)
+    top = changed[:6].tolist()
+    shown = ", ".join(f"{a} → {b}" for a, b in zip(vocab.decode([[i] for i in top]), vocab.decode([[int(lex[i])] for i in top])))
+    emit("choice", {"message": f"copy lexicon: {len(changed)} source tokens copied as another token (share at least {share:g}, "
+                               f"at least {LEXICON_MIN_COUNT} alignments){': ' + shown + ', …' if shown else ''}"})
+    return lex
+
+
 class Trainer:
     """The state of one training run (model, EMA, optimizer, noise, data position, log window) and its steps."""
 
@@ -357,6 +373,11 @@ class Trainer:
             ckpt.load_weights(ema, init.weights("ema"), str(init.folder))
         ema.eval().requires_grad_(False)
         return model, ema
+
+    def set_lexicon(self, lex: torch.Tensor) -> None:
+        """The copy prior's lexicon (counted when a run starts) into the model and its EMA copy alike."""
+        for m in (self.model, self.ema):
+            m.lexicon.copy_(lex)
 
     def restore(self, prior: ckpt.Checkpoint) -> None:
         """Continue from a checkpoint: weights, EMA, optimizer, RNG streams, data position, partial log window."""

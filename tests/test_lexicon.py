@@ -1,0 +1,121 @@
+"""The copy prior's lexicon (Guo et al. 2019's phrase-table lookup, diffutext/lexicon.py): the count pinned by hand,
+the model copying lex(s) instead of s, and a real training run that counts it, announces it and stores it."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from diffutext.cli import app
+from diffutext.config import ConfigError, ModelConfig, resolve
+from diffutext.diffusion import alpha_bar_table
+from diffutext.lexicon import aligned_pairs, build_lexicon
+from diffutext.model import Denoiser
+from diffutext.samplers import denoise, make_sampler
+from diffutext.train import train
+
+PAD, CLS, SEP = 0, 2, 3
+SPECIALS = [PAD, CLS, SEP]
+
+
+def packed(rows):
+    """[CLS] src [SEP] trg [SEP] rows padded to one length, and their target masks."""
+    L = max(len(s) + len(t) + 3 for s, t in rows)
+    ids = torch.full((len(rows), L), PAD)
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, (s, t) in enumerate(rows):
+        seq = [CLS, *s, SEP, *t, SEP]
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, len(s) + 2:] = True
+    return ids, mask
+
+
+def test_aligned_pairs_pair_target_token_k_with_source_token_k_while_both_last():
+    ids, mask = packed([([5, 6, 7], [8, 9]), ([10], [11, 12, 13])])
+    src, trg = aligned_pairs(ids, mask, SPECIALS)
+    assert sorted(zip(src.tolist(), trg.tolist())) == [(5, 8), (6, 9), (10, 11)]
+
+
+def test_lexicon_keeps_the_most_aligned_token_above_the_share_and_the_count():
+    # 6 keeps → 20 (4 of 10 alignments: share 0.4); 7 → 21 or 22 tie (2 of 4 each): the smaller id, 21;
+    # 8 is aligned with itself most (3 of 5): stays; 9 is aligned twice only: below the count, stays.
+    rows = ([([6], [20])] * 4 + [([6], [30 + i]) for i in range(3)] + [([6], [6])] * 3
+            + [([7], [21])] * 2 + [([7], [22])] * 2 + [([8], [8])] * 3 + [([8], [23])] * 2 + [([9], [24])] * 2)
+    ids, mask = packed(rows)
+    lex = build_lexicon(ids, mask, 40, share=0.3, specials=SPECIALS, min_count=4)
+    assert lex[6] == 20 and lex[7] == 21 and lex[8] == 8 and lex[9] == 9
+    assert torch.equal(lex[:6], torch.arange(6)) and torch.equal(lex[10:], torch.arange(10, 40))
+    assert build_lexicon(ids, mask, 40, share=0.5, specials=SPECIALS, min_count=4)[6] == 6  # 0.4 is under 0.5
+    assert build_lexicon(ids, mask, 40, share=0.3, specials=SPECIALS, min_count=11)[6] == 6  # 10 alignments only
+
+
+def tiny(copy_lexicon=0.0):
+    torch.manual_seed(0)
+    return Denoiser(ModelConfig(vocab_size=50, hidden_dim=8, width=16, layers=1, heads=2, ffn=32, dropout=0.0, seq_len=12,
+                                time_dim=8, copy_source="on", copy_lexicon=copy_lexicon)).eval()
+
+
+def test_the_copy_prior_copies_each_source_token_as_its_lexicon_entry():
+    model = tiny(0.2)
+    with torch.no_grad():
+        model.lexicon[8] = 30  # "8 is written 30"
+        model.down[2].weight.normal_()
+    ids = torch.tensor([[CLS, 7, 8, 9, SEP, 0, 0, 0, 0, 0, 0, 0]])
+    mask = (torch.arange(12) >= 5)[None]
+    z = torch.where(mask[..., None], torch.randn(1, 12, 8), model.embed(ids))
+    t = torch.tensor([900])
+    plain = tiny()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lexicon"})
+    translated = ids.clone()
+    translated[0, 2] = 30
+    expected = plain(z, t, target_mask=mask) - Denoiser.copied_source(z, mask) + Denoiser.copied_source(model.embed(translated), mask)
+    assert torch.allclose(model(z, t, target_mask=mask, ids=ids)[0, 5:], expected[0, 5:], atol=1e-6)
+    with pytest.raises(ValueError):
+        model(z, t, target_mask=mask)
+
+
+def test_an_untrained_lexicon_model_decodes_the_translated_source():
+    model = tiny(0.2)
+    with torch.no_grad():
+        model.lexicon[8] = 30
+    ids = torch.tensor([[CLS, 7, 8, 9, SEP, 0, 0, 0, 0, 0, 0, 0]])
+    mask = (torch.arange(12) >= 5)[None]
+    z = denoise(model, alpha_bar_table("sqrt", 2000).float(), make_sampler("ads"), 5, ids, mask,
+                generator=torch.Generator().manual_seed(0))
+    assert torch.cdist(z[0, 5:], model.embedding.weight.detach()).argmin(-1).tolist() == [7, 30, 9, SEP, SEP, SEP, SEP]
+
+
+def test_the_lexicon_is_a_share_and_is_stored_off_without_the_copy_prior(tmp_path):
+    with pytest.raises(ConfigError, match="copy_lexicon"):
+        resolve("tiny", {"model": {"copy_source": "on", "copy_lexicon": 1.5}})
+    r = CliRunner().invoke(app, ["train", "--preset", "tiny", "--copy-source", "off", "--copy-lexicon", "0.2", "--max-steps", "1",
+                                 "--out", str(tmp_path / "off"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "off" / "config.json").read_text())["model"]["copy_lexicon"] == 0.0
+    assert "lexicon" not in load_file(tmp_path / "off" / "checkpoints" / "step-00000001" / "ema.safetensors")
+
+
+def test_training_counts_the_lexicon_from_the_split_and_stores_it_with_the_weights(tmp_path):
+    """bible-basic: thou is copied as you; the line names the entries; model and EMA weights both hold the table;
+    a resumed run keeps it; a negative share is refused (exit 2)."""
+    events = []
+    cfg = resolve("tiny", {"model": {"copy_source": "auto", "copy_lexicon": 0.15}, "train": {"max_steps": 2, "eval_every": 0, "vocab_size": 1000}})
+    run = train(cfg, tmp_path / "run", device="cpu", callback=lambda e, info: events.append((e, info)))
+    assert json.loads((run / "config.json").read_text())["model"]["copy_lexicon"] == 0.15
+    line = next(i["message"] for e, i in events if e == "choice" and "copy lexicon" in i["message"])
+    assert "thou → you" in line
+    from diffutext.data import tokenizer as tok
+    vocab = tok.load(run / "tokenizer.json")
+    thou, you = (vocab.encode([w])[0][0] for w in (" thou", " you"))
+    for name in ("model", "ema"):
+        lex = load_file(run / "checkpoints" / "step-00000002" / f"{name}.safetensors")["lexicon"]
+        assert lex[thou] == you and lex[vocab.sep] == vocab.sep
+    r = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--max-steps", "3", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert torch.equal(load_file(run / "checkpoints" / "step-00000003" / "ema.safetensors")["lexicon"], lex)
+    r = CliRunner().invoke(app, ["train", "--preset", "tiny", "--copy-source", "on", "--copy-lexicon", "-1",
+                                 "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert not (tmp_path / "bad").exists()
