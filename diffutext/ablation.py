@@ -4,7 +4,8 @@
 `run` decodes and scores every cell of every checkpoint; `best` marks the best value of each
 column per checkpoint; `write` saves results.csv, results.json (with each cell's visited
 timesteps) and the PNG plots. A "copy the source" row is scored beside the samplers so every
-number has its floor in view.
+number has its floor in view, and for a model with the copy prior's lexicon a "lexicon lookup" row (the
+source written through the lexicon, what the prior alone writes).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from .config import SampleConfig
 from .data.tasks import references
 from .device import resolve_precision
 from .evaluate import Loaded, decode, identity, scores
+from .lexicon import translate
 from .pieces import Pieces, fingerprint
 from .samplers import make_sampler
 
 Callback = Callable[[str, dict[str, Any]], None]
 
 SAMPLER_ORDER = ("ddpm", "skip", "uniform", "ddim", "ads", "dpm++")
+FLOORS = ("copy source", "lexicon lookup")  # rows scored beside the samplers, not decoded
 # column -> whether higher is better (None: no "best")
 COLUMNS = {"sacrebleu": True, "sentence_bleu": True, "diffuseq_bleu": True, "rouge_l": True, "dist_1": True, "self_bleu": False,
            "avg_len": None, "seconds": False, "sentences_per_s": True, "speedup": True}
@@ -75,8 +78,11 @@ def run(checkpoints: list[tuple[str, Loaded]], dataset, cells: list[tuple[str, i
         for r in ckpt_rows:
             r["speedup"] = full["seconds"] / r["seconds"] if full is not None and r["seconds"] > 0 else None
         rows += ckpt_rows
-        rows.append({"checkpoint": label, "step": loaded.checkpoint.step, "sampler": "copy source", "steps": 0,
-                     **copy, "seconds": 0.0, "sentences_per_s": None, "speedup": None, "timesteps": []})
+        floors = {"copy source": copy}
+        if hasattr(loaded.model, "lexicon"):
+            floors["lexicon lookup"] = metrics.score(translate(list(dataset["src"]), loaded.checkpoint.vocab, loaded.model.lexicon), refs)
+        rows += [{"checkpoint": label, "step": loaded.checkpoint.step, "sampler": name, "steps": 0, **floor, "seconds": 0.0,
+                  "sentences_per_s": None, "speedup": None, "timesteps": []} for name, floor in floors.items()]
     return rows
 
 
@@ -84,7 +90,7 @@ def best(rows: list[dict[str, Any]]) -> set[tuple[int, str]]:
     """(row index, column) of the best value of each column within each checkpoint (samplers only)."""
     marks = set()
     for label in dict.fromkeys(r["checkpoint"] for r in rows):
-        idx = [i for i, r in enumerate(rows) if r["checkpoint"] == label and r["sampler"] != "copy source"]
+        idx = [i for i, r in enumerate(rows) if r["checkpoint"] == label and r["sampler"] not in FLOORS]
         for col, higher in COLUMNS.items():
             vals = [(rows[i].get(col), i) for i in idx if rows[i].get(col) is not None]
             if higher is None or len(vals) < 2:
@@ -108,7 +114,7 @@ def write(out_dir: Path, rows: list[dict[str, Any]], sigma: list[float], meta: d
     writer.writerows(rows)
     atomic_write(out_dir / "results.csv", buf.getvalue().encode())
     atomic_write(out_dir / "results.json", (json.dumps({**meta, "rows": rows}, indent=2) + "\n").encode())
-    samplers = [r for r in rows if r["sampler"] != "copy source"]
+    samplers = [r for r in rows if r["sampler"] not in FLOORS]
     paths = [out_dir / "results.csv", out_dir / "results.json"]
     pngs = {f"{metric}_vs_steps.png": plots.quality_vs_steps(samplers, metric, label)
             for metric, label in (("sacrebleu", "sacreBLEU (corpus)"), ("sentence_bleu", "sentence BLEU-4 (textbook, nltk)"))}

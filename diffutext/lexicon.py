@@ -46,3 +46,10 @@ def build_lexicon(ids: torch.Tensor, target_mask: torch.Tensor, vocab_size: int,
     ok = (total >= min_count) & (best >= share * total) & (first < vocab_size)
     lex[ok] = first[ok]
     return lex
+
+
+def translate(sources: list[str], vocab, lex: torch.Tensor) -> list[str]:
+    """Each source written token by token through the lexicon: what the copy prior alone (a silent network) writes."""
+    pieces = vocab.encode(sources)
+    flat = lex.cpu()[torch.tensor([i for p in pieces for i in p], dtype=torch.long)]
+    return vocab.decode([ids.tolist() for ids in flat.split([len(p) for p in pieces])])

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .ablation import FLOORS
+
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 for _console in (out, err):
@@ -159,10 +161,10 @@ def ablation_table(rows, marks, label: str, split: str, n: int, seeds: int) -> T
         cells = []
         for head, key, fmt in cols:
             value = r["sampler"] if head == "sampler" else r["steps"] if head == "steps" else r.get(key)
-            copy_row_timing = r["sampler"] == "copy source" and head in ("steps", "seconds")
+            copy_row_timing = r["sampler"] in FLOORS and head in ("steps", "seconds")
             text = "-" if value is None or copy_row_timing else fmt.format(value)
             cells.append(f"[bold green]{text}[/]" if (i, key) in marks else text)
-        table.add_row(*cells, style="dim" if r["sampler"] == "copy source" else None)
+        table.add_row(*cells, style="dim" if r["sampler"] in FLOORS else None)
     return table
 
 

@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 from diffutext.cli import app
 from diffutext.config import ConfigError, ModelConfig, resolve
 from diffutext.diffusion import alpha_bar_table
-from diffutext.lexicon import aligned_pairs, build_lexicon
+from diffutext import metrics
+from diffutext.data.tasks import load_eval_split, references
+from diffutext.lexicon import aligned_pairs, build_lexicon, translate
 from diffutext.model import Denoiser
 from diffutext.samplers import denoise, make_sampler
 from diffutext.train import train
@@ -99,7 +101,7 @@ def test_the_lexicon_is_a_share_and_is_stored_off_without_the_copy_prior(tmp_pat
 
 def test_training_counts_the_lexicon_from_the_split_and_stores_it_with_the_weights(tmp_path):
     """bible-basic: thou is copied as you; the line names the entries; model and EMA weights both hold the table;
-    a resumed run keeps it; a negative share is refused (exit 2)."""
+    a resumed run keeps it; `ablate` scores the lookup beside the copy; a negative share is refused (exit 2)."""
     events = []
     cfg = resolve("tiny", {"model": {"copy_source": "auto", "copy_lexicon": 0.15}, "train": {"max_steps": 2, "eval_every": 0, "vocab_size": 1000}})
     run = train(cfg, tmp_path / "run", device="cpu", callback=lambda e, info: events.append((e, info)))
@@ -115,6 +117,16 @@ def test_training_counts_the_lexicon_from_the_split_and_stores_it_with_the_weigh
     r = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--max-steps", "3", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert torch.equal(load_file(run / "checkpoints" / "step-00000003" / "ema.safetensors")["lexicon"], lex)
+    ablate = tmp_path / "ablate"
+    r = CliRunner().invoke(app, ["ablate", "--checkpoint", str(run), "--sampler", "ads", "--steps", "3", "--limit", "20",
+                                 "--out", str(ablate), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "lexicon lookup" in r.output
+    rows = {row["sampler"]: row for row in json.loads((ablate / "results.json").read_text())["rows"]}
+    test = load_eval_split("bible-basic", "test").select(range(20))
+    looked_up = translate(list(test["src"]), vocab, lex)
+    assert rows["lexicon lookup"]["sacrebleu"] == pytest.approx(metrics.score(looked_up, references(test))["sacrebleu"])
+    assert looked_up != list(test["src"]) and rows["lexicon lookup"]["sacrebleu"] != rows["copy source"]["sacrebleu"]
     r = CliRunner().invoke(app, ["train", "--preset", "tiny", "--copy-source", "on", "--copy-lexicon", "-1",
                                  "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "Traceback" not in r.output
