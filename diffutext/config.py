@@ -48,6 +48,9 @@ SelfConditionInput = Literal["clamped", "raw"]  # which previous x0_hat a self-c
 # targets, COPY_OVERLAP; resolved when training starts and stored in the run's config as on or off)
 CopySource = Literal["auto", "on", "off"]
 COPY_OVERLAP = 0.4  # auto's threshold on the train split's token Dice overlap (bible-basic 0.52, CommonGen 0.32)
+# how long the written target is: free (the model decides where its [SEP] and padding go, DiffuSeq) | source (as many
+# tokens as the source, the copy's length: the [SEP] after them and the padding are held fixed, never noised)
+Length = Literal["free", "source"]
 ClampBy = Literal["nearest", "head", "auto"]  # how clamping snaps x0_hat: nearest embedding in L2 (DiffuSeq) | the tied head's argmax (Difformer) | auto (head for a run trained with the anchor loss or x0_from softmax)
 
 
@@ -206,6 +209,7 @@ class SampleConfig:
     # how clamping snaps x0_hat: nearest (the nearest word embedding in L2, DiffuSeq) | head (the embedding of the
     # tied head's argmax, Difformer) | auto (head for a model trained with the anchor loss or x0_from softmax, else nearest)
     clamp_by: ClampBy = "auto"
+    length: Length = "free"
     self_condition_input: SelfConditionInput = "clamped"  # a self-conditioned model is fed the previous x0_hat: clamped | raw (before snapping)
     ads_shares: tuple[float, float, float] | None = None
     batch_size: int = 128

@@ -31,7 +31,7 @@ from .device import resolve_precision
 from .diffusion import alpha_bar_table
 from .model import Denoiser, build_model
 from .pieces import Pieces, fingerprint
-from .samplers import generate, make_sampler
+from .samplers import SamplerError, generate, make_sampler
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -82,6 +82,18 @@ def _pack_batch(srcs: list[str], vocab, seq_len: int, layout: str = "diffutext")
     return ids, mask, truncated
 
 
+def source_length(ids: torch.Tensor, target_mask: torch.Tensor, sep: int) -> torch.Tensor:
+    """The target as long as the source (`length` "source"): puts [SEP] right after that many target positions of the
+    packed batch `ids` (in place; padding follows) and returns the positions to hold, (B, L) bool: that [SEP] and
+    everything after it. A target side too short for the source holds nothing."""
+    L = ids.shape[1]
+    start = target_mask.int().argmax(1, keepdim=True)  # the first target position; the source has start − 2 tokens
+    end = 2 * start - 2  # where the [SEP] goes
+    idx = torch.arange(L).expand_as(ids)
+    ids.masked_fill_(idx == end, sep)
+    return target_mask & (idx >= end)
+
+
 def resolve_clamp_by(clamp_by: str, run_config) -> str:
     """"auto": a model trained with the anchor loss, or whose x0_hat is the head's expected embedding (x0_from
     softmax), snaps by the head's argmax (its x0_hat is trained for the head, not to lie near one embedding);
@@ -125,6 +137,8 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
     n_steps = len(timesteps)
     on_step = lambda i, t: emit("step", {"done": i + 1, "total": n_steps, "t": t})  # host numbers: no device sync
     clamp_by = resolve_clamp_by(cfg.clamp_by, ck.config)
+    if cfg.length == "source" and ck.config.model.layout != "diffutext":
+        raise SamplerError("--length source needs the [CLS] src [SEP] trg layout; this model was imported with DiffuSeq's")
     for b in range(rank, -(-n // bs), world):
         key = fingerprint(whole, b) if keep is not None else ""
         stored = keep.get(key) if keep is not None else None
@@ -134,15 +148,18 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             emit("progress", {"done": min(done * world, total), "total": total})
             continue
         ids, mask, cut = _pack_batch(dataset[b * bs:(b + 1) * bs]["src"], vocab, seq_len, ck.config.model.layout)
+        hold = source_length(ids, mask, vocab.sep) if cfg.length == "source" else None
         truncated += cut
         batch_seconds = 0.0
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)
+        hold = hold.to(loaded.device) if hold is not None else None
         per_seed = []
         for k in range(cfg.seeds):
             generator.manual_seed(batch_seed(cfg.seed + k, b))
             t0 = time.perf_counter()
             out = generate(model, loaded.alpha_bar, sampler, cfg.steps, ids, mask, clamp=cfg.clamp, generator=generator,
-                           precision=precision, self_condition_input=cfg.self_condition_input, callback=on_step, clamp_by=clamp_by)
+                           precision=precision, self_condition_input=cfg.self_condition_input, callback=on_step, clamp_by=clamp_by,
+                           hold=hold)
             out = out.cpu()  # one sync per batch
             batch_seconds += time.perf_counter() - t0
             per_seed.append(_to_text(out, mask.cpu(), vocab))

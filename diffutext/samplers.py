@@ -245,8 +245,11 @@ def head_indices(model, rows: torch.Tensor) -> torch.Tensor:
 def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
             clamp: bool = True, generator: torch.Generator | None = None,
             callback: Callable[[int, int], None] | None = None, precision: str = "fp32",
-            self_condition_input: str = "clamped", clamp_by: str = "nearest") -> torch.Tensor:
+            self_condition_input: str = "clamped", clamp_by: str = "nearest", hold: torch.Tensor | None = None) -> torch.Tensor:
     """Run the reverse chain on one batch and return the final continuous sample z (B, L, D).
+
+    hold (B, L) bool: target positions kept at the clean embedding of their ids throughout, as the source is (a fixed
+    length's [SEP] and padding); the model still reads the whole target side as such (its target_mask).
 
     ids/target_mask (B, L) carry the source; target positions start from z_T ~ N(0, I), source
     positions hold the clean source embedding throughout. `precision` bf16/fp16 runs the denoiser
@@ -270,8 +273,9 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     weight_t = weight.t().contiguous()  # (D, V)
     neg_half_sq_norm = -0.5 * (weight * weight).sum(-1)
     x_src = model.embed(ids).float()  # (B, L, D)
-    mask = target_mask.unsqueeze(-1)
-    target_rows = target_mask.reshape(-1).nonzero().squeeze(1)  # once per batch, not per step
+    free = target_mask if hold is None else target_mask & ~hold  # the positions the chain writes
+    mask = free.unsqueeze(-1)
+    target_rows = free.reshape(-1).nonzero().squeeze(1)  # once per batch, not per step
     z = torch.where(mask, _noise(x_src, generator), x_src)
     if m is not None:
         z = torch.where(mask, z + m, x_src)
@@ -304,12 +308,12 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
 def generate(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
              clamp: bool = True, generator: torch.Generator | None = None,
              callback: Callable[[int, int], None] | None = None, precision: str = "fp32",
-             self_condition_input: str = "clamped", clamp_by: str = "nearest") -> torch.Tensor:
+             self_condition_input: str = "clamped", clamp_by: str = "nearest", hold: torch.Tensor | None = None) -> torch.Tensor:
     """Decode one batch to token ids (B, L): the tied head's argmax on the final sample at target
-    positions, computed in row blocks (never the whole (B·L × V) logits); source positions keep ids."""
+    positions, computed in row blocks (never the whole (B·L × V) logits); source (and held) positions keep ids."""
     z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback, precision, self_condition_input,
-                clamp_by)
-    rows = target_mask.reshape(-1).nonzero().squeeze(1)
+                clamp_by, hold)
+    rows = (target_mask if hold is None else target_mask & ~hold).reshape(-1).nonzero().squeeze(1)
     picked = head_indices(model, z.reshape(-1, z.shape[-1]).index_select(0, rows))
     out = ids.clone()
     out.view(-1).index_copy_(0, rows, picked)

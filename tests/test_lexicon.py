@@ -131,3 +131,48 @@ def test_training_counts_the_lexicon_from_the_split_and_stores_it_with_the_weigh
                                  "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert not (tmp_path / "bad").exists()
+
+
+# ---- the target length of the copy: --length source ----
+
+def test_source_length_puts_the_sep_after_as_many_target_tokens_as_the_source_has():
+    from diffutext.evaluate import source_length
+    ids = torch.tensor([[CLS, 5, 6, SEP] + [PAD] * 9, [CLS, 5, 6, 7, 8, SEP] + [PAD] * 7])  # as decoding packs them
+    mask = torch.arange(13)[None] >= torch.tensor([[4], [6]])  # the target side: after the source's [SEP]
+    hold = source_length(ids, mask, SEP)
+    # row 0: target positions 4, 5 free (two source tokens), [SEP] at 6, padding after; row 1: 6..9 free, [SEP] at 10
+    assert ids[0].tolist() == [CLS, 5, 6, SEP, PAD, PAD, SEP] + [PAD] * 6 and ids[1, 10] == SEP
+    assert hold[0].nonzero().squeeze(1).tolist() == list(range(6, 13))
+    assert hold[1].nonzero().squeeze(1).tolist() == [10, 11, 12]
+
+
+def test_held_positions_stay_clean_and_the_chain_writes_only_the_free_ones():
+    from diffutext.samplers import generate
+    model = tiny(0.2)
+    with torch.no_grad():
+        model.down[2].weight.normal_()  # a network that writes something else than the copy
+    ids = torch.tensor([[CLS, 7, 8, 9, SEP, PAD, PAD, PAD, SEP, PAD, PAD, PAD]])
+    mask = (torch.arange(12) >= 5)[None]
+    hold = mask & (torch.arange(12) >= 8)[None]
+    ab = alpha_bar_table("sqrt", 2000).float()
+    g = lambda: torch.Generator().manual_seed(0)
+    z = denoise(model, ab, make_sampler("ads"), 5, ids, mask, generator=g(), hold=hold)
+    assert torch.equal(z[0, 8:], model.embed(ids)[0, 8:].detach())
+    out = generate(model, ab, make_sampler("ads"), 5, ids, mask, generator=g(), hold=hold)
+    assert out[0, 8:].tolist() == [SEP, PAD, PAD, PAD]
+    free = generate(model, ab, make_sampler("ads"), 5, ids, mask, generator=g())
+    assert free[0, 8:].tolist() != [SEP, PAD, PAD, PAD]  # without holding, the network's own choice
+
+
+def test_sample_with_length_source_writes_no_more_tokens_than_the_source(tmp_path):
+    cfg = resolve("tiny", {"model": {"copy_source": "on", "copy_lexicon": 0.15}, "train": {"max_steps": 2, "eval_every": 0}})
+    run = train(cfg, tmp_path / "run", device="cpu")
+    from diffutext.data import tokenizer as tok
+    vocab = tok.load(run / "tokenizer.json")
+    r = CliRunner().invoke(app, ["sample", "--checkpoint", str(run), "--steps", "3", "--limit", "6", "--length", "source",
+                                 "--out", str(tmp_path / "out.jsonl"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for row in rows:
+        n_src = min(len(vocab.encode([row["src"]])[0]), (48 - 3) // 2)
+        assert len(vocab.encode([row["hyp"]])[0]) <= n_src
