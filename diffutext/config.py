@@ -49,7 +49,8 @@ SelfConditionInput = Literal["clamped", "raw"]  # which previous x0_hat a self-c
 CopySource = Literal["auto", "on", "off"]
 COPY_OVERLAP = 0.4  # auto's threshold on the train split's token Dice overlap (bible-basic 0.52, CommonGen 0.32)
 # how long the written target is: free (the model decides where its [SEP] and padding go, DiffuSeq) | source (as many
-# tokens as the source, the copy's length: the [SEP] after them and the padding are held fixed, never noised)
+# tokens as the source, the copy's length: the [SEP] after them and the padding are held fixed, never noised, and the
+# positions before them are never snapped to a special token)
 Length = Literal["free", "source"]
 ClampBy = Literal["nearest", "head", "auto"]  # how clamping snaps x0_hat: nearest embedding in L2 (DiffuSeq) | the tied head's argmax (Difformer) | auto (head for a run trained with the anchor loss or x0_from softmax)
 

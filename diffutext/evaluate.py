@@ -153,13 +153,14 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
         batch_seconds = 0.0
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)
         hold = hold.to(loaded.device) if hold is not None else None
+        banned = torch.tensor([vocab.pad, vocab.cls, vocab.sep], device=loaded.device) if hold is not None else None
         per_seed = []
         for k in range(cfg.seeds):
             generator.manual_seed(batch_seed(cfg.seed + k, b))
             t0 = time.perf_counter()
             out = generate(model, loaded.alpha_bar, sampler, cfg.steps, ids, mask, clamp=cfg.clamp, generator=generator,
                            precision=precision, self_condition_input=cfg.self_condition_input, callback=on_step, clamp_by=clamp_by,
-                           hold=hold)
+                           hold=hold, banned=banned)
             out = out.cpu()  # one sync per batch
             batch_seconds += time.perf_counter() - t0
             per_seed.append(_to_text(out, mask.cpu(), vocab))

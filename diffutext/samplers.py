@@ -235,9 +235,14 @@ def nearest_indices(flat: torch.Tensor, weight_t: torch.Tensor, neg_half_sq_norm
     return out
 
 
-def head_indices(model, rows: torch.Tensor) -> torch.Tensor:
-    """argmax of the tied head for every row of rows (N, D), in row blocks (never the whole N × V logits)."""
-    return torch.cat([model.logits(rows[i:i + ROW_BLOCK]).argmax(-1) for i in range(0, rows.shape[0], ROW_BLOCK)]
+def head_indices(model, rows: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax of the tied head for every row of rows (N, D), in row blocks (never the whole N × V logits);
+    `banned` token ids are never picked."""
+    def block(x):
+        logits = model.logits(x)
+        return (logits if banned is None else logits.index_fill(-1, banned, float("-inf"))).argmax(-1)
+
+    return torch.cat([block(rows[i:i + ROW_BLOCK]) for i in range(0, rows.shape[0], ROW_BLOCK)]
                      or [torch.empty(0, dtype=torch.long, device=rows.device)])
 
 
@@ -245,11 +250,13 @@ def head_indices(model, rows: torch.Tensor) -> torch.Tensor:
 def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
             clamp: bool = True, generator: torch.Generator | None = None,
             callback: Callable[[int, int], None] | None = None, precision: str = "fp32",
-            self_condition_input: str = "clamped", clamp_by: str = "nearest", hold: torch.Tensor | None = None) -> torch.Tensor:
+            self_condition_input: str = "clamped", clamp_by: str = "nearest", hold: torch.Tensor | None = None,
+            banned: torch.Tensor | None = None) -> torch.Tensor:
     """Run the reverse chain on one batch and return the final continuous sample z (B, L, D).
 
     hold (B, L) bool: target positions kept at the clean embedding of their ids throughout, as the source is (a fixed
-    length's [SEP] and padding); the model still reads the whole target side as such (its target_mask).
+    length's [SEP] and padding); the model still reads the whole target side as such (its target_mask). banned: token
+    ids that clamping never snaps to (the special tokens, where the length is fixed).
 
     ids/target_mask (B, L) carry the source; target positions start from z_T ~ N(0, I), source
     positions hold the clean source embedding throughout. `precision` bf16/fp16 runs the denoiser
@@ -272,6 +279,8 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     weight = model.embedding.weight.float()
     weight_t = weight.t().contiguous()  # (D, V)
     neg_half_sq_norm = -0.5 * (weight * weight).sum(-1)
+    if banned is not None:
+        neg_half_sq_norm.index_fill_(0, banned, float("-inf"))
     x_src = model.embed(ids).float()  # (B, L, D)
     free = target_mask if hold is None else target_mask & ~hold  # the positions the chain writes
     mask = free.unsqueeze(-1)
@@ -291,7 +300,7 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
         if clamp:  # snap the target rows only: the source rows are replaced by x_src below
             flat = x0_hat.reshape(-1, x0_hat.shape[-1])
             rows = flat.index_select(0, target_rows)
-            picked = nearest_indices(rows, weight_t, neg_half_sq_norm) if clamp_by == "nearest" else head_indices(model, rows)
+            picked = nearest_indices(rows, weight_t, neg_half_sq_norm) if clamp_by == "nearest" else head_indices(model, rows, banned)
             flat.index_copy_(0, target_rows, weight.index_select(0, picked))
             if self_cond and self_condition_input == "clamped":
                 prev = x0_hat
@@ -308,13 +317,14 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
 def generate(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
              clamp: bool = True, generator: torch.Generator | None = None,
              callback: Callable[[int, int], None] | None = None, precision: str = "fp32",
-             self_condition_input: str = "clamped", clamp_by: str = "nearest", hold: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode one batch to token ids (B, L): the tied head's argmax on the final sample at target
+             self_condition_input: str = "clamped", clamp_by: str = "nearest", hold: torch.Tensor | None = None,
+             banned: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode one batch to token ids (B, L): the tied head's argmax (never a `banned` id) on the final sample at target
     positions, computed in row blocks (never the whole (B·L × V) logits); source (and held) positions keep ids."""
     z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback, precision, self_condition_input,
-                clamp_by, hold)
+                clamp_by, hold, banned)
     rows = (target_mask if hold is None else target_mask & ~hold).reshape(-1).nonzero().squeeze(1)
-    picked = head_indices(model, z.reshape(-1, z.shape[-1]).index_select(0, rows))
+    picked = head_indices(model, z.reshape(-1, z.shape[-1]).index_select(0, rows), banned)
     out = ids.clone()
     out.view(-1).index_copy_(0, rows, picked)
     return out

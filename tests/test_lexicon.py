@@ -176,3 +176,24 @@ def test_sample_with_length_source_writes_no_more_tokens_than_the_source(tmp_pat
     for row in rows:
         n_src = min(len(vocab.encode([row["src"]])[0]), (48 - 3) // 2)
         assert len(vocab.encode([row["hyp"]])[0]) <= n_src
+
+
+def test_banned_tokens_are_never_picked_by_either_clamp():
+    from diffutext.samplers import generate, head_indices
+    model = tiny()
+    rows = model.embedding.weight.detach()[[SEP, PAD, 7]] + 0.01
+    banned = torch.tensor([PAD, CLS, SEP])
+    picked = head_indices(model, rows, banned).tolist()
+    assert not set(picked) & {PAD, CLS, SEP}
+    ids = torch.tensor([[CLS, 7, 8, 9, SEP, PAD, PAD, PAD, SEP, PAD, PAD, PAD]])
+    mask = (torch.arange(12) >= 5)[None]
+    hold = mask & (torch.arange(12) >= 8)[None]
+    with torch.no_grad():  # a network that writes [SEP] everywhere
+        model.down[2].bias.copy_(model.embedding.weight[SEP] * 5)
+    for by in ("nearest", "head"):
+        out = generate(model, alpha_bar_table("sqrt", 2000).float(), make_sampler("ads"), 5, ids, mask,
+                       generator=torch.Generator().manual_seed(0), hold=hold, banned=banned, clamp_by=by)
+        assert not set(out[0, 5:8].tolist()) & {PAD, CLS, SEP} and out[0, 8] == SEP
+        free = generate(model, alpha_bar_table("sqrt", 2000).float(), make_sampler("ads"), 5, ids, mask,
+                        generator=torch.Generator().manual_seed(0), hold=hold, clamp_by=by)
+        assert SEP in free[0, 5:8].tolist()
