@@ -50,8 +50,8 @@ CopySource = Literal["auto", "on", "off"]
 COPY_OVERLAP = 0.4  # auto's threshold on the train split's token Dice overlap (bible-basic 0.52, CommonGen 0.32)
 # how long the written target is: free (the model decides where its [SEP] and padding go, DiffuSeq) | source (as many
 # tokens as the source, the copy's length: the [SEP] after them and the padding are held fixed, never noised, and the
-# positions before them are never snapped to a special token)
-Length = Literal["free", "source"]
+# positions before them are never snapped to a special token) | auto (source for a run with the copy prior, else free)
+Length = Literal["free", "source", "auto"]
 ClampBy = Literal["nearest", "head", "auto"]  # how clamping snaps x0_hat: nearest embedding in L2 (DiffuSeq) | the tied head's argmax (Difformer) | auto (head for a run trained with the anchor loss or x0_from softmax)
 
 
@@ -210,7 +210,7 @@ class SampleConfig:
     # how clamping snaps x0_hat: nearest (the nearest word embedding in L2, DiffuSeq) | head (the embedding of the
     # tied head's argmax, Difformer) | auto (head for a model trained with the anchor loss or x0_from softmax, else nearest)
     clamp_by: ClampBy = "auto"
-    length: Length = "free"
+    length: Length = "auto"
     self_condition_input: SelfConditionInput = "clamped"  # a self-conditioned model is fed the previous x0_hat: clamped | raw (before snapping)
     ads_shares: tuple[float, float, float] | None = None
     batch_size: int = 128

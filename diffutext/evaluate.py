@@ -94,6 +94,14 @@ def source_length(ids: torch.Tensor, target_mask: torch.Tensor, sep: int) -> tor
     return target_mask & (idx >= end)
 
 
+def resolve_length(length: str, run_config) -> str:
+    """"auto": the source's length for a run with the copy prior (its x0_hat starts as the aligned source, target token
+    k at source token k, so the copy's length is its own), the model's choice (free) otherwise; else the value itself."""
+    if length != "auto":
+        return length
+    return "source" if run_config.model.copy_source == "on" else "free"
+
+
 def resolve_clamp_by(clamp_by: str, run_config) -> str:
     """"auto": a model trained with the anchor loss, or whose x0_hat is the head's expected embedding (x0_from
     softmax), snaps by the head's argmax (its x0_hat is trained for the head, not to lie near one embedding);
@@ -137,7 +145,8 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
     n_steps = len(timesteps)
     on_step = lambda i, t: emit("step", {"done": i + 1, "total": n_steps, "t": t})  # host numbers: no device sync
     clamp_by = resolve_clamp_by(cfg.clamp_by, ck.config)
-    if cfg.length == "source" and ck.config.model.layout != "diffutext":
+    length = resolve_length(cfg.length, ck.config)
+    if length == "source" and ck.config.model.layout != "diffutext":
         raise SamplerError("--length source needs the [CLS] src [SEP] trg layout; this model was imported with DiffuSeq's")
     for b in range(rank, -(-n // bs), world):
         key = fingerprint(whole, b) if keep is not None else ""
@@ -148,7 +157,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             emit("progress", {"done": min(done * world, total), "total": total})
             continue
         ids, mask, cut = _pack_batch(dataset[b * bs:(b + 1) * bs]["src"], vocab, seq_len, ck.config.model.layout)
-        hold = source_length(ids, mask, vocab.sep) if cfg.length == "source" else None
+        hold = source_length(ids, mask, vocab.sep) if length == "source" else None
         truncated += cut
         batch_seconds = 0.0
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)

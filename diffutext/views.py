@@ -15,8 +15,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .ablation import FLOORS
-
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 for _console in (out, err):
@@ -144,6 +142,7 @@ def metrics_table(title: str, scores: dict[str, Any]) -> Table:
 
 def ablation_table(rows, marks, label: str, split: str, n: int, seeds: int) -> Table:
     """One checkpoint's cells; the best value of each column (`marks`, from ablation.best) in bold."""
+    from .ablation import FLOORS  # here, not at the top: --help imports no torch
     idx = [i for i, r in enumerate(rows) if r["checkpoint"] == label]
     step = rows[idx[0]]["step"]
     table = Table(title=f"{label} (step {step}) — {split} split, {n} sentences × {seeds} seed(s); best of each column in bold")

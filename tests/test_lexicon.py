@@ -176,6 +176,17 @@ def test_sample_with_length_source_writes_no_more_tokens_than_the_source(tmp_pat
     for row in rows:
         n_src = min(len(vocab.encode([row["src"]])[0]), (48 - 3) // 2)
         assert len(vocab.encode([row["hyp"]])[0]) <= n_src
+    r = CliRunner().invoke(app, ["sample", "--checkpoint", str(run), "--steps", "3", "--limit", "6",  # auto: a copy-prior run
+                                 "--out", str(tmp_path / "auto.jsonl"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "auto.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
+
+
+def test_length_auto_follows_the_copy_prior():
+    from diffutext.evaluate import resolve_length
+    on = resolve("tiny", {"model": {"copy_source": "on"}})
+    assert resolve_length("auto", on) == "source" and resolve_length("auto", resolve("tiny")) == "free"
+    assert resolve_length("free", on) == "free" and resolve_length("source", resolve("tiny")) == "source"
 
 
 def test_banned_tokens_are_never_picked_by_either_clamp():
