@@ -304,9 +304,11 @@ def resolve_copy_source(config: RunConfig, overlap: float, emit: Callback) -> Ru
     """copy_source auto: on when the training pairs' token overlap reaches COPY_OVERLAP and the model can take the
     prior (diffutext's network, x0_hat by regression); off otherwise."""
     m = config.model
-    on = overlap >= COPY_OVERLAP and m.arch == "diffutext" and m.x0_from == "regression"
-    emit("choice", {"message": f"copy prior {'on' if on else 'off'} (auto): the training pairs' token overlap is {overlap:.2f}"
-                               f" ({'at least' if overlap >= COPY_OVERLAP else 'under'} {COPY_OVERLAP})"})
+    blocked = ("model.arch diffuseq has no copy prior" if m.arch != "diffutext" else
+               "model.x0_from softmax has no regressed x0_hat to add it to" if m.x0_from != "regression" else "")
+    on = overlap >= COPY_OVERLAP and not blocked
+    why = f"the training pairs' token overlap is {overlap:.2f} ({'at least' if overlap >= COPY_OVERLAP else 'under'} {COPY_OVERLAP})"
+    emit("choice", {"message": f"copy prior {'on' if on else 'off'} (auto): {why}" + (f", but {blocked}" if blocked and overlap >= COPY_OVERLAP else "")})
     return replace(config, model=replace(m, copy_source="on" if on else "off"))
 
 

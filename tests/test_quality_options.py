@@ -568,3 +568,18 @@ def test_copy_source_auto_is_never_built_and_old_boolean_configs_still_load():
         old["model"]["copy_source"] = stored
         assert RunConfig.from_dict(old).model.copy_source == read
     assert resolve("small").model.copy_source == "auto"
+
+
+def test_copy_source_auto_says_when_the_model_cannot_take_the_prior():
+    """Overlapping pairs but x0 read through the head: off, and the line says why rather than only the overlap."""
+    from diffutext.train import resolve_copy_source
+    events = []
+    cfg = resolve("tiny", {"model": {"copy_source": "auto", "x0_from": "softmax"}})
+    out = resolve_copy_source(cfg, 0.6, lambda e, info: events.append(info["message"]))
+    assert out.model.copy_source == "off"
+    assert events == ["copy prior off (auto): the training pairs' token overlap is 0.60 (at least 0.4), "
+                      "but model.x0_from softmax has no regressed x0_hat to add it to"]
+    events.clear()
+    assert resolve_copy_source(resolve("tiny", {"model": {"copy_source": "auto"}}), 0.6,
+                               lambda e, info: events.append(info["message"])).model.copy_source == "on"
+    assert events == ["copy prior on (auto): the training pairs' token overlap is 0.60 (at least 0.4)"]
