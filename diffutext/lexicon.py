@@ -11,6 +11,8 @@ tensor arithmetic over the packed split (no loop over rows or tokens).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 LEXICON_MIN_COUNT = 30  # alignments of a source token below which it is copied as itself
@@ -51,5 +53,5 @@ def build_lexicon(ids: torch.Tensor, target_mask: torch.Tensor, vocab_size: int,
 def translate(sources: list[str], vocab, lex: torch.Tensor) -> list[str]:
     """Each source written token by token through the lexicon: what the copy prior alone (a silent network) writes."""
     pieces = vocab.encode(sources)
-    flat = lex.cpu()[torch.tensor([i for p in pieces for i in p], dtype=torch.long)]
+    flat = lex.cpu()[torch.tensor(list(itertools.chain.from_iterable(pieces)), dtype=torch.long)]
     return vocab.decode([ids.tolist() for ids in flat.split([len(p) for p in pieces])])
