@@ -15,19 +15,17 @@ import itertools
 
 import torch
 
+from .model import Denoiser
+
 LEXICON_MIN_COUNT = 30  # alignments of a source token below which it is copied as itself
 
 
 def aligned_pairs(ids: torch.Tensor, target_mask: torch.Tensor, specials: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(source token, target token) at the copy prior's alignment, both real tokens: for target token k, source
     token k, while both sides last. ids, target_mask: (N, L) of `[CLS] src [SEP] trg [SEP]` rows -> two (M,) tensors."""
-    N, L = ids.shape
-    idx = torch.arange(L).expand(N, L)
-    start = target_mask.int().argmax(1, keepdim=True)  # the first target position
-    aligned = (idx - start + 1).clamp(min=0, max=L - 1)  # target token k's source position k
-    src = ids.gather(1, aligned)
+    src = Denoiser.copied_source(ids.unsqueeze(-1), target_mask).squeeze(-1)  # what the prior copies there ([SEP] past the end)
     special = torch.tensor(specials)
-    keep = target_mask & (aligned < start - 1) & ~torch.isin(ids, special) & ~torch.isin(src, special)
+    keep = target_mask & ~torch.isin(ids, special) & ~torch.isin(src, special)
     return src[keep], ids[keep]
 
 

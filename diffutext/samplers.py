@@ -246,6 +246,11 @@ def head_indices(model, rows: torch.Tensor, banned: torch.Tensor | None = None) 
                      or [torch.empty(0, dtype=torch.long, device=rows.device)])
 
 
+def written(target_mask: torch.Tensor, hold: torch.Tensor | None) -> torch.Tensor:
+    """The positions the chain writes: the target side less the held ones."""
+    return target_mask if hold is None else target_mask & ~hold
+
+
 @torch.inference_mode()
 def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
             clamp: bool = True, generator: torch.Generator | None = None,
@@ -282,7 +287,7 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     if banned is not None:
         neg_half_sq_norm.index_fill_(0, banned, float("-inf"))
     x_src = model.embed(ids).float()  # (B, L, D)
-    free = target_mask if hold is None else target_mask & ~hold  # the positions the chain writes
+    free = written(target_mask, hold)
     mask = free.unsqueeze(-1)
     target_rows = free.reshape(-1).nonzero().squeeze(1)  # once per batch, not per step
     z = torch.where(mask, _noise(x_src, generator), x_src)
@@ -323,7 +328,7 @@ def generate(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: 
     positions, computed in row blocks (never the whole (B·L × V) logits); source (and held) positions keep ids."""
     z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback, precision, self_condition_input,
                 clamp_by, hold, banned)
-    rows = (target_mask if hold is None else target_mask & ~hold).reshape(-1).nonzero().squeeze(1)
+    rows = written(target_mask, hold).reshape(-1).nonzero().squeeze(1)
     picked = head_indices(model, z.reshape(-1, z.shape[-1]).index_select(0, rows), banned)
     out = ids.clone()
     out.view(-1).index_copy_(0, rows, picked)
