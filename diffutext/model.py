@@ -43,23 +43,24 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, ffn), nn.GELU(), nn.Linear(ffn, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h (B, L, W); mask (B, 1, 1, L): the keys every position may read (None: all)."""
         lean = torch.is_grad_enabled() and not torch.compiler.is_compiling()  # torch.compile plans its own memory
-        return self._forward_lean(h) if lean else self._forward_plain(h)
+        return self._forward_lean(h, mask) if lean else self._forward_plain(h, mask)
 
-    def _forward_plain(self, h: torch.Tensor) -> torch.Tensor:
+    def _forward_plain(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, L, W = h.shape
         q, k, v = self.qkv(self.norm1(h)).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # 3×(B, H, L, W/H)
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         h = h + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, W)))
         return h + self.drop(self.mlp(self.norm2(h)))
 
-    def _forward_lean(self, h: torch.Tensor) -> torch.Tensor:
+    def _forward_lean(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The same block with the ops of `ops`, which save less for backward."""
         B, L, W = h.shape
         p, training = self.dropout, self.training
         q, k, v = ops.norm_linear(h, self.norm1, self.qkv).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        a = ops.attention(q, k, v, p, training)
+        a = ops.attention(q, k, v, p, training, mask)
         h = h + ops.dropout(self.proj(a.transpose(1, 2).reshape(B, L, W)), p, training)
         return h + ops.dropout(ops.gelu_linear(ops.norm_linear(h, self.norm2, self.mlp[0]), self.mlp[2]), p, training)
 
@@ -127,7 +128,7 @@ class Denoiser(nn.Module):
         A model with the lexicon (config.copy_lexicon) needs the token ids (B, L) too."""
         L = z_t.shape[1]
         if self.config.needs_target_mask and target_mask is None:
-            raise ValueError("a model with segment positions, the copy prior or the copied input needs the target mask")
+            raise ValueError("a model with segment positions, the copy prior, the copied input or arch encdec needs the target mask")
         c = self.config
         if c.needs_ids and ids is None:
             raise ValueError("a model with the copy prior's lexicon needs the token ids")
@@ -138,15 +139,39 @@ class Denoiser(nn.Module):
         if c.copy_input:
             inputs.append(copied)
         h = self.up(torch.cat(inputs, -1) if len(inputs) > 1 else z_t)
-        h = h + self.positional(L, target_mask) + self.time_mlp(timestep_embedding(t, c.time_dim))[:, None]
+        time = self.time_mlp(timestep_embedding(t, c.time_dim))[:, None]
+        if c.arch == "encdec":  # the encoder reads no timestep: the source's encoding is the same at every step
+            time = time * target_mask.unsqueeze(-1).to(time.dtype)
+        h = h + self.positional(L, target_mask) + time
         h = ops.dropout(self.in_norm(h), self.config.dropout, self.training)  # (B, L, W)
-        for block in self.blocks:
-            h = block(h)
+        h = self.encode_decode(h, target_mask) if c.arch == "encdec" else self.run_blocks(h)
         h = self.down(self.out_norm(h))
         x0_hat = h if self.config.x0_from == "regression" else self.expected_embedding(h)
         if c.copy_source == "on":
             x0_hat = h = x0_hat + copied.to(x0_hat.dtype)
         return (x0_hat, h) if with_head else x0_hat
+
+    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+        """The bidirectional encoder over the whole sequence (DiffuSeq's): (B, L, W) -> (B, L, W)."""
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+    def encode_decode(self, h: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """arch encdec: the first layers // 2 blocks encode the source side ([CLS] src [SEP], reading only it),
+        the others decode the target side. A decoder block's queries read the encoded source and the target side
+        in one attention (cross- and self-attention in one softmax, over the block's own key and value
+        projections); the source rows stay the encoder's output. (B, L, W), (B, L) -> (B, L, W)."""
+        source = ~target_mask.unsqueeze(-1)  # (B, L, 1)
+        keys = source.transpose(1, 2).unsqueeze(1)  # (B, 1, 1, L): the encoder reads the source side only
+        n = len(self.blocks) // 2
+        memory = h
+        for block in self.blocks[:n]:
+            memory = block(memory, keys)
+        h = torch.where(source, memory, h)
+        for block in self.blocks[n:]:
+            h = torch.where(source, memory, block(h))
+        return h
 
     def copy_prior(self, z_t: torch.Tensor, target_mask: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         """What the copy prior adds (and the copied input reads): `copied_source(z_t)`, or with the lexicon the source
@@ -192,7 +217,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def build_model(config) -> nn.Module:
-    """The denoiser a RunConfig names (`model.arch`): ours, or DiffuSeq's network (diffuseq_model.py)."""
+    """The denoiser a RunConfig names (`model.arch`): ours (also as an encoder–decoder), or DiffuSeq's network
+    (diffuseq_model.py)."""
     if config.model.arch == "diffuseq":
         from .diffuseq_model import DiffuSeqDenoiser
 

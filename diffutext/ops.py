@@ -195,11 +195,12 @@ class _Attention(torch.autograd.Function):
         return gq, gk, gv, None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Multi-head attention without a mask: q, k, v (B, H, L, d) -> (B, H, L, d).
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, training: bool,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention: q, k, v (B, H, L, d) -> (B, H, L, d); mask (B, 1, 1, L), True where a key is read.
 
-    On CPU with dropout while training, `_Attention` (PyTorch's own kernel falls back to a path that
-    keeps the (B, H, L, L) probabilities twice); otherwise scaled_dot_product_attention."""
-    if training and p > 0.0 and q.device.type == "cpu" and torch.is_grad_enabled():
+    On CPU with dropout while training and no mask, `_Attention` (PyTorch's own kernel falls back to a path
+    that keeps the (B, H, L, L) probabilities twice); otherwise scaled_dot_product_attention."""
+    if mask is None and training and p > 0.0 and q.device.type == "cpu" and torch.is_grad_enabled():
         return _Attention.apply(q, k, v, p)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=p if training else 0.0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)

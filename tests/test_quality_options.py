@@ -17,6 +17,7 @@ from diffutext.model import Denoiser
 from diffutext.samplers import denoise, make_sampler
 from diffutext.timesteps import ClippedTimesteps, clip_timestep, nearest_neighbour_var
 from diffutext.train import train
+from helpers import invoke
 
 AB = alpha_bar_table("sqrt", 2000).float()
 WINDOW = dp_window(alpha_bar_table("sqrt", 2000), 0.05)
@@ -583,3 +584,37 @@ def test_copy_source_auto_says_when_the_model_cannot_take_the_prior():
     assert resolve_copy_source(resolve("tiny", {"model": {"copy_source": "auto"}}), 0.6,
                                lambda e, info: events.append(info["message"])).model.copy_source == "on"
     assert events == ["copy prior on (auto): the training pairs' token overlap is 0.60 (at least 0.4)"]
+
+
+def test_encdec_encodes_the_clean_source_once_and_the_decoder_reads_it():
+    """arch encdec: the encoder's source rows depend on neither the target side nor t; the target's output reads the
+    source; the parameters are the joint network's, and the same weights give another function."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50, hidden_dim=8, width=16, layers=4, heads=2, ffn=32, dropout=0.0, seq_len=12, time_dim=8)
+    model, joint = Denoiser(replace(config, arch="encdec")), Denoiser(config)
+    joint.load_state_dict(model.state_dict())  # the same parameters, name for name
+    _, mask, _ = batch()
+    z, t = torch.randn(4, 12, 8), torch.tensor([3, 50, 700, 1999])
+    encoded = []
+    hook = model.blocks[1].register_forward_hook(lambda module, args, out: encoded.append(out))  # the last encoder block
+    other = torch.where(mask.unsqueeze(-1), torch.randn(4, 12, 8), z)  # the same source, another noisy target
+    y = model(z, t, target_mask=mask)
+    model(other, t.flip(0), target_mask=mask)
+    hook.remove()
+    source = ~mask
+    assert torch.equal(encoded[0][source], encoded[1][source])
+    moved = z.clone()
+    moved[:, 1] += 1.0  # the first source token
+    assert (model(moved, t, target_mask=mask) - y)[mask].abs().amax() > 1e-4
+    assert not torch.allclose(joint(z, t, target_mask=mask), y, atol=1e-4)
+    with pytest.raises(ValueError, match="target mask"):
+        model(z, t)
+
+
+def test_encdec_trains_and_samples(tmp_path, small_task):
+    run = train(resolve("tiny", {"model": {"arch": "encdec"}, "train": {"task": str(small_task), "max_steps": 4}}), tmp_path / "run", device="cpu")
+    config = json.loads((run / "config.json").read_text())
+    assert config.get("config", config)["model"]["arch"] == "encdec"
+    result = invoke("sample", "--checkpoint", run, "--steps", 5, "--limit", 3, "--out", tmp_path / "out.jsonl")
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
