@@ -9,6 +9,8 @@ Our choice (named): the encoder blocks are pre-LayerNorm and call PyTorch's fuse
 `scaled_dot_product_attention`; DiffuSeq uses a post-LN BERT encoder. Pre-LN trains stably at the
 larger learning rates a CPU budget needs. While autograd records, a block runs the same maths
 through `ops`, which keeps less than half the activations for backward (and draws dropout faster on CPU).
+With `arch = "encdec"` the same blocks form an encoder of the clean source and a decoder of the target side
+(SeqDiffuSeq's and Difformer's shape; `Denoiser.encode_decode`).
 """
 
 from __future__ import annotations
