@@ -50,14 +50,14 @@ class Block(nn.Module):
         lean = torch.is_grad_enabled() and not torch.compiler.is_compiling()  # torch.compile plans its own memory
         return self._forward_lean(h, mask) if lean else self._forward_plain(h, mask)
 
-    def _forward_plain(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _forward_plain(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, W = h.shape
         q, k, v = self.qkv(self.norm1(h)).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # 3×(B, H, L, W/H)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         h = h + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, W)))
         return h + self.drop(self.mlp(self.norm2(h)))
 
-    def _forward_lean(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _forward_lean(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The same block with the ops of `ops`, which save less for backward."""
         B, L, W = h.shape
         p, training = self.dropout, self.training

@@ -114,6 +114,20 @@ def test_the_lean_block_equals_the_plain_block():
         assert torch.allclose(block(h), plain, atol=1e-12)  # inference takes the plain path
 
 
+def test_the_lean_block_with_a_key_mask_equals_the_plain_block_and_never_reads_masked_keys():
+    block, h, inputs = block_pair()
+    mask = torch.zeros(3, 1, 1, 9, dtype=torch.bool)
+    mask[..., :4] = True  # every position reads the first four only (arch encdec's encoder)
+    lean, plain = block._forward_lean(h, mask), block._forward_plain(h, mask)
+    assert torch.allclose(lean, plain, atol=1e-12)
+    for a, b in zip(grads(lean, inputs), grads(plain, inputs)):
+        assert torch.allclose(a, b, atol=1e-10)
+    moved = h.detach().clone()
+    moved[:, 4:] += torch.randn(3, 5, 32, dtype=moved.dtype)  # the masked keys change
+    assert torch.allclose(block._forward_plain(moved, mask)[:, :4], plain[:, :4], atol=1e-12)
+    assert not torch.allclose(block._forward_plain(moved)[:, :4], block._forward_plain(h)[:, :4])
+
+
 def test_the_lean_block_under_bf16_autocast_stays_close_to_the_plain_one():
     block, h, inputs = block_pair(dtype=torch.float32)
     with torch.autocast("cpu", torch.bfloat16):
