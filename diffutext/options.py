@@ -184,7 +184,8 @@ TRAIN_FIELDS = [
     Field("train", "seed", "Seed of the initialisation, the data order and the noise."),
     Field("train", "save_every", "Checkpoint every N steps (0: only at the end).", min=0),
     # beyond DiffuSeq (README, "Quality options"; each from the paper named)
-    Field("model", "arch", "The denoiser: diffutext (pre-LN blocks, the quality options) or diffuseq (DiffuSeq's post-LN BERT network)."),
+    Field("model", "arch", "The denoiser: diffutext (pre-LN blocks, the quality options), encdec (the same blocks as a source "
+                           "encoder and a target decoder) or diffuseq (DiffuSeq's post-LN BERT network)."),
     Field("model", "seq_len", "Tokens per packed sequence; 0: the shortest that cuts no training pair or source.", min=0),
     Field("train", "loss_positions", "Average mse, decoder_nll and tT over all positions (DiffuSeq) or the target ones only."),
     Field("train", "anchor_weight", "Weight of the anchor loss, the tied head's cross-entropy on x0_hat (Difformer; 0: off).", min=0),

@@ -17,14 +17,17 @@ from helpers import assert_one_line_error, invoke, newest_folder
 SIZES = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64}
 
 
+BERT_NAME = {ours: bert for bert, ours in plm.EMBEDDINGS.items()}
+
+
 def bert_names(state):
     """A diffuseq-arch state dict under a Hugging Face BertModel's names (what such a folder's safetensors holds)."""
     out = {}
     for k, v in state.items():
         if k.startswith("input_transformers."):
             out["encoder." + k.removeprefix("input_transformers.")] = v
-        elif k in ("word_embedding.weight", "position_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias"):
-            out[{v_: k_ for k_, v_ in plm.EMBEDDINGS.items()}[k]] = v
+        elif k in BERT_NAME:
+            out[BERT_NAME[k]] = v
     return out
 
 
