@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 Schedule = Literal["sqrt", "linear", "cosine"]  # noise schedules (diffusion.py)
-TimestepSampler = Literal["uniform", "lossaware", "clipped"]  # how training draws t (timesteps.py)
+TimestepSampler = Literal["uniform", "lossaware", "clipped", "warped"]  # how training draws t (timesteps.py)
 LrSchedule = Literal["linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # autocast (device.py); auto: bf16 where the device multiplies bf16 natively
 TokenizerType = Literal["bpe", "wordpiece"]  # the tokenizer trained when none is given (data/tokenizer.py)
@@ -42,7 +42,11 @@ Layout = Literal["diffutext", "diffuseq"]
 DiffuSeqScript = Literal["2023", "2022"]
 LossPositions = Literal["all", "target"]  # where mse, decoder_nll and tT are averaged (losses.py)
 Positions = Literal["absolute", "segment"]  # the denoiser's position embedding (model.py)
-X0From = Literal["regression", "softmax"]  # how the denoiser's output becomes x0_hat (model.py)
+X0From = Literal["regression", "softmax", "classifier"]  # how the denoiser's output becomes x0_hat (model.py)
+# how the model learns the target's length: pad (DiffuSeq: the padding after the target is written as tokens) | head
+# (trained on the true length, the padding out of attention and loss, and a length head predicts the length)
+TargetLength = Literal["pad", "head"]
+CopyAlign = Literal["index", "uniform"]  # which source token the copied input gives target token k (model.py)
 SelfConditionInput = Literal["clamped", "raw"]  # which previous x0_hat a self-conditioned model is fed (samplers.py)
 # the copy prior (model.py): on | off | auto (on when the training pairs' sources share enough tokens with their
 # targets, COPY_OVERLAP; resolved when training starts and stored in the run's config as on or off)
@@ -50,8 +54,9 @@ CopySource = Literal["auto", "on", "off"]
 COPY_OVERLAP = 0.4  # auto's threshold on the train split's token Dice overlap (bible-basic 0.52, CommonGen 0.32)
 # how long the written target is: free (the model decides where its [SEP] and padding go, DiffuSeq) | source (as many
 # tokens as the source, the copy's length: the [SEP] after them and the padding are held fixed, never noised, and the
-# positions before them are never snapped to a special token) | auto (source for a run with the copy prior, else free)
-Length = Literal["free", "source", "auto"]
+# positions before them are never snapped to a special token) | predicted (the length head's, for a model trained with
+# one; held the same way) | auto (predicted for a model with a length head, source for a run with the copy prior, else free)
+Length = Literal["free", "source", "predicted", "auto"]
 ClampBy = Literal["nearest", "head", "auto"]  # how clamping snaps x0_hat: nearest embedding in L2 (DiffuSeq) | the tied head's argmax (Difformer) | auto (head for a run trained with the anchor loss or x0_from softmax)
 
 
@@ -94,9 +99,11 @@ class ModelConfig:
     # or "segment" (each side from its own start, target token k at the position of source token k, plus a
     # learned source/target embedding: the alignment an encoder–decoder gets for free).
     positions: Positions = "absolute"
-    # How the denoiser's output becomes x0_hat: "regression" (DiffuSeq: the output is x0_hat) or "softmax" (CDCD,
-    # Dieleman et al. 2022, score interpolation: the output is read by the tied head as logits over the vocabulary,
-    # and x0_hat = softmax(logits)·E, the expected embedding; the anchor loss then trains those logits).
+    # How the denoiser's output becomes x0_hat: "regression" (DiffuSeq: the output is x0_hat), "softmax" (the output
+    # read by the tied head as logits, x0_hat = softmax(logits)·E; the anchor loss then trains those logits) or
+    # "classifier" (CDCD, Dieleman et al. 2022; Plaid: an untied readout, LayerNorm then a zero-initialised Linear to
+    # the vocabulary, plus the output prior; x0_hat = softmax(logits)·E, the expected embedding; trained with the
+    # cross-entropy of those logits alone, on the target tokens).
     x0_from: X0From = "regression"
     # Copy prior (after the uniform copy of the source into the decoder's inputs of non-autoregressive translation,
     # Gu et al. 2018): x0_hat = f(z_t, t) + the source embedding at the aligned position (target token k at source
@@ -116,12 +123,36 @@ class ModelConfig:
     # bible-basic); counted when training starts and stored with the weights. 0: off (every token copied as itself).
     # Without the copy prior and the copied input there is nothing to translate: a run stores 0.
     copy_lexicon: float = 0.0
+    # The word embedding's rows held at norm √hidden_dim (CDCD, Dieleman et al. 2022; Plaid keeps them at norm 1): every
+    # token equally far from the origin, so that no loss can win by growing or shrinking the embeddings, and z_t has
+    # unit variance per dimension at every t of a variance-preserving schedule. False: free rows (DiffuSeq).
+    embedding_norm: bool = False
+    # Where the copied input (and the copy prior) takes target token k from: "index" (source token k, the source's
+    # [SEP] past its end) or "uniform" (Gu et al. 2018's uniform copy: source token ⌊k·m/n⌋ for a target of n tokens
+    # and a source of m; needs the target's length, model.target_length head).
+    copy_align: CopyAlign = "index"
+    # With x0_from classifier: add the output prior (CDCD; Plaid's `bias_scale·(α/σ²)·z·Eᵀ`), the log-likelihood of
+    # z_t under each token, (√ᾱ_t/(1 − ᾱ_t))·z_t·Êᵀ, to the readout's logits; ramped in over the learning rate's
+    # warm-up. The posterior of the token given z_t alone: the network learns what the noise hides.
+    output_prior: bool = True
+    target_length: TargetLength = "pad"
+    # The network also reads, at each written target position, a full-width input embedding averaged under the token
+    # posterior of z_t alone (softmax of the output prior's logits): the token the noise still shows, as a lookup
+    # rather than through the up-projection of a hidden_dim-wide point (diffutext's own; needs the schedule, as the
+    # classifier does). False: off.
+    input_posterior: bool = False
 
     @property
     def needs_target_mask(self) -> bool:
         """Whether the denoiser reads the target mask (segment positions, the copy prior, the copied input, the
         encoder–decoder)."""
-        return self.positions == "segment" or self.copy_source == "on" or self.copy_input or self.arch == "encdec"
+        return (self.positions == "segment" or self.copy_source == "on" or self.copy_input or self.arch == "encdec"
+                or self.x0_from == "classifier")
+
+    @property
+    def needs_hold(self) -> bool:
+        """Whether the denoiser reads the held positions (the target's [SEP] and its padding, for a length head)."""
+        return self.target_length == "head"
 
     @property
     def needs_ids(self) -> bool:
@@ -177,6 +208,8 @@ class TrainConfig:
     loss_positions: LossPositions = "all"  # all (DiffuSeq: every position) | target: mse, decoder_nll, tT over target positions only
     anchor_weight: float = 0.0  # Difformer's anchor loss: CE of the tied head on x0_hat at target positions (0: off)
     anchor_smoothing: float = 0.0  # label smoothing ε of the anchor loss (0.1 in Difformer)
+    embedding_lr: float = 0.0  # the word embedding's own learning rate (Plaid: 1e-2 beside the network's 1.4e-3); 0: lr
+    length_weight: float = 0.1  # weight of the length head's cross-entropy (model.target_length head; DINOISER: 0.1)
 
 
 @dataclass(frozen=True)
@@ -217,6 +250,7 @@ class SampleConfig:
     # tied head's argmax, Difformer) | auto (head for a model trained with the anchor loss or x0_from softmax, else nearest)
     clamp_by: ClampBy = "auto"
     length: Length = "auto"
+    length_beam: int = 1  # with a length head: decode the B likeliest lengths and keep the likeliest output
     self_condition_input: SelfConditionInput = "clamped"  # a self-conditioned model is fed the previous x0_hat: clamped | raw (before snapping)
     ads_shares: tuple[float, float, float] | None = None
     batch_size: int = 128
@@ -354,6 +388,11 @@ def validate(config: RunConfig) -> None:
                                    and m.copy_source != "on" and not m.copy_input),
          "model.arch diffuseq is DiffuSeq's network: no self-conditioning, absolute positions, x0 by regression, no copy prior or copied input"),
         (m.copy_source != "on" or m.x0_from == "regression", "model.copy_source adds to a regressed x0_hat: it needs model.x0_from regression"),
+        (m.target_length == "pad" or m.arch == "encdec", "model.target_length head reads the encoded source: it needs model.arch encdec"),
+        (m.copy_align == "index" or m.target_length == "head", "model.copy_align uniform spreads the source over the target's length: it needs model.target_length head"),
+        (m.arch != "diffuseq" or not m.embedding_norm, "model.arch diffuseq is DiffuSeq's network: free embedding rows"),
+        (t.embedding_lr >= 0, "train.embedding_lr must be >= 0 (0: train.lr)"),
+        (t.length_weight >= 0, "train.length_weight must be >= 0"),
         (0.0 <= m.copy_lexicon <= 1.0, "model.copy_lexicon must be a share in [0, 1] (0: off)"),
         (m.seq_len >= 8 or m.seq_len == 0, "model.seq_len must be at least 8 (or 0: chosen from the training split)"),
         (0.0 <= m.self_condition <= 1.0, "model.self_condition must be a probability in [0, 1]"),

@@ -27,9 +27,9 @@ from . import distributed as dist
 from .checkpoint import Checkpoint, load_weights, locate, open_run
 from .config import SampleConfig
 from .data.batches import pack_one
-from .device import resolve_precision
+from .device import autocast, resolve_precision
 from .diffusion import alpha_bar_table
-from .model import Denoiser, build_model
+from .model import Denoiser, build_model, length_range
 from .pieces import Pieces, fingerprint
 from .samplers import SamplerError, generate, make_sampler
 
@@ -94,11 +94,37 @@ def source_length(ids: torch.Tensor, target_mask: torch.Tensor, sep: int) -> tor
     return target_mask & (idx >= end)
 
 
+def fixed_length(ids: torch.Tensor, target_mask: torch.Tensor, sep: int, lengths: torch.Tensor) -> torch.Tensor:
+    """The target `lengths` (B,) tokens long: puts [SEP] right after that many target positions of the packed batch
+    `ids` (in place; padding follows) and returns the positions to hold, (B, L) bool: that [SEP] and everything after
+    it. A length is cut to what the target side holds (at least 1 token, and room for the [SEP])."""
+    L = ids.shape[1]
+    start = target_mask.int().argmax(1, keepdim=True)  # the first target position
+    end = torch.minimum(start + lengths.view(-1, 1).clamp(min=1), torch.full_like(start, L - 1))
+    idx = torch.arange(L, device=ids.device).expand_as(ids)
+    ids.masked_fill_(idx == end, sep)
+    return target_mask & (idx >= end)
+
+
+@torch.inference_mode()
+def predicted_lengths(model, ids: torch.Tensor, target_mask: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """The length head's target lengths (B,) for a packed batch of sources: the source's length plus the likeliest
+    offset (model.target_length head)."""
+    with autocast(ids.device, precision):
+        memory = model.encode(model.embed(ids), target_mask, ids)
+        logits = model.length_logits(memory, target_mask)
+    source = (~target_mask).sum(1) - 2  # [CLS] and [SEP] are not source tokens
+    return source + logits.argmax(-1) - length_range(model.config)
+
+
 def resolve_length(length: str, run_config) -> str:
-    """"auto": the source's length for a run with the copy prior (its x0_hat starts as the aligned source, target token
-    k at source token k, so the copy's length is its own), the model's choice (free) otherwise; else the value itself."""
+    """"auto": the length head's for a model with one; the source's length for a run with the copy prior (its x0_hat
+    starts as the aligned source, target token k at source token k, so the copy's length is its own); the model's
+    choice (free) otherwise; else the value itself."""
     if length != "auto":
         return length
+    if run_config.model.target_length == "head":
+        return "predicted"
     return "source" if run_config.model.copy_source == "on" else "free"
 
 
@@ -148,6 +174,10 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
     length = resolve_length(cfg.length, ck.config)
     if length == "source" and ck.config.model.layout != "diffutext":
         raise SamplerError("--length source needs the [CLS] src [SEP] trg layout; this model was imported with DiffuSeq's")
+    if length == "predicted" and ck.config.model.target_length != "head":
+        raise SamplerError("--length predicted needs a model trained with a length head (model.target_length head)")
+    if length == "free" and ck.config.model.target_length == "head":
+        raise SamplerError("--length free: this model was trained on true lengths and never wrote padding; use predicted or source")
     for b in range(rank, -(-n // bs), world):
         key = fingerprint(whole, b) if keep is not None else ""
         stored = keep.get(key) if keep is not None else None
@@ -157,11 +187,14 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             emit("progress", {"done": min(done * world, total), "total": total})
             continue
         ids, mask, cut = _pack_batch(dataset[b * bs:(b + 1) * bs]["src"], vocab, seq_len, ck.config.model.layout)
-        hold = source_length(ids, mask, vocab.sep) if length == "source" else None
         truncated += cut
         batch_seconds = 0.0
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)
-        hold = hold.to(loaded.device) if hold is not None else None
+        hold = None
+        if length == "source":
+            hold = source_length(ids, mask, vocab.sep)
+        elif length == "predicted":
+            hold = fixed_length(ids, mask, vocab.sep, predicted_lengths(model, ids, mask, precision))
         banned = torch.tensor([vocab.pad, vocab.cls, vocab.sep], device=loaded.device) if hold is not None else None
         per_seed = []
         for k in range(cfg.seeds):

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
 from .device import compute_dtype
 from .diffusion import q_sample, sigma
@@ -87,11 +88,12 @@ class LossOptions:
     anchor_weight: float = 0.0
     anchor_smoothing: float = 0.0
     noise_factor: float = 1.0
+    length_weight: float = 0.1  # the length head's cross-entropy (a model with target_length head)
 
     @classmethod
     def from_config(cls, config) -> "LossOptions":
         t = config.train
-        return cls(t.loss_positions, t.anchor_weight, t.anchor_smoothing, config.diffusion.noise_factor)
+        return cls(t.loss_positions, t.anchor_weight, t.anchor_smoothing, config.diffusion.noise_factor, t.length_weight)
 
 
 @dataclass
@@ -262,7 +264,7 @@ def _inputs(model, ids, target_mask, t, alpha_bar, noise: Noise | None, options:
 def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
                    dp_weight: float = 0.0, window: tuple[torch.Tensor, torch.Tensor] | None = None,
                    dp_partner: str = "forward", noise: Noise | None = None,
-                   options: LossOptions = LossOptions()) -> dict[str, torch.Tensor]:
+                   options: LossOptions = LossOptions(), hold: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Every loss term per example, shape (B,); "loss" is the one to optimise.
 
     ids, target_mask: (B, L); t: (B,) long; alpha_bar: (T,) on the model's device.
@@ -270,7 +272,11 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
     `noise` (from `draw_noise`) replaces the draws from the global generator.
     `options` adds the loss options of PAPER.md §7; the model's own config says whether it
     self-conditions (`self_condition`) and has an absorbing state (`absorbing`, its `mask_state`).
+    A classifier (model.config.x0_from "classifier") trains `classifier_loss` instead; `hold` (B, L): the target's
+    [SEP] and padding of a model with a length head (`data.batches.held_end`).
     """
+    if getattr(getattr(model, "config", None), "x0_from", "regression") == "classifier":
+        return classifier_loss(model, ids, target_mask, t, alpha_bar, dp_weight, window, dp_partner, noise, options, hold)
     inp = _inputs(model, ids, target_mask, t, alpha_bar, noise, options)
     x0, z0 = inp.x0, inp.z0
     T = alpha_bar.shape[0]
@@ -521,3 +527,100 @@ def tied_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t
     if bias is None:
         bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     return _TiedNLL.apply(x, weight, bias, target, compute_dtype(x))
+
+
+# ---- the classifier's objective (CDCD) ----
+
+def _per_example(values: torch.Tensor, rows: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    """The mean per example (B,) of per-row values (N,) at flat positions `rows` (row-major over (B, L))."""
+    example = rows // L
+    total = torch.zeros(B, dtype=values.dtype, device=values.device).index_add_(0, example, values)
+    count = torch.zeros(B, dtype=values.dtype, device=values.device).index_add_(0, example, torch.ones_like(values))
+    return total / count.clamp(min=1)
+
+
+def _classify(model, z: torch.Tensor, t: torch.Tensor, sc_rows: torch.Tensor | None, cond: dict[str, torch.Tensor],
+              memory: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, logits at the written rows) of a classifier, self-conditioned on a no-grad first pass for the
+    examples in `sc_rows` (the others read zeros)."""
+    extra = dict(cond, memory=memory) if memory is not None else dict(cond)
+    prev = None
+    if sc_rows is not None:
+        prev = torch.zeros_like(z)
+        if bool(sc_rows.any()):
+            with torch.no_grad():
+                sub = {k: v[sc_rows] for k, v in extra.items()}
+                prev[sc_rows] = model(z[sc_rows], t[sc_rows], **sub).to(prev.dtype)
+    return model(z, t, prev, with_head=True, **extra)
+
+
+def classifier_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
+                    dp_weight: float = 0.0, window: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    dp_partner: str = "forward", noise: Noise | None = None, options: LossOptions = LossOptions(),
+                    hold: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """CDCD's objective (Dieleman et al. 2022) per example (B,): z_t = √ᾱ_t·Ê(w) + √(1 − ᾱ_t)·ε at the written
+    target positions (held ones and the source stay clean), and the cross-entropy `ce` of the classifier's logits
+    against w there, averaged over them. No regression term, no rounding term: the embedding learns through the
+    cross-entropy alone (the noisy input, the output prior and x0_hat).
+
+    Distance Penalty (PAPER.md §3 with the per-pass objective mse replaced by ce, as the classifier trains no mse):
+      loss = ½·[ce(t) + ce(t′) + λ·1[t′≠t]·mean‖x0_hat(z_t′, t′) − x0_hat(z_t, t)‖²]
+    with the partner drawn as for the base model; the penalty is over the written positions.
+    A model with a length head (target_length head) adds `length`, the head's cross-entropy on the target's length
+    minus the source's, weighted by options.length_weight."""
+    B, L = ids.shape
+    written = target_mask if hold is None else target_mask & ~hold
+    rows = written.reshape(-1).nonzero().squeeze(1)
+    targets = ids.reshape(-1).index_select(0, rows)
+    x0 = model.embed(ids)
+    eps = noise.eps if noise is not None else torch.randn_like(x0)
+    if options.noise_factor != 1.0:
+        eps = eps * options.noise_factor
+    z_t = q_sample(x0, t, alpha_bar, eps, written)
+    cond = conditioning(model, ids, target_mask, hold)
+    memory = model.encode(x0, target_mask, ids) if model.config.arch == "encdec" else None
+    sc_rows = None
+    if model.config.self_condition > 0:
+        u = noise.self_cond if noise is not None else torch.rand(B, device=ids.device)
+        sc_rows = u < model.config.self_condition if u is not None else torch.zeros(B, dtype=torch.bool, device=ids.device)
+
+    def ce_of(logits: torch.Tensor) -> torch.Tensor:
+        return _per_example(F.cross_entropy(logits.float(), targets, reduction="none"), rows, B, L)
+
+    if dp_weight <= 0:
+        _, logits = _classify(model, z_t, t, sc_rows, cond, memory)
+        ce = ce_of(logits)
+        terms = {"loss": ce, "ce": ce}
+    else:
+        if window is None:
+            raise ValueError("the Distance Penalty needs the partner window (losses.dp_window)")
+        t2, valid = partner_timesteps(t, *window, uniforms=(noise.side, noise.offset) if noise is not None else None)
+        eps2 = noise.eps2 if noise is not None else torch.randn_like(x0)
+        if options.noise_factor != 1.0:
+            eps2 = eps2 * options.noise_factor
+        if dp_partner == "forward":  # one batched pass over [z_t; z_t′]
+            z_t2 = q_sample(x0, t2, alpha_bar, eps2, written)
+            both = lambda v: None if v is None else torch.cat([v, v])
+            x0_both, logits_both = _classify(model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), both(sc_rows),
+                                             {k: both(v) for k, v in cond.items()}, both(memory))
+            x0_hat, x0_hat2 = x0_both.chunk(2)
+            n = rows.numel()  # the first batch's rows come first in row-major order
+            logits, logits2 = logits_both[:n], logits_both[n:]
+        elif dp_partner == "reverse":
+            x0_hat, logits = _classify(model, z_t, t, sc_rows, cond, memory)
+            z_t2 = reverse_partner(z_t, x0_hat.detach().to(z_t.dtype), t, t2, alpha_bar, eps2)
+            z_t2 = torch.where(written.unsqueeze(-1), z_t2, x0)
+            x0_hat2, logits2 = _classify(model, z_t2, t2, sc_rows, cond, memory)
+        else:
+            raise ValueError(f"unknown dp_partner {dp_partner!r}; expected forward or reverse")
+        ce, ce2 = ce_of(logits), ce_of(logits2)
+        penalty = _sq_error(x0_hat2, x0_hat, written.float()) * valid
+        terms = {"loss": 0.5 * (ce + ce2 + dp_weight * penalty), "ce": ce, "ce_partner": ce2, "penalty": penalty,
+                 "partner_valid": valid.float()}
+    if model.config.target_length == "head":
+        K = (model.length_head[-1].out_features - 1) // 2
+        offset = written.sum(1) - (~target_mask).sum(1) + 2  # target tokens − source tokens ([CLS], [SEP] are not)
+        length = F.cross_entropy(model.length_logits(memory, target_mask), offset.clamp(-K, K) + K, reduction="none")
+        terms["length"] = length
+        terms["loss"] = terms["loss"] + options.length_weight * length
+    return terms

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import ops
 from .config import ModelConfig
+from .diffusion import alpha_bar_table
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -57,6 +58,19 @@ class Block(nn.Module):
         h = h + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, W)))
         return h + self.drop(self.mlp(self.norm2(h)))
 
+    def joint(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A decoder block of arch encdec: the rows x (B, Lt, W) attend to the encoded source `memory` (B, Ls, W) and
+        to themselves in one softmax, over this block's own key and value projections of both (as if memory and x
+        were one sequence whose memory rows are then kept); mask (B, 1, 1, Ls + Lt): the keys each row may read."""
+        B, Lt, W = x.shape
+        H, d = self.heads, W // self.heads
+        q, k, v = self.qkv(self.norm1(x)).view(B, Lt, 3, H, d).permute(2, 0, 3, 1, 4)  # 3×(B, H, Lt, d)
+        km, vm = F.linear(self.norm1(memory), self.qkv.weight[W:], self.qkv.bias[W:]).view(B, -1, 2, H, d).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, torch.cat([km, k], 2), torch.cat([vm, v], 2), attn_mask=mask, dropout_p=p)
+        x = x + ops.dropout(self.proj(a.transpose(1, 2).reshape(B, Lt, W)), self.dropout, self.training)
+        return x + ops.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
+
     def _forward_lean(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The same block with the ops of `ops`, which save less for backward."""
         B, L, W = h.shape
@@ -68,11 +82,17 @@ class Block(nn.Module):
 
 
 class Denoiser(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, alpha_bar: torch.Tensor | None = None):
+        """`alpha_bar` (T,): the schedule's ᾱ table, which the classifier's output prior reads (`diffusion.alpha_bar_table`)."""
         super().__init__()
         if config.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
         c = self.config = config
+        if (c.x0_from == "classifier" or c.input_posterior) and alpha_bar is None:
+            raise ValueError("the classifier's output prior reads the schedule: build the model with its alpha_bar table")
+        if alpha_bar is not None:  # derived from the config: not part of the weights
+            self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+        self.prior_scale = 1.0  # the output prior's ramp (train.py sets it during the warm-up); 1 when decoding
         if c.copy_source == "auto":
             raise ValueError("ModelConfig.copy_source auto must be resolved (on or off, from the training split) before building the model")
         self.embedding = nn.Embedding(c.vocab_size, c.hidden_dim)  # E, initialised N(0, 1) like DiffuSeq's
@@ -87,7 +107,17 @@ class Denoiser(nn.Module):
         self.in_norm = nn.LayerNorm(c.width)
         self.blocks = nn.ModuleList(Block(c.width, c.heads, c.ffn, c.dropout) for _ in range(c.layers))
         self.out_norm = nn.LayerNorm(c.width)
-        self.down = nn.Sequential(nn.Linear(c.width, c.width), nn.Tanh(), nn.Linear(c.width, c.hidden_dim))
+        if c.x0_from == "classifier":  # CDCD's readout: (LayerNorm, then) a zero-initialised Linear to the vocabulary
+            self.readout = nn.Linear(c.width, c.vocab_size)
+            nn.init.zeros_(self.readout.weight)
+            nn.init.zeros_(self.readout.bias)
+        else:
+            self.down = nn.Sequential(nn.Linear(c.width, c.width), nn.Tanh(), nn.Linear(c.width, c.hidden_dim))
+        if c.input_posterior:  # a full-width input embedding, read through the token posterior of z_t
+            self.input_embedding = nn.Embedding(c.vocab_size, c.width)
+            nn.init.normal_(self.input_embedding.weight, std=c.width ** -0.5)
+        if c.target_length == "head":  # the target's length as an offset from the source's (Difformer, DINOISER)
+            self.length_head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, 2 * length_range(c) + 1))
         if c.absorbing > 0:  # DiffuSeq-v2's learned absorbing state m, initialised N(0, 1/hidden_dim) as there
             self.mask_state = nn.Parameter(torch.randn(c.hidden_dim) * c.hidden_dim ** -0.5)
         if c.positions == "segment":
@@ -97,14 +127,28 @@ class Denoiser(nn.Module):
         if c.copy_source == "on":  # the copy prior starts from the copy itself: the network's output is 0 until it learns
             nn.init.zeros_(self.down[2].weight)
             nn.init.zeros_(self.down[2].bias)
+        if c.embedding_norm:  # rows start on the sphere of radius √hidden_dim
+            with torch.no_grad():
+                self.embedding.weight.copy_(self.table())
+
+    def table(self) -> torch.Tensor:
+        """The word embedding E as the diffusion space sees it (V, hidden_dim): with `embedding_norm` every row
+        scaled to norm √hidden_dim (the parameter itself is free; the gradient flows through the scaling)."""
+        w = self.embedding.weight
+        if not self.config.embedding_norm:
+            return w
+        return w * (math.sqrt(w.shape[1]) / w.float().norm(dim=1, keepdim=True).clamp(min=1e-8)).to(w.dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """E(w): (B, L) -> (B, L, hidden_dim)."""
-        return self.embedding(ids)
+        if not self.config.embedding_norm:
+            return self.embedding(ids)
+        return F.embedding(ids, self.table())
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Tied head: (..., hidden_dim) -> (..., vocab)."""
-        return x @ self.embedding.weight.t() + self.head_bias
+        """Tied head: (..., hidden_dim) -> (..., vocab). For a classifier, whose own logits read the network, this is
+        the rounding of a point of the diffusion space (its nearest embedding, on the sphere of `embedding_norm`)."""
+        return x @ self.table().t() + self.head_bias
 
     def positional(self, L: int, target_mask: torch.Tensor | None) -> torch.Tensor:
         """What marks each position: (L, W) for "absolute" positions, or, for "segment" positions,
@@ -118,100 +162,241 @@ class Denoiser(nn.Module):
         return self.position(ids) + self.segment(target_mask.long())
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
-                target_mask: torch.Tensor | None = None, with_head: bool = False, ids: torch.Tensor | None = None):
+                target_mask: torch.Tensor | None = None, with_head: bool = False, ids: torch.Tensor | None = None,
+                hold: torch.Tensor | None = None, memory: torch.Tensor | None = None):
         """x0_hat = f(z_t, t): (B, L, hidden_dim), (B,) -> (B, L, hidden_dim).
 
         A self-conditioned model (config.self_condition > 0) also reads x0_prev, the previous estimate of x0
         (zeros when there is none, the default); any other model ignores it. A model with segment positions
         needs target_mask (B, L); any other ignores it. with_head: (x0_hat, h), where h is what the tied head
         reads as this prediction's logits (the anchor loss's input): x0_hat itself for "regression", the
-        network's output before the softmax for "softmax". With the copy prior (config.copy_source) x0_hat is the
+        network's output before the softmax for "softmax"; for "classifier", h is the logits themselves at the
+        written positions (`classify`). With the copy prior (config.copy_source) x0_hat is the
         network's output plus `copy_prior(z_t)`; with the copied input (config.copy_input) the network also reads it.
-        A model with the lexicon (config.copy_lexicon) needs the token ids (B, L) too."""
-        L = z_t.shape[1]
-        if self.config.needs_target_mask and target_mask is None:
-            raise ValueError("a model with segment positions, the copy prior, the copied input or arch encdec needs the target mask")
+        A model with the lexicon (config.copy_lexicon) needs the token ids (B, L) too. A model with a length head
+        (config.target_length head) needs `hold` (B, L): the target's [SEP] and its padding, held clean; the padding
+        after that [SEP] is out of attention. arch encdec: `memory`, the encoded source from `encode`, skips the
+        encoder (it is the same at every step of a chain)."""
         c = self.config
+        if c.needs_target_mask and target_mask is None:
+            raise ValueError("a model with segment positions, the copy prior, the copied input, arch encdec or the classifier needs the target mask")
         if c.needs_ids and ids is None:
             raise ValueError("a model with the copy prior's lexicon needs the token ids")
-        copied = self.copy_prior(z_t, target_mask, ids) if c.copy_source == "on" or c.copy_input else None
-        inputs = [z_t]
-        if c.self_condition > 0:
-            inputs.append(torch.zeros_like(z_t) if x0_prev is None else x0_prev.to(z_t.dtype))
-        if c.copy_input:
-            inputs.append(copied)
-        h = self.up(torch.cat(inputs, -1) if len(inputs) > 1 else z_t)
-        time = self.time_mlp(timestep_embedding(t, c.time_dim))[:, None]
-        if c.arch == "encdec":  # the encoder reads no timestep: the source's encoding is the same at every step
-            time = time * target_mask.unsqueeze(-1).to(time.dtype)
-        h = h + self.positional(L, target_mask) + time
-        h = ops.dropout(self.in_norm(h), self.config.dropout, self.training)  # (B, L, W)
-        h = self.encode_decode(h, target_mask) if c.arch == "encdec" else self.run_blocks(h)
-        h = self.down(self.out_norm(h))
+        if c.needs_hold and hold is None:
+            raise ValueError("a model with a length head needs the held positions (the target's [SEP] and its padding)")
+        copied = self.copy_prior(z_t, target_mask, ids, hold) if c.copy_source == "on" or c.copy_input else None
+        h = self._inputs(z_t, t, x0_prev, target_mask, copied, hold)
+        h = self.encode_decode(h, target_mask, hold, memory) if c.arch == "encdec" else self.run_blocks(h, self.keys(target_mask, hold))
+        h = self.out_norm(h)
+        if c.x0_from == "classifier":
+            x0_hat, logits = self.classify(h, z_t, t, target_mask if hold is None else target_mask & ~hold)
+            return (x0_hat, logits) if with_head else x0_hat
+        h = self.down(h)
         x0_hat = h if self.config.x0_from == "regression" else self.expected_embedding(h)
         if c.copy_source == "on":
             x0_hat = h = x0_hat + copied.to(x0_hat.dtype)
         return (x0_hat, h) if with_head else x0_hat
 
-    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
-        """The bidirectional encoder over the whole sequence (DiffuSeq's): (B, L, W) -> (B, L, W)."""
-        for block in self.blocks:
-            h = block(h)
-        return h
+    def prior_logits(self, z: torch.Tensor, t: torch.Tensor, L: int, rows: torch.Tensor) -> torch.Tensor:
+        """The output prior's logits (N, V) at flat rows `rows` of a (B, L) batch whose rows of z (N, D) are given:
+        (√ᾱ_t/(1 − ᾱ_t))·z·Êᵀ, the log-likelihood of z under each token at the row's own noise level, in float32."""
+        ab = self.alpha_bar[t].float()
+        coef = (ab.sqrt() / (1 - ab)).index_select(0, rows // L)  # (N,): the row's own timestep
+        return coef[:, None] * (z.float() @ self.table().float().t())
 
-    def encode_decode(self, h: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-        """arch encdec: the first layers // 2 blocks encode the source side ([CLS] src [SEP], reading only it),
-        the others decode the target side. A decoder block's queries read the encoded source and the target side
-        in one attention (cross- and self-attention in one softmax, over the block's own key and value
-        projections); the source rows stay the encoder's output. (B, L, W), (B, L) -> (B, L, W)."""
-        source = ~target_mask.unsqueeze(-1)  # (B, L, 1)
-        keys = source.transpose(1, 2).unsqueeze(1)  # (B, 1, 1, L): the encoder reads the source side only
-        n = len(self.blocks) // 2
-        memory = h
-        for block in self.blocks[:n]:
-            memory = block(memory, keys)
-        h = torch.where(source, memory, h)
-        for block in self.blocks[n:]:
-            h = torch.where(source, memory, block(h))
-        return h
+    def posterior_input(self, z_t: torch.Tensor, t: torch.Tensor, rows_mask: torch.Tensor) -> torch.Tensor:
+        """`input_posterior`: at the written rows `rows_mask` (B, L), the input embedding averaged under the token
+        posterior given z_t alone, softmax(prior logits)·E_in (E_in: V × width); zeros elsewhere. (B, L, W)."""
+        B, L, D = z_t.shape
+        rows = rows_mask.reshape(-1).nonzero().squeeze(1)
+        with torch.autocast(z_t.device.type, enabled=False):
+            probs = torch.softmax(self.prior_logits(z_t.reshape(B * L, D).index_select(0, rows), t, L, rows), -1)
+            mixed = probs @ self.input_embedding.weight.float()
+        out = torch.zeros(B * L, mixed.shape[-1], dtype=mixed.dtype, device=z_t.device).index_copy(0, rows, mixed)
+        return out.view(B, L, -1)
 
-    def copy_prior(self, z_t: torch.Tensor, target_mask: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-        """What the copy prior adds (and the copied input reads): `copied_source(z_t)`, or with the lexicon the source
-        embedding of lex(s) for each source token s (E(lex(s)) at the aligned target position); source positions keep z_t."""
-        if not self.config.needs_ids:
-            return self.copied_source(z_t, target_mask)
-        source = self.embed(self.lexicon[ids]).to(z_t.dtype)  # only its source positions are read
-        return torch.where(target_mask.unsqueeze(-1), self.copied_source(source, target_mask), z_t)
+    def _inputs(self, z_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None, target_mask: torch.Tensor | None,
+                copied: torch.Tensor | None, hold: torch.Tensor | None = None) -> torch.Tensor:
+        """What the blocks read: the up-projected [z_t, x0_prev, copied source] plus positions and the timestep,
+        normalised (B, L, W). For arch encdec the source rows read neither x0_prev nor the timestep, so they are the
+        same at every step of a chain."""
+        c = self.config
+        inputs = [z_t]
+        if c.self_condition > 0:
+            prev = torch.zeros_like(z_t) if x0_prev is None else x0_prev.to(z_t.dtype)
+            if c.arch == "encdec":
+                prev = prev * target_mask.unsqueeze(-1).to(prev.dtype)
+            inputs.append(prev)
+        if c.copy_input:
+            inputs.append(copied)
+        h = self.up(torch.cat(inputs, -1) if len(inputs) > 1 else z_t)
+        if c.input_posterior:
+            h = h + self.posterior_input(z_t, t, target_mask if hold is None else target_mask & ~hold)
+        time = self.time_mlp(timestep_embedding(t, c.time_dim))[:, None]
+        if c.arch == "encdec":  # the encoder reads no timestep: the source's encoding is the same at every step
+            time = time * target_mask.unsqueeze(-1).to(time.dtype)
+        h = h + self.positional(z_t.shape[1], target_mask) + time
+        return ops.dropout(self.in_norm(h), self.config.dropout, self.training)  # (B, L, W)
 
     @staticmethod
-    def copied_source(z_t: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    def keys(target_mask: torch.Tensor | None, hold: torch.Tensor | None) -> torch.Tensor | None:
+        """The attention's key mask (B, 1, 1, L), True where a key is read: every position but the held padding after
+        the target's [SEP] (the first held position); None when nothing is held."""
+        if hold is None:
+            return None
+        first = hold & ~torch.roll(hold, 1, dims=1)  # the [SEP]: a held position after one that is not
+        return (~hold | first)[:, None, None, :]
+
+    def run_blocks(self, h: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """The bidirectional encoder over the whole sequence (DiffuSeq's): (B, L, W) -> (B, L, W)."""
+        for block in self.blocks:
+            h = block(h, keys)
+        return h
+
+    @staticmethod
+    def sides(target_mask: torch.Tensor, hold: torch.Tensor | None, Ls: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """arch encdec's two sequences in the packed batch: the positions of the source rows (B, Ls) and of the target
+        rows (B, Lt) ([SEP] included, the padding after it left out when it is held), each with its validity (B, Ls),
+        (B, Lt). Ls (unless given: an encoded source's own) and Lt are the longest of the batch (one read of two
+        numbers per forward)."""
+        B, L = target_mask.shape
+        start = target_mask.int().argmax(1)  # (B,): the first target position
+        if hold is None:
+            end = torch.full_like(start, L)
+        else:  # up to and with the [SEP], the first held position
+            end = (target_mask & ~hold).sum(1) + start + 1
+        Ls, Lt = (int(start.max()) if Ls is None else Ls), int((end - start).max())
+        src = torch.arange(Ls, device=start.device).expand(B, Ls)
+        trg = start[:, None] + torch.arange(Lt, device=start.device)
+        return src.clamp(max=L - 1), src < start[:, None], trg.clamp(max=L - 1), trg < end[:, None]
+
+    def encode_source(self, h: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """arch encdec's encoder: the first layers // 2 blocks over the source rows ([CLS] src [SEP]) alone:
+        (B, L, W) -> (B, Ls, W), the encoded source in the layout of `sides`."""
+        src, src_ok, _, _ = self.sides(target_mask, None)
+        memory = h.gather(1, src[..., None].expand(*src.shape, h.shape[-1]))
+        keys = src_ok[:, None, None, :]
+        for block in self.blocks[:len(self.blocks) // 2]:
+            memory = block(memory, keys)
+        return memory
+
+    def encode(self, z: torch.Tensor, target_mask: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """arch encdec: the encoded source (B, Ls, W) of a batch whose source rows of z hold the clean source, for
+        `forward(memory=...)`: what every step of a chain would compute again."""
+        copied = self.copy_prior(z, target_mask, ids) if self.config.copy_source == "on" or self.config.copy_input else None
+        t = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+        return self.encode_source(self._inputs(z, t, None, target_mask, copied), target_mask)
+
+    def encode_decode(self, h: torch.Tensor, target_mask: torch.Tensor, hold: torch.Tensor | None = None,
+                      memory: torch.Tensor | None = None) -> torch.Tensor:
+        """arch encdec: the first layers // 2 blocks encode the source rows ([CLS] src [SEP], reading only them),
+        the others decode the target rows. A decoder block's queries read the encoded source and the target rows
+        in one attention (cross- and self-attention in one softmax, over the block's own key and value
+        projections, `Block.joint`). Each side runs as its own sequence (`sides`): no block computes a row it
+        discards. `memory`: the encoder's output (`encode`), given. (B, L, W), (B, L) -> (B, L, W): the source rows
+        hold the encoded source, the target rows the decoder's output, held padding zeros."""
+        B, L, W = h.shape
+        src, src_ok, trg, trg_ok = self.sides(target_mask, hold, None if memory is None else memory.shape[1])
+        if memory is None:
+            memory = self.encode_source(h, target_mask)
+        memory = memory.to(h.dtype)
+        x = h.gather(1, trg[..., None].expand(*trg.shape, W))
+        keys = torch.cat([src_ok, trg_ok], 1)[:, None, None, :]
+        for block in self.blocks[len(self.blocks) // 2:]:
+            x = block.joint(x, memory, keys)
+        base = torch.arange(B, device=h.device)[:, None] * L
+        rows = torch.cat([(base + src)[src_ok], (base + trg)[trg_ok]])
+        values = torch.cat([memory[src_ok], x[trg_ok]])
+        return h.new_zeros(B * L, W).index_copy(0, rows, values.to(h.dtype)).view(B, L, W)
+
+    def classify(self, h: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, rows_mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classifier (CDCD): logits at the written positions `rows_mask` (B, L), in row-major order (N, V) =
+        readout(h) + the output prior (√ᾱ_t/(1 − ᾱ_t))·z_t·Êᵀ, and x0_hat = softmax(logits)·Ê there (the
+        expected embedding), z_t elsewhere. The prior and the softmax run in float32."""
+        B, L, D = z_t.shape
+        rows = rows_mask.reshape(-1).nonzero().squeeze(1)
+        logits = self.readout(h.reshape(B * L, -1).index_select(0, rows))
+        with torch.autocast(z_t.device.type, enabled=False):
+            logits = logits.float()
+            table = self.table().float()
+            zr = z_t.reshape(B * L, D).index_select(0, rows).float()
+            if self.config.output_prior:
+                logits = logits + self.prior_scale * self.prior_logits(zr, t, L, rows)
+            x0 = torch.softmax(logits, -1) @ table
+            x0_hat = z_t.float().reshape(B * L, D).index_copy(0, rows, x0).view(B, L, D)
+        return x0_hat, logits
+
+    def length_logits(self, memory: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """The length head: logits (B, 2K + 1) over the target's length minus the source's, −K..K
+        (K = `length_range`), from the encoded source averaged over its rows."""
+        _, src_ok, _, _ = self.sides(target_mask, None, memory.shape[1])
+        source = src_ok.unsqueeze(-1).to(memory.dtype)  # memory is (B, Ls, W), in the layout of `sides`
+        pooled = (memory * source).sum(1) / source.sum(1).clamp(min=1)
+        return self.length_head(pooled).float()
+
+    def copy_prior(self, z_t: torch.Tensor, target_mask: torch.Tensor, ids: torch.Tensor | None,
+                   hold: torch.Tensor | None = None) -> torch.Tensor:
+        """What the copy prior adds (and the copied input reads): `copied_source(z_t)`, or with the lexicon the source
+        embedding of lex(s) for each source token s (E(lex(s)) at the aligned target position); source positions keep z_t.
+        With `copy_align` uniform, the target's length is where `hold` begins."""
+        lengths = None
+        if self.config.copy_align == "uniform" and hold is not None:
+            lengths = (target_mask & ~hold).sum(1)
+        if not self.config.needs_ids:
+            return self.copied_source(z_t, target_mask, lengths)
+        source = self.embed(self.lexicon[ids]).to(z_t.dtype)  # only its source positions are read
+        return torch.where(target_mask.unsqueeze(-1), self.copied_source(source, target_mask, lengths), z_t)
+
+    @staticmethod
+    def copied_source(z_t: torch.Tensor, target_mask: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """The copy prior's starting point: at target position start + k − 1 (target token k) the input at source
         token k's position k, or at the source's [SEP] (position start − 1) once the source has ended; at source
-        positions their own input (the unnoised source). (B, L, D), (B, L) -> (B, L, D)."""
+        positions their own input (the unnoised source). With the target's `lengths` (B,), Gu et al. 2018's uniform
+        copy instead: target token k of n copies source token 1 + ⌊(k − 1)·m/n⌋ of m (the [SEP] copies the source's).
+        (B, L, D), (B, L) -> (B, L, D)."""
         B, L, D = z_t.shape
         idx = torch.arange(L, device=z_t.device).expand(B, L)
         start = target_mask.int().argmax(1, keepdim=True)  # the first target position (after [CLS] src [SEP])
-        aligned = torch.where(target_mask, torch.minimum(idx - start + 1, start - 1), idx)
+        if lengths is None:
+            along = idx - start + 1
+        else:  # target token k (1-based) at position start + k − 1; the source's m = start − 2 tokens at 1..m
+            n = lengths.view(-1, 1).clamp(min=1)
+            along = 1 + torch.div((idx - start) * (start - 2), n, rounding_mode="floor")
+            along = torch.where(idx - start < n, along, start - 1)
+        aligned = torch.where(target_mask, torch.minimum(along, start - 1), idx)
         return z_t.gather(1, aligned[..., None].expand(B, L, D))
 
     def expected_embedding(self, h: torch.Tensor) -> torch.Tensor:
         """softmax(h·Eᵀ + b)·E: the embedding expected under the tied head's distribution (CDCD's score
         interpolation), in float32 over the vocabulary: (B, L, hidden_dim) -> (B, L, hidden_dim)."""
-        weight = self.embedding.weight
+        weight = self.table()
         probs = torch.softmax(self.logits(h).float(), -1)
         return (probs.to(weight.dtype) @ weight).to(h.dtype) if probs.dtype != weight.dtype else probs @ weight
 
 
-def conditioning(model: nn.Module, ids: torch.Tensor, target_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What a denoiser reads besides z_t and t, as keyword arguments: the target mask and the token ids where its
-    config needs them (`needs_target_mask`, `needs_ids`); nothing for a model without such a config."""
+def conditioning(model: nn.Module, ids: torch.Tensor, target_mask: torch.Tensor,
+                 hold: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What a denoiser reads besides z_t and t, as keyword arguments: the target mask, the token ids and the held
+    positions where its config needs them (`needs_target_mask`, `needs_ids`, `needs_hold`); nothing for a model
+    without such a config."""
     config = getattr(model, "config", None)
     out = {}
     if getattr(config, "needs_target_mask", False):
         out["target_mask"] = target_mask
     if getattr(config, "needs_ids", False):
         out["ids"] = ids
+    if getattr(config, "needs_hold", False):
+        if hold is None:
+            raise ValueError("a model with a length head needs the held positions (the target's [SEP] and its padding)")
+        out["hold"] = hold
     return out
+
+
+def length_range(config: ModelConfig) -> int:
+    """K: the length head tells target lengths from K shorter to K longer than the source."""
+    return max(config.seq_len // 2, 1)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -225,4 +410,4 @@ def build_model(config) -> nn.Module:
         from .diffuseq_model import DiffuSeqDenoiser
 
         return DiffuSeqDenoiser(config.model, config.diffusion.T)
-    return Denoiser(config.model)
+    return Denoiser(config.model, alpha_bar_table(config.diffusion.schedule, config.diffusion.T))

@@ -177,7 +177,8 @@ TRAIN_FIELDS = [
     Field("train", "vocab_size", "Size of the trained vocabulary.", min=50),
     Field("diffusion", "T", "T, the number of diffusion timesteps (paper: 2000).", flag="diffusion_steps", min=2),
     Field("diffusion", "schedule", "Noise schedule."),
-    Field("diffusion", "timestep_sampler", "How training draws t: uniform, or DiffuSeq's loss-aware importance sampler."),
+    Field("diffusion", "timestep_sampler", "How training draws t: uniform, DiffuSeq's loss-aware importance sampler, DiNoiSer's "
+                                           "clipped minimum noise, or CDCD's time warping (warped: where the loss rises)."),
     Field("train", "precision", "fp32, bf16/fp16 autocast (fp16 with a gradient scaler), or auto: bf16 where the device "
                                 "multiplies bf16 natively (recent CPUs and GPUs), else fp32."),
     Field("train", "grad_accum", "Micro-steps per optimizer step (the batch size stays the global batch).", min=1),
@@ -194,7 +195,18 @@ TRAIN_FIELDS = [
     Field("diffusion", "noise_factor", "Training noise scaled by F, decoding by 1 (Difformer: 4; 1: off).", min=0),
     Field("model", "absorbing", "Rate of DiffuSeq-v2's soft absorbing state (its scripts: 0.5; 0: off).", min=0),
     Field("model", "positions", "Position embedding: absolute (DiffuSeq) or segment (each side counted from its own start)."),
-    Field("model", "x0_from", "x0_hat as the denoiser's output (DiffuSeq) or as softmax(logits)·E over the tied head (CDCD)."),
+    Field("model", "x0_from", "x0_hat as the denoiser's output (DiffuSeq), as softmax(logits)·E over the tied head, or from a "
+                              "classifier: an untied readout plus the output prior, trained by cross-entropy alone (CDCD)."),
+    Field("model", "embedding_norm", "Hold the word embedding's rows at norm √hidden_dim (CDCD, Plaid)."),
+    Field("model", "output_prior", "With the classifier: add the output prior (√ᾱ/(1−ᾱ))·z_t·Eᵀ to its logits (CDCD)."),
+    Field("model", "target_length", "pad: the model writes the padding after the target (DiffuSeq); head: it trains on the true "
+                                    "length, padding out of attention and loss, and a length head predicts it (Difformer, "
+                                    "DINOISER; needs --arch encdec)."),
+    Field("train", "embedding_lr", "The word embedding's own learning rate (Plaid: 1e-2; 0: --lr).", min=0),
+    Field("train", "length_weight", "Weight of the length head's cross-entropy (DINOISER: 0.1).", min=0),
+    Field("model", "hidden_dim", "Width of the word embedding: the space diffusion runs in.", min=1),
+    Field("model", "width", "Transformer width.", min=1),
+    Field("model", "layers", "Transformer blocks (arch encdec: half encode the source, half decode).", min=1),
     Field("model", "copy_source", "Copy prior: x0_hat = the network's output + the aligned source embedding (after NAT's source "
                                  "copy); auto: on when the training pairs' sources and targets share tokens (Dice ≥ 0.4)."),
     Field("model", "copy_input", "Feed the aligned source embedding to the denoiser beside z_t (Gu et al. 2018's copied decoder input)."),

@@ -267,6 +267,9 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     positions hold the clean source embedding throughout. `precision` bf16/fp16 runs the denoiser
     under autocast; the chain itself (z, the updates, the snapping) stays in float32.
 
+    A classifier (x0_from classifier) snaps by its own logits' argmax, and always at the last step, so that the final
+    sample is the embedding of the tokens it chose. An encoder–decoder encodes the source once per chain.
+
     Options of the model (PAPER.md §7): a self-conditioned model (config.self_condition > 0) is fed the
     previous step's x0_hat, after snapping ("clamped", Difformer) or before it ("raw", SeqDiffuSeq, Plaid),
     zeros at the first step. clamp_by "head" snaps x0_hat to the embedding of the tied head's argmax (Difformer)
@@ -277,11 +280,15 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
         raise SamplerError(f"unknown self_condition_input {self_condition_input!r}; expected {', '.join(choices(SelfConditionInput))}")
     if clamp_by not in ("nearest", "head"):  # "auto" is resolved against the run's config before decoding
         raise SamplerError(f"unknown clamp_by {clamp_by!r}; expected nearest or head")
-    self_cond = getattr(getattr(model, "config", None), "self_condition", 0.0) > 0
-    extra = conditioning(model, ids, target_mask)
+    config = getattr(model, "config", None)
+    self_cond = getattr(config, "self_condition", 0.0) > 0
+    classifier = getattr(config, "x0_from", "regression") == "classifier"
+    extra = conditioning(model, ids, target_mask, hold)
+    if classifier:
+        extra["with_head"] = True  # (x0_hat, its logits at the written rows)
     m = getattr(model, "mask_state", None)
     m = m.detach().float() if m is not None else None
-    weight = model.embedding.weight.float()
+    weight = (model.table() if hasattr(model, "table") else model.embedding.weight).float()
     weight_t = weight.t().contiguous()  # (D, V)
     neg_half_sq_norm = -0.5 * (weight * weight).sum(-1)
     if banned is not None:
@@ -296,16 +303,25 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     prev = torch.zeros_like(x_src) if self_cond else None
     t_vec = torch.empty(ids.shape[0], dtype=torch.long, device=ids.device)
     state = ChainState()  # what a multistep update (dpm++) keeps between steps
-    for i, (t, abar_t, abar_prev) in enumerate(sampler.triples(alpha_bar, steps)):
+    if getattr(config, "arch", "") == "encdec":  # the encoded source is the same at every step: encode it once
         with autocast(ids.device, precision):
-            x0_hat = model(z, t_vec.fill_(t), prev, **extra) if self_cond else model(z, t_vec.fill_(t), **extra)
+            extra["memory"] = model.encode(x_src, target_mask, ids)
+    triples = sampler.triples(alpha_bar, steps)
+    for i, (t, abar_t, abar_prev) in enumerate(triples):
+        with autocast(ids.device, precision):
+            out = model(z, t_vec.fill_(t), prev, **extra) if self_cond else model(z, t_vec.fill_(t), **extra)
+        x0_hat, logits = out if classifier else (out, None)
         x0_hat = x0_hat.float()
         if self_cond and (self_condition_input == "raw" or not clamp):
             prev = x0_hat.clone()
-        if clamp:  # snap the target rows only: the source rows are replaced by x_src below
+        last = i == len(triples) - 1
+        if clamp or (classifier and last):  # snap the target rows only: the source rows are replaced by x_src below
             flat = x0_hat.reshape(-1, x0_hat.shape[-1])
-            rows = flat.index_select(0, target_rows)
-            picked = nearest_indices(rows, weight_t, neg_half_sq_norm) if clamp_by == "nearest" else head_indices(model, rows, banned)
+            if classifier:  # the classifier's own argmax (its logits are those of the written rows, in order)
+                picked = (logits if banned is None else logits.index_fill(-1, banned, float("-inf"))).argmax(-1)
+            else:
+                rows = flat.index_select(0, target_rows)
+                picked = nearest_indices(rows, weight_t, neg_half_sq_norm) if clamp_by == "nearest" else head_indices(model, rows, banned)
             flat.index_copy_(0, target_rows, weight.index_select(0, picked))
             if self_cond and self_condition_input == "clamped":
                 prev = x0_hat

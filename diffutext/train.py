@@ -40,7 +40,7 @@ from . import distributed as dist
 from . import plm
 from .config import COPY_OVERLAP, RunConfig, with_vocab
 from .data import tokenizer as tok
-from .data.batches import Packed, choose_seq_len, pack_split, source_overlap
+from .data.batches import Packed, choose_seq_len, held_end, pack_split, source_overlap
 from .data.tasks import MissingSplit, load_split
 from .data.tasks import resolve as resolve_task
 from .device import autocast, resolve_device, resolve_precision
@@ -157,8 +157,10 @@ class Batches:
 
 
 @torch.no_grad()
-def validation_loss(model, data: Packed, config: RunConfig, alpha_bar, device, precision: str = "fp32") -> dict[str, float]:
-    """Mean loss terms on the first eval_batches batches of valid, with fixed t and noise (comparable over time)."""
+def validation_loss(model, data: Packed, config: RunConfig, alpha_bar, device, precision: str = "fp32",
+                    pad: int = 0) -> dict[str, float]:
+    """Mean loss terms on the first eval_batches batches of valid, with fixed t and noise (comparable over time);
+    `pad`: the [PAD] id (where a length head's target ends, `held_end`)."""
     t_cfg = config.train
     was_training = model.training
     model.eval()
@@ -172,8 +174,9 @@ def validation_loss(model, data: Packed, config: RunConfig, alpha_bar, device, p
             break
         t = torch.randint(0, config.diffusion.T, (ids.shape[0],), generator=g).to(device)
         noise = draw_noise((*ids.shape, config.model.hidden_dim), False, g, **option_draws(config)).to(device)
+        hold = held_end(ids, mask, pad) if config.model.needs_hold else None
         with autocast(device, precision):
-            terms = diffusion_loss(model, ids, mask, t, alpha_bar, noise=noise, options=LossOptions.from_config(config))
+            terms = diffusion_loss(model, ids, mask, t, alpha_bar, noise=noise, options=LossOptions.from_config(config), hold=hold)
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + v.float().sum().item()
         n += ids.shape[0]
@@ -189,9 +192,9 @@ class Objective(torch.nn.Module):
         self.model, self.options = model, options
         self.denoiser = torch.compile(model) if compile else model  # same parameters; embed/logits pass through
 
-    def forward(self, ids, mask, t, noise, alpha_bar, dp_weight, window, dp_partner):
+    def forward(self, ids, mask, t, noise, alpha_bar, dp_weight, window, dp_partner, hold=None):
         return diffusion_loss(self.denoiser, ids, mask, t, alpha_bar, dp_weight=dp_weight, window=window,
-                              dp_partner=dp_partner, noise=noise, options=self.options)
+                              dp_partner=dp_partner, noise=noise, options=self.options, hold=hold)
 
 
 def option_draws(config: RunConfig) -> dict[str, bool]:
@@ -236,7 +239,7 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callb
         config = resolve_copy_source(config, source_overlap(data.train, vocab), emit)
     if config.model.copy_lexicon and not config.model.needs_ids:  # nothing copied, nothing to translate
         config = replace(config, model=replace(config.model, copy_lexicon=0.0))
-    trainer = Trainer(config, dev, data, compile, init=prior is None)
+    trainer = Trainer(config, dev, data, compile, init=prior is None, pad=vocab.pad)
     if config.train.init_plm and prior is None:
         m = config.model
         emit("choice", {"message": f"network initialised from {config.train.init_plm} ({plm.folder(config.train.init_plm)}): "
@@ -333,23 +336,25 @@ def count_lexicon(train: Packed, vocab: tok.Vocab, share: float, emit: Callback)
 class Trainer:
     """The state of one training run (model, EMA, optimizer, noise, data position, log window) and its steps."""
 
-    def __init__(self, config: RunConfig, dev: torch.device, data: Data, compile: bool, init: bool = True):
+    def __init__(self, config: RunConfig, dev: torch.device, data: Data, compile: bool, init: bool = True, pad: int = 0):
         """`init`: start from `init_from`'s weights when the config names a run (a resumed run has its own)."""
         t_cfg = self.t_cfg = config.train
         self.config, self.dev, self.data = config, dev, data
         self.rank, self.world = dist.rank(), dist.world()
         self.check_batch_split(t_cfg, self.world)
         self.micro = t_cfg.batch_size // (self.world * t_cfg.grad_accum)
+        self.pad = pad  # the [PAD] id: where a length head's target ends (`held_end`)
         self.model, self.ema = self._build_models(t_cfg.init_from if init else "", t_cfg.init_plm if init else "")
         if self.rank:  # dropout masks differ between ranks; the diffusion noise comes from noise_gen, shared by all
             torch.manual_seed(t_cfg.seed + 1_000_003 * self.rank)
         # fused AdamW: one kernel over all parameters instead of a dozen per-parameter ops
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay, fused=True)
+        self.opt = torch.optim.AdamW(self.param_groups(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay, fused=True)
         self.precision = resolve_precision(t_cfg.precision, dev)  # "auto" decided once, for this device
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.precision == "fp16")
         d = config.diffusion
         self.alpha_bar = alpha_bar_table(d.schedule, d.T).float().to(dev)
-        self.timesteps = make_timesteps(d.timestep_sampler, d.T, dev, self.alpha_bar, self.model.embedding, d.noise_factor)
+        table = getattr(self.model, "table", lambda: self.model.embedding.weight)  # the live embedding table
+        self.timesteps = make_timesteps(d.timestep_sampler, d.T, dev, self.alpha_bar, table, d.noise_factor)
         self.window = tuple(w.to(dev) for w in dp_window(alpha_bar_table(d.schedule, d.T), t_cfg.dp_window, t_cfg.dp_window_ends))
         self.objective = Objective(self.model, compile, LossOptions.from_config(config))
         self.ddp = None
@@ -362,6 +367,17 @@ class Trainer:
         self.sums: dict[str, torch.Tensor] = {}  # loss terms summed over the steps of the current log window
         self.window_steps, self.window_start = 0, self.start
         self.bad_step = torch.tensor(-1, device=dev)  # first step with a non-finite loss or grad norm, tracked without a sync
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW's parameter groups: the word embedding on its own learning rate (`embedding_lr`, as a multiple
+        `lr_scale` of the schedule's lr) when one is given, everything else on lr. One group otherwise."""
+        params = list(self.model.parameters())
+        scale = self.t_cfg.embedding_lr / self.t_cfg.lr if self.t_cfg.embedding_lr else 1.0
+        embedding = getattr(self.model, "embedding", None)
+        if scale == 1.0 or embedding is None:
+            return [{"params": params, "lr_scale": 1.0}]
+        rest = [p for p in params if p is not embedding.weight]
+        return [{"params": rest, "lr_scale": 1.0}, {"params": [embedding.weight], "lr_scale": scale}]
 
     @staticmethod
     def check_batch_split(t_cfg, world: int) -> None:
@@ -447,7 +463,7 @@ class Trainer:
                 emit("log", record)
             if main and self.data.valid is not None and t_cfg.eval_every and self.step % t_cfg.eval_every == 0:
                 record = {"step": self.step, **validation_loss(self.ema, self.data.valid, self.config, self.alpha_bar, self.dev,
-                                                               self.precision)}
+                                                               self.precision, self.pad)}
                 ckpt.append_log(run_dir, record)
                 emit("eval", record)
             if t_cfg.save_every and self.step % t_cfg.save_every == 0:
@@ -461,8 +477,9 @@ class Trainer:
         is the Distance Penalty's λ of this step (0 before `dp_from` of the budget)."""
         t_cfg, world, rank, micro = self.t_cfg, self.world, self.rank, self.micro
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         self.lr = lr
+        self.model.prior_scale = min(1.0, (self.step + 1) / t_cfg.warmup_steps) if t_cfg.warmup_steps else 1.0
         ids_all, mask_all = self.batches.next()  # the global batch, the same rows on every rank
         t_all, weights_all = self.timesteps.sample(ids_all.shape[0], self.noise_gen)
         learns = self.timesteps.learns
@@ -477,15 +494,16 @@ class Trainer:
             last = k == accum - 1
             with self.ddp.no_sync() if (self.ddp is not None and not last) else nullcontext():  # all-reduce once, on the last
                 with autocast(self.dev, self.precision):
+                    hold = held_end(ids, mask, self.pad) if self.config.model.needs_hold else None
                     terms = (self.ddp or self.objective)(ids, mask, t_all[rows], noise_all[rows], self.alpha_bar,
-                                                         dp_weight, self.window, t_cfg.dp_partner)
+                                                         dp_weight, self.window, t_cfg.dp_partner, hold)
                     per_row = terms["loss"] if weights_all is None else terms["loss"] * weights_all[rows]
                     loss = per_row.mean() / accum  # DDP averages over ranks: the global-batch mean
                 self.scaler.scale(loss).backward()
             for name, v in terms.items():
                 self.sums[name] = self.sums.get(name, 0.0) + v.detach().float().mean() / accum
-            if learns:
-                row_losses[rows] = terms["loss"].detach().float()
+            if learns:  # the loss of the noise: the classifier's cross-entropy, not the length head's
+                row_losses[rows] = terms.get("ce", terms["loss"]).detach().float()
         if learns:  # the loss-aware sampler sees the whole global batch on every rank
             self.timesteps.update(t_all, dist.all_sum(row_losses) if world > 1 else row_losses)
         self.scaler.unscale_(self.opt)

@@ -69,12 +69,22 @@ class TrainView:
                           "tokens and were truncated (the longer side first, as DiffuSeq does)")
             self.task = self.progress.add_task("train", total=info["max_steps"], completed=info["step"], info="")
         elif event == "log" and self.task is not None:
-            self.progress.update(self.task, completed=info["step"],
-                                 info=f"loss {info['loss']:.4f}  mse {info['mse']:.4f}  nll {info['decoder_nll']:.4f}  {info['tokens_per_s']:.0f} tok/s")
+            line = f"{loss_terms(info)}  {info['tokens_per_s']:.0f} tok/s"
+            self.progress.update(self.task, completed=info["step"], info=line)
+            if not err.is_terminal:  # no live view under nohup, a scheduler or CI: a plain line per log step
+                err.print(f"step {info['step']}: {line}  lr {info['lr']:.3g}  {info['elapsed_s']:.0f} s", highlight=False)
         elif event == "eval":
-            err.print(f"step {info['step']}: valid loss {info['valid_loss']:.4f} (mse {info['valid_mse']:.4f}, nll {info['valid_decoder_nll']:.4f})")
+            err.print(f"step {info['step']}: valid {loss_terms(info, 'valid_')}")
         elif event == "end":
             err.print(f"trained {info['step']} steps in {info['elapsed_s'] / 60:.1f} min")
+
+
+TERMS = ("loss", "mse", "decoder_nll", "ce", "length", "penalty", "anchor")  # the loss terms a progress line shows
+
+
+def loss_terms(info: dict[str, Any], prefix: str = "") -> str:
+    """The loss terms of a log or eval record that it has, as "loss 1.2345  ce 1.2000 …"."""
+    return "  ".join(f"{name} {info[prefix + name]:.4f}" for name in TERMS if prefix + name in info)
 
 
 class DecodeView:

@@ -283,3 +283,11 @@ def source_overlap(data: Packed, vocab: Vocab, rows: int = 10_000) -> float:
     shared = src_keys[at] == trg_keys
     common = torch.minimum(src_counts[at[shared]], trg_counts[shared]).sum()
     return 2 * int(common) / total
+
+
+def held_end(ids: torch.Tensor, target_mask: torch.Tensor, pad: int) -> torch.Tensor:
+    """The target's end as held positions (B, L) bool: its [SEP] (the last token that is not [PAD]) and the padding
+    after it, which a model with a length head keeps clean and out of attention (`model.target_length` head)."""
+    idx = torch.arange(ids.shape[1], device=ids.device)
+    last = torch.where(ids != pad, idx, -1).amax(1, keepdim=True)  # the target's closing [SEP]
+    return target_mask & (idx >= last)

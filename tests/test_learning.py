@@ -1,0 +1,317 @@
+"""The levers of a denoiser that learns (README, "What the network learns"): the classifier with its output prior
+(CDCD), embeddings on a sphere, training on the true length with a length head, time warping, the encoder–decoder
+run as two sequences with the source encoded once per chain, the copied input's uniform alignment and the
+posterior input. Each formula is pinned against a hand computation, and each option is shown to change the
+result when switched on, so that a test fails if it is off or wrong."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffutext.config import ModelConfig, TrainConfig, resolve
+from diffutext.data.batches import held_end
+from diffutext.diffusion import alpha_bar_table, q_sample
+from diffutext.evaluate import fixed_length, predicted_lengths
+from diffutext.losses import classifier_loss, diffusion_loss, dp_window, draw_noise
+from diffutext.model import Block, Denoiser, length_range
+from diffutext.samplers import denoise, generate, make_sampler
+from diffutext.timesteps import WarpedTimesteps
+from helpers import invoke
+
+AB = alpha_bar_table("sqrt", 2000).float()
+PAD, CLS, SEP = 0, 1, 2
+CLASSIFIER = dict(arch="encdec", x0_from="classifier", embedding_norm=True, target_length="head")
+
+
+def model_of(seed=0, **options):
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=40, hidden_dim=8, width=16, layers=2, heads=2, ffn=32, dropout=0.0, seq_len=14, time_dim=8,
+                         **options)
+    return Denoiser(config, AB)
+
+
+def packed(seed=1):
+    """Four packed pairs [CLS] src [SEP] trg [SEP] [PAD]…, sources and targets of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((4, 14), PAD)
+    mask = torch.zeros(4, 14, dtype=torch.bool)
+    for row, (n_src, n_trg) in enumerate([(3, 4), (5, 2), (2, 6), (4, 4)]):
+        src, trg = torch.randint(3, 40, (n_src,), generator=g), torch.randint(3, 40, (n_trg,), generator=g)
+        seq = torch.cat([torch.tensor([CLS]), src, torch.tensor([SEP]), trg, torch.tensor([SEP])])
+        ids[row, :len(seq)] = seq
+        mask[row, n_src + 2:] = True
+    return ids, mask, held_end(ids, mask, PAD)
+
+
+def perturb(model, scale=0.5, seed=3):
+    """Random weights everywhere (the zero-initialised readout included), so that every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+# ---- the classifier (CDCD) ----
+
+def test_classifier_logits_are_the_readout_plus_the_output_prior_and_x0_hat_their_expected_embedding():
+    model = perturb(model_of(**CLASSIFIER)).eval()
+    ids, mask, hold = packed()
+    t = torch.tensor([0, 300, 1000, 1999])
+    z = torch.randn(4, 14, 8)
+    x0_hat, logits = model(z, t, target_mask=mask, hold=hold, with_head=True)
+    written = mask & ~hold
+    rows = written.reshape(-1).nonzero().squeeze(1)
+    # by hand: the blocks' output h at the written rows, read out, plus (√ᾱ/(1 − ᾱ))·z·Êᵀ at each row's own t
+    h = model.out_norm(model.encode_decode(model._inputs(z, t, None, mask, None, hold), mask, hold))
+    E = model.embedding.weight / model.embedding.weight.norm(dim=1, keepdim=True) * 8 ** 0.5
+    coef = (AB[t].sqrt() / (1 - AB[t]))[rows // 14]
+    expected = model.readout(h.reshape(-1, 16)[rows]) + coef[:, None] * (z.reshape(-1, 8)[rows] @ E.t())
+    assert torch.allclose(logits, expected, atol=1e-4)
+    assert torch.allclose(x0_hat.reshape(-1, 8)[rows], torch.softmax(expected, -1) @ E, atol=1e-5)
+    assert torch.equal(x0_hat[~written], z[~written])  # the source and the held rows keep their input
+
+
+def test_the_output_prior_alone_names_the_token_at_low_noise_and_nothing_at_high_noise():
+    model = model_of(**CLASSIFIER).eval()  # the readout starts at zero: the logits are the prior's
+    ids, mask, hold = packed()
+    x0 = model.embed(ids)
+    for t, right in ((0, 1.0), (1999, None)):
+        z = q_sample(x0, torch.full((4,), t), AB, torch.randn(4, 14, 8, generator=torch.Generator().manual_seed(0)), mask & ~hold)
+        _, logits = model(z, torch.full((4,), t), target_mask=mask, hold=hold, with_head=True)
+        picked = logits.argmax(-1)
+        truth = ids.reshape(-1)[(mask & ~hold).reshape(-1)]
+        if right is not None:
+            assert (picked == truth).float().mean() == right
+        else:
+            assert logits.std(-1).max() < 0.05  # ᾱ_1999 ≈ 0: no token is preferred
+    off = model_of(**CLASSIFIER, output_prior=False).eval()
+    _, logits = off(x0, torch.zeros(4, dtype=torch.long), target_mask=mask, hold=hold, with_head=True)
+    assert torch.equal(logits, torch.zeros_like(logits))  # without the prior the zero readout knows nothing
+
+
+def test_the_classifier_trains_the_cross_entropy_of_its_logits_alone():
+    model = perturb(model_of(**CLASSIFIER))
+    ids, mask, hold = packed()
+    t = torch.tensor([5, 600, 1200, 1900])
+    noise = draw_noise((4, 14, 8), False, torch.Generator().manual_seed(7))
+    terms = classifier_loss(model, ids, mask, t, AB, noise=noise, hold=hold)
+    assert set(terms) == {"loss", "ce", "length"}
+    written = mask & ~hold
+    z_t = q_sample(model.embed(ids), t, AB, noise.eps, written)
+    _, logits = model(z_t, t, target_mask=mask, hold=hold, with_head=True)
+    ce = F.cross_entropy(logits, ids.reshape(-1)[written.reshape(-1)], reduction="none")
+    per_example = torch.stack([c.mean() for c in ce.split(written.sum(1).tolist())])
+    assert torch.allclose(terms["ce"], per_example, atol=1e-5)
+    assert torch.allclose(terms["loss"], terms["ce"] + 0.1 * terms["length"], atol=1e-6)
+    terms["loss"].mean().backward()
+    assert model.embedding.weight.grad.abs().sum() > 0  # the embedding learns through the cross-entropy alone
+
+
+def test_the_distance_penalty_on_a_classifier_halves_both_passes_and_pulls_their_x0_hat_together():
+    model = perturb(model_of(**CLASSIFIER))
+    ids, mask, hold = packed()
+    t = torch.tensor([100, 500, 1000, 1500])
+    window = dp_window(alpha_bar_table("sqrt", 2000), 0.05)
+    noise = draw_noise((4, 14, 8), True, torch.Generator().manual_seed(7))
+    terms = classifier_loss(model, ids, mask, t, AB, dp_weight=2.0, window=window, noise=noise, hold=hold)
+    expected = 0.5 * (terms["ce"] + terms["ce_partner"] + 2.0 * terms["penalty"]) + 0.1 * terms["length"]
+    assert torch.allclose(terms["loss"], expected, atol=1e-6)
+    assert (terms["penalty"] > 0).all() and terms["partner_valid"].all()
+    base = classifier_loss(model, ids, mask, t, AB, noise=noise, hold=hold)
+    assert torch.allclose(base["ce"], terms["ce"], atol=1e-5)  # the first pass is the base loss's own
+
+
+# ---- embeddings on a sphere ----
+
+def test_embedding_norm_holds_every_row_at_norm_sqrt_d_and_embed_reads_those_rows():
+    model = model_of(**CLASSIFIER)
+    with torch.no_grad():
+        model.embedding.weight.mul_(torch.rand(40, 1) * 5)  # whatever the parameter becomes
+    norms = model.table().norm(dim=1)
+    assert torch.allclose(norms, torch.full((40,), 8 ** 0.5), atol=1e-5)
+    ids = torch.tensor([[3, 7, 9]])
+    assert torch.equal(model.embed(ids), model.table()[ids])
+    free = model_of(arch="encdec")
+    assert torch.equal(free.table(), free.embedding.weight)
+
+
+# ---- the true length and its head ----
+
+def test_held_end_is_the_targets_sep_and_its_padding_and_only_that_sep_stays_a_key():
+    ids, mask, hold = packed()
+    for row in range(4):
+        sep = int((ids[row] != PAD).nonzero().max())
+        assert hold[row].nonzero().squeeze(1).tolist() == list(range(sep, 14))
+    keys = Denoiser.keys(mask, hold)[:, 0, 0]
+    assert torch.equal(keys, ids != PAD)  # every real token and [SEP] is read, no padding
+
+
+def test_the_length_head_learns_the_target_length_minus_the_source_length():
+    model = perturb(model_of(**CLASSIFIER))
+    ids, mask, hold = packed()
+    memory = model.encode(model.embed(ids), mask, ids)
+    logits = model.length_logits(memory, mask)
+    K = length_range(model.config)
+    assert logits.shape == (4, 2 * K + 1)
+    offsets = torch.tensor([4 - 3, 2 - 5, 6 - 2, 4 - 4])
+    terms = classifier_loss(model, ids, mask, torch.tensor([0, 1, 2, 3]), AB, hold=hold)
+    assert torch.allclose(terms["length"], F.cross_entropy(logits, offsets + K, reduction="none"), atol=1e-5)
+
+
+def test_a_predicted_length_places_the_sep_and_holds_it_and_the_padding():
+    ids = torch.full((2, 10), PAD)
+    ids[0, :4] = torch.tensor([CLS, 5, 6, SEP])
+    ids[1, :3] = torch.tensor([CLS, 5, SEP])
+    mask = ids == PAD
+    hold = fixed_length(ids, mask, SEP, torch.tensor([3, 50]))  # the second too long for its room: cut
+    assert ids[0].tolist() == [CLS, 5, 6, SEP, PAD, PAD, PAD, SEP, PAD, PAD]
+    assert hold[0].tolist() == [False] * 7 + [True] * 3
+    assert ids[1, 9] == SEP and hold[1].tolist() == [False] * 9 + [True]
+    model = perturb(model_of(**CLASSIFIER))
+    ids, mask, _ = packed()
+    src = torch.where(mask, PAD, ids)
+    lengths = predicted_lengths(model, src, mask)
+    memory = model.encode(model.embed(src), mask, src)
+    expected = (~mask).sum(1) - 2 + model.length_logits(memory, mask).argmax(-1) - length_range(model.config)
+    assert torch.equal(lengths, expected)
+
+
+def test_padding_out_of_attention_changes_nothing_the_written_rows_see():
+    model = perturb(model_of(**CLASSIFIER)).eval()
+    ids, mask, hold = packed()
+    z = torch.randn(4, 14, 8)
+    t = torch.tensor([10, 20, 30, 40])
+    x0_hat = model(z, t, target_mask=mask, hold=hold)
+    z2 = torch.where(hold[..., None] & (ids == PAD)[..., None], torch.randn(4, 14, 8) * 9, z)
+    written = mask & ~hold
+    assert torch.allclose(model(z2, t, target_mask=mask, hold=hold)[written], x0_hat[written], atol=1e-5)
+
+
+# ---- the encoder–decoder as two sequences ----
+
+def test_a_decoder_block_reads_the_memory_and_itself_in_one_softmax():
+    torch.manual_seed(0)
+    block = Block(16, 2, 32, 0.0).eval()
+    memory, x = torch.randn(2, 3, 16), torch.randn(2, 4, 16)
+    keys = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    keys[1, ..., 2] = False
+    out = block.joint(x, memory, keys)
+    whole = block(torch.cat([memory, x], 1), keys)  # one sequence, whose memory rows are then dropped
+    assert torch.allclose(out, whole[:, 3:], atol=1e-5)
+
+
+def test_the_source_is_encoded_once_per_chain_with_the_same_result():
+    model = perturb(model_of(**CLASSIFIER, self_condition=0.5)).eval()
+    ids, mask, hold = packed()
+    src = torch.where(mask, PAD, ids)
+    memory = model.encode(model.embed(src), mask, src)
+    z = torch.where(mask[..., None], torch.randn(4, 14, 8), model.embed(src))
+    t, prev = torch.tensor([1999, 1500, 800, 3]), torch.randn(4, 14, 8)
+    whole = model(z, t, prev, target_mask=mask, hold=hold)
+    given = model(z, t, prev, target_mask=mask, hold=hold, memory=memory)
+    assert torch.allclose(whole, given, atol=1e-5)
+    calls = []
+    model.encode_source = (lambda f: (lambda *a: calls.append(1) or f(*a)))(model.encode_source)
+    denoise(model, AB, make_sampler("ads"), 10, src, mask, hold=hold, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1  # ten steps, one encoding
+
+
+def test_a_classifier_chain_ends_on_the_embeddings_of_its_own_argmax():
+    model = perturb(model_of(**CLASSIFIER)).eval()
+    ids, mask, hold = packed()
+    src = torch.where(mask & ~hold, PAD, ids)
+    for clamp in (True, False):
+        z = denoise(model, AB, make_sampler("ads"), 5, src, mask, clamp=clamp, hold=hold, generator=torch.Generator().manual_seed(0))
+        written = mask & ~hold
+        distances = ((z[written][:, None] - model.table()[None]) ** 2).sum(-1)
+        assert distances.min(-1).values.max() < 1e-8
+    out = generate(model, AB, make_sampler("ads"), 5, src, mask, hold=hold, generator=torch.Generator().manual_seed(0),
+                   banned=torch.tensor([PAD, CLS, SEP]))
+    assert not torch.isin(out[mask & ~hold], torch.tensor([PAD, CLS, SEP])).any()
+    assert torch.equal(out[~(mask & ~hold)], src[~(mask & ~hold)])
+
+
+# ---- the copied input's uniform alignment ----
+
+def test_uniform_copy_spreads_the_source_over_the_targets_length():
+    z = torch.arange(12.0).view(1, 12, 1)
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[0, 6:] = True  # [CLS] s1 s2 s3 s4 [SEP] | target
+    assert Denoiser.copied_source(z, mask).flatten()[6:].tolist() == [1, 2, 3, 4, 5, 5]
+    assert Denoiser.copied_source(z, mask, torch.tensor([2])).flatten()[6:].tolist() == [1, 3, 5, 5, 5, 5]
+    assert Denoiser.copied_source(z, mask, torch.tensor([5])).flatten()[6:].tolist() == [1, 1, 2, 3, 4, 5]
+    with pytest.raises(Exception, match="copy_align uniform"):
+        resolve("tiny", {"model": {"copy_input": True, "copy_align": "uniform"}})
+
+
+# ---- the posterior input ----
+
+def test_the_posterior_input_is_the_input_embedding_under_the_priors_posterior():
+    model = perturb(model_of(**CLASSIFIER, input_posterior=True)).eval()
+    ids, mask, hold = packed()
+    z, t = torch.randn(4, 14, 8), torch.tensor([0, 400, 900, 1999])
+    written = mask & ~hold
+    got = model.posterior_input(z, t, written)
+    E = model.table()
+    coef = (AB[t].sqrt() / (1 - AB[t]))[:, None, None]
+    expected = torch.softmax(coef * (z @ E.t()), -1) @ model.input_embedding.weight
+    assert torch.allclose(got[written], expected[written], atol=1e-5)
+    assert torch.equal(got[~written], torch.zeros_like(got[~written]))
+    plain = model_of(**CLASSIFIER)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("input_embedding")})
+    assert not torch.allclose(plain(z, t, target_mask=mask, hold=hold), model(z, t, target_mask=mask, hold=hold))
+
+
+# ---- time warping ----
+
+def test_time_warping_draws_where_the_loss_rises_stratified_and_uniform_until_every_bin_is_seen():
+    warp = WarpedTimesteps(2000, torch.device("cpu"), bins=4, floor=0.0)
+    t, weights = warp.sample(8, torch.Generator().manual_seed(0))
+    assert weights is None and sorted((t // 500).tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]  # stratified, uniform
+    warp.update(torch.tensor([100, 700, 1200, 1800]), torch.tensor([0.0, 0.0, 4.0, 4.0]))
+    assert torch.allclose(warp.weights(), torch.tensor([0.0, 0.5, 0.5, 0.0]))  # the rise is between bins 1 and 2
+    t, _ = warp.sample(1000, torch.Generator().manual_seed(0))
+    assert ((t >= 500) & (t < 1500)).all()
+    warp.update(torch.tensor([100]), torch.tensor([9.0]))  # a noisy low bin (0.9 after averaging): the running maximum
+    assert torch.allclose(warp.weights(), torch.tensor([0.0, 0.5, 0.5, 0.0]))  # keeps the curve monotone
+    state = warp.state_dict()
+    again = WarpedTimesteps(2000, torch.device("cpu"), bins=4, floor=0.0)
+    again.load_state_dict(state)
+    assert torch.equal(again.weights(), warp.weights())
+
+
+# ---- the embedding's own learning rate ----
+
+def test_the_embedding_gets_its_own_learning_rate():
+    from diffutext.train import Trainer
+
+    class Stub:
+        pass
+
+    stub = Stub()
+    stub.model = model_of(**CLASSIFIER)
+    stub.t_cfg = TrainConfig(lr=1e-3, embedding_lr=1e-2)
+    groups = Trainer.param_groups(stub)
+    assert [g["lr_scale"] for g in groups] == [1.0, 10.0]
+    assert groups[1]["params"] == [stub.model.embedding.weight]
+    stub.t_cfg = replace(stub.t_cfg, embedding_lr=0.0)
+    assert len(Trainer.param_groups(stub)) == 1
+
+
+# ---- from the command line ----
+
+def test_a_classifier_run_trains_and_decodes_from_the_command_line(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[model]\narch = "encdec"\nx0_from = "classifier"\nembedding_norm = true\ntarget_length = "head"\n'
+                      'self_condition = 0.5\ncopy_input = true\ncopy_align = "uniform"\n[diffusion]\ntimestep_sampler = "warped"\n')
+    run = tmp_path / "run"
+    result = invoke("train", "--preset", "tiny", "--config", config, "--out", run, "--max-steps", 6)
+    assert result.exit_code == 0, result.output
+    assert "ce " in result.stderr and "length " in result.stderr
+    result = invoke("sample", "--checkpoint", run, "--limit", 3, "--steps", 5, "--show", 3)
+    assert result.exit_code == 0, result.output
+    result = invoke("sample", "--checkpoint", run, "--limit", 3, "--steps", 5, "--length", "free")
+    assert result.exit_code == 2 and "never wrote padding" in result.stderr
