@@ -31,7 +31,8 @@ Partner = Literal["forward", "reverse"]  # how the Distance Penalty's partner in
 # partner map leaves a side empty once its window reaches T−1 (upward) or 0 (downward)
 WindowEnds = Literal["diffutext", "reference"]
 SamplerName = Literal["ddpm", "uniform", "skip", "ddim", "ads", "dpm++"]  # presets of samplers.SAMPLERS
-UpdateName = Literal["ddpm", "ddim", "dpmpp"]  # update rules of samplers.UPDATES
+UpdateName = Literal["ddpm", "ddim", "dpmpp", "mask"]  # update rules of samplers.UPDATES (mask: Mask-Predict, masked.py)
+Process = Literal["gaussian", "mask"]  # how the target is corrupted: Gaussian noise on embeddings | masking (masked.py)
 Variance = Literal["large", "small"]  # ancestral variance: DiffuSeq's β′, or the posterior's
 Weights = Literal["ema", "model"]  # which weights of a checkpoint to use
 Arch = Literal["diffutext", "diffuseq", "encdec"]  # the denoiser: ours (model.py) | DiffuSeq's TransformerNetModel (diffuseq_model.py) | ours as an encoder–decoder
@@ -168,6 +169,9 @@ class DiffusionConfig:
     schedule: Schedule = "sqrt"
     timestep_sampler: TimestepSampler = "uniform"  # lossaware: DiffuSeq's second-moment resampler; clipped: DiNoiSer's
     noise_factor: float = 1.0  # Difformer's F: training noise scaled by F (decoding keeps 1); 1: off
+    # gaussian: the paper's process (Gaussian noise on the target's embeddings); mask: the masked (absorbing) process of
+    # CMLM and MDLM (masked.py), the non-autoregressive reference: a classifier with a length head, decoded by Mask-Predict
+    process: Process = "gaussian"
 
 
 @dataclass(frozen=True)
@@ -398,6 +402,10 @@ def validate(config: RunConfig) -> None:
         (0.0 <= m.self_condition <= 1.0, "model.self_condition must be a probability in [0, 1]"),
         (0.0 <= m.absorbing <= 1.0, "model.absorbing must be in [0, 1] (the rate of the soft absorbing state)"),
         (2 <= d.T <= MAX_T, f"diffusion.T must be between 2 and {MAX_T}"),
+        (d.process == "gaussian" or (m.x0_from == "classifier" and m.arch == "encdec" and m.target_length == "head"),
+         "diffusion.process mask trains a classifier on the true length: it needs model.x0_from classifier, arch encdec and target_length head"),
+        (d.process == "gaussian" or (m.self_condition == 0 and not m.input_posterior and m.absorbing == 0 and t.distance_penalty == 0),
+         "diffusion.process mask has no Gaussian noise: no self-conditioning, posterior input, absorbing state or Distance Penalty"),
         (d.noise_factor > 0, "diffusion.noise_factor must be positive (1: off)"),
         (t.max_steps > 0, "train.max_steps must be positive"),
         (t.max_minutes >= 0, "train.max_minutes must be >= 0"),

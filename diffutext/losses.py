@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .device import compute_dtype
 from .diffusion import q_sample, sigma
+from .masked import corrupt
 from .model import conditioning
 
 
@@ -573,6 +574,8 @@ def classifier_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torc
     rows = written.reshape(-1).nonzero().squeeze(1)
     targets = ids.reshape(-1).index_select(0, rows)
     x0 = model.embed(ids)
+    if getattr(model, "process", "gaussian") == "mask":  # the masked process: CE on the masked tokens alone
+        return _masked_loss(model, ids, target_mask, t, alpha_bar.shape[0], noise, options, hold, written, rows, x0)
     eps = noise.eps if noise is not None else torch.randn_like(x0)
     if options.noise_factor != 1.0:
         eps = eps * options.noise_factor
@@ -617,6 +620,12 @@ def classifier_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torc
         penalty = _sq_error(x0_hat2, x0_hat, written.float()) * valid
         terms = {"loss": 0.5 * (ce + ce2 + dp_weight * penalty), "ce": ce, "ce_partner": ce2, "penalty": penalty,
                  "partner_valid": valid.float()}
+    return _with_length(model, terms, memory, target_mask, written, options)
+
+
+def _with_length(model, terms: dict[str, torch.Tensor], memory, target_mask, written, options: LossOptions) -> dict[str, torch.Tensor]:
+    """Add the length head's term (a model with target_length head): the cross-entropy of its logits on the target's
+    length minus the source's, weighted by options.length_weight."""
     if model.config.target_length == "head":
         K = (model.length_head[-1].out_features - 1) // 2
         offset = written.sum(1) - (~target_mask).sum(1) + 2  # target tokens − source tokens ([CLS], [SEP] are not)
@@ -624,3 +633,17 @@ def classifier_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torc
         terms["length"] = length
         terms["loss"] = terms["loss"] + options.length_weight * length
     return terms
+
+
+def _masked_loss(model, ids, target_mask, t, T: int, noise: Noise | None, options: LossOptions, hold, written, rows, x0):
+    """The masked process's objective (masked.py): each written token masked with probability (t + 1)/T, the
+    classifier's cross-entropy on the masked ones, averaged over them per example (0 where none is masked)."""
+    B, L = ids.shape
+    u = noise.absorb if noise is not None and noise.absorb is not None else torch.rand(ids.shape, device=ids.device)
+    z_t, masked = corrupt(x0, written, t, T, u, model.mask_embedding)
+    memory = model.encode(x0, target_mask, ids)
+    _, logits = model(z_t, t, with_head=True, memory=memory, **conditioning(model, ids, target_mask, hold))
+    picked = masked.reshape(-1).index_select(0, rows)  # the masked rows among the written ones
+    ce = F.cross_entropy(logits[picked].float(), ids.reshape(-1).index_select(0, rows)[picked], reduction="none")
+    ce = _per_example(ce, rows[picked], B, L)
+    return _with_length(model, {"loss": ce, "ce": ce}, memory, target_mask, written, options)

@@ -82,8 +82,9 @@ class Block(nn.Module):
 
 
 class Denoiser(nn.Module):
-    def __init__(self, config: ModelConfig, alpha_bar: torch.Tensor | None = None):
-        """`alpha_bar` (T,): the schedule's ᾱ table, which the classifier's output prior reads (`diffusion.alpha_bar_table`)."""
+    def __init__(self, config: ModelConfig, alpha_bar: torch.Tensor | None = None, process: str = "gaussian"):
+        """`alpha_bar` (T,): the schedule's ᾱ table, which the classifier's output prior reads (`diffusion.alpha_bar_table`);
+        `process` mask (masked.py): a learned mask vector, and no output prior (nothing Gaussian to read)."""
         super().__init__()
         if config.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
@@ -93,6 +94,9 @@ class Denoiser(nn.Module):
         if alpha_bar is not None:  # derived from the config: not part of the weights
             self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         self.prior_scale = 1.0  # the output prior's ramp (train.py sets it during the warm-up); 1 when decoding
+        self.process = process
+        if process == "mask":  # the masked tokens' input (masked.py)
+            self.mask_embedding = nn.Parameter(torch.randn(c.hidden_dim) * c.hidden_dim ** -0.5)
         if c.copy_source == "auto":
             raise ValueError("ModelConfig.copy_source auto must be resolved (on or off, from the training split) before building the model")
         self.embedding = nn.Embedding(c.vocab_size, c.hidden_dim)  # E, initialised N(0, 1) like DiffuSeq's
@@ -206,12 +210,16 @@ class Denoiser(nn.Module):
 
     def posterior_input(self, z_t: torch.Tensor, t: torch.Tensor, rows_mask: torch.Tensor) -> torch.Tensor:
         """`input_posterior`: at the written rows `rows_mask` (B, L), the input embedding averaged under the token
-        posterior given z_t alone, softmax(prior logits)·E_in (E_in: V × width); zeros elsewhere. (B, L, W)."""
+        posterior given z_t alone, softmax(prior logits)·E_in (E_in: V × width), over the posterior's POSTERIOR_TOP
+        likeliest tokens with the rest of its mass on the mean row of E_in (exact where the posterior is peaked, the
+        mean where it is flat, at a cost that does not grow with the vocabulary); zeros elsewhere. (B, L, W)."""
         B, L, D = z_t.shape
         rows = rows_mask.reshape(-1).nonzero().squeeze(1)
         with torch.autocast(z_t.device.type, enabled=False):
             probs = torch.softmax(self.prior_logits(z_t.reshape(B * L, D).index_select(0, rows), t, L, rows), -1)
-            mixed = probs @ self.input_embedding.weight.float()
+            top, idx = probs.topk(min(POSTERIOR_TOP, probs.shape[-1]), -1)  # (N, k)
+            weight = self.input_embedding.weight.float()
+            mixed = (top[..., None] * weight[idx]).sum(1) + (1 - top.sum(-1, keepdim=True)) * weight.mean(0)
         out = torch.zeros(B * L, mixed.shape[-1], dtype=mixed.dtype, device=z_t.device).index_copy(0, rows, mixed)
         return out.view(B, L, -1)
 
@@ -322,7 +330,7 @@ class Denoiser(nn.Module):
             logits = logits.float()
             table = self.table().float()
             zr = z_t.reshape(B * L, D).index_select(0, rows).float()
-            if self.config.output_prior:
+            if self.config.output_prior and self.process == "gaussian":
                 logits = logits + self.prior_scale * self.prior_logits(zr, t, L, rows)
             x0 = torch.softmax(logits, -1) @ table
             x0_hat = z_t.float().reshape(B * L, D).index_copy(0, rows, x0).view(B, L, D)
@@ -394,6 +402,9 @@ def conditioning(model: nn.Module, ids: torch.Tensor, target_mask: torch.Tensor,
     return out
 
 
+POSTERIOR_TOP = 16  # the posterior input's tokens read one by one (the rest of the mass reads the mean embedding)
+
+
 def length_range(config: ModelConfig) -> int:
     """K: the length head tells target lengths from K shorter to K longer than the source."""
     return max(config.seq_len // 2, 1)
@@ -410,4 +421,4 @@ def build_model(config) -> nn.Module:
         from .diffuseq_model import DiffuSeqDenoiser
 
         return DiffuSeqDenoiser(config.model, config.diffusion.T)
-    return Denoiser(config.model, alpha_bar_table(config.diffusion.schedule, config.diffusion.T))
+    return Denoiser(config.model, alpha_bar_table(config.diffusion.schedule, config.diffusion.T), config.diffusion.process)

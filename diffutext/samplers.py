@@ -190,7 +190,13 @@ SAMPLERS: dict[SamplerName, Sampler] = {
     "ads": Sampler(adaptive_decay, ddpm_update),
     "dpm++": Sampler(uniform, dpmpp_update),  # DiffuSeq-v2's solver on a time-uniform schedule (it runs 10 steps)
 }
-UPDATES: dict[UpdateName, Callable] = {"ddpm": ddpm_update, "ddim": ddim_update, "dpmpp": dpmpp_update}
+def mask_update(*args, **kwargs):
+    """The masked process's update (masked.py's Mask-Predict): `generate` runs it over the schedule's timesteps; it
+    moves no Gaussian sample."""
+    raise SamplerError("the mask update decodes a model trained with the masked process (diffusion.process mask)")
+
+
+UPDATES: dict[UpdateName, Callable] = {"ddpm": ddpm_update, "ddim": ddim_update, "dpmpp": dpmpp_update, "mask": mask_update}
 assert tuple(SAMPLERS) == get_args(SamplerName) and tuple(UPDATES) == get_args(UpdateName)
 
 
@@ -341,7 +347,17 @@ def generate(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: 
              self_condition_input: str = "clamped", clamp_by: str = "nearest", hold: torch.Tensor | None = None,
              banned: torch.Tensor | None = None) -> torch.Tensor:
     """Decode one batch to token ids (B, L): the tied head's argmax (never a `banned` id) on the final sample at target
-    positions, computed in row blocks (never the whole (B·L × V) logits); source (and held) positions keep ids."""
+    positions, computed in row blocks (never the whole (B·L × V) logits); source (and held) positions keep ids.
+    A model of the masked process decodes by Mask-Predict over the sampler's timesteps (its update must be mask)."""
+    masked = getattr(model, "process", "gaussian") == "mask"
+    if masked != (sampler.update is mask_update):
+        raise SamplerError("a model trained with the masked process decodes with --update mask, and only it does"
+                           if masked else "--update mask decodes only a model trained with the masked process")
+    if masked:
+        from .masked import mask_predict
+
+        return mask_predict(model, sampler.timesteps(len(alpha_bar), steps).tolist(), len(alpha_bar), ids, target_mask, hold,
+                            banned, precision, callback)
     z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback, precision, self_condition_input,
                 clamp_by, hold, banned)
     rows = written(target_mask, hold).reshape(-1).nonzero().squeeze(1)

@@ -199,7 +199,8 @@ class Objective(torch.nn.Module):
 
 def option_draws(config: RunConfig) -> dict[str, bool]:
     """Which optional draws `draw_noise` makes for this model's options."""
-    return {"self_condition": config.model.self_condition > 0, "absorbing": config.model.absorbing > 0}
+    return {"self_condition": config.model.self_condition > 0,
+            "absorbing": config.model.absorbing > 0 or config.diffusion.process == "mask"}  # mask: the masking draws
 
 
 def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str = "auto",

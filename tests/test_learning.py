@@ -257,8 +257,13 @@ def test_the_posterior_input_is_the_input_embedding_under_the_priors_posterior()
     got = model.posterior_input(z, t, written)
     E = model.table()
     coef = (AB[t].sqrt() / (1 - AB[t]))[:, None, None]
-    expected = torch.softmax(coef * (z @ E.t()), -1) @ model.input_embedding.weight
+    probs = torch.softmax(coef * (z @ E.t()), -1)
+    top, idx = probs.topk(16, -1)
+    W = model.input_embedding.weight
+    expected = (top[..., None] * W[idx]).sum(-2) + (1 - top.sum(-1, keepdim=True)) * W.mean(0)
     assert torch.allclose(got[written], expected[written], atol=1e-5)
+    exact = probs @ W  # where the posterior is peaked (t = 0) the top tokens hold all of it
+    assert torch.allclose(got[0][written[0]], exact[0][written[0]], atol=1e-4)
     assert torch.equal(got[~written], torch.zeros_like(got[~written]))
     plain = model_of(**CLASSIFIER)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("input_embedding")})
@@ -315,3 +320,63 @@ def test_a_classifier_run_trains_and_decodes_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     result = invoke("sample", "--checkpoint", run, "--limit", 3, "--steps", 5, "--length", "free")
     assert result.exit_code == 2 and "never wrote padding" in result.stderr
+
+
+# ---- the masked process (CMLM / Mask-Predict) ----
+
+MASKED = dict(CLASSIFIER, output_prior=False)
+
+
+def masked_model(seed=0):
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=40, hidden_dim=8, width=16, layers=2, heads=2, ffn=32, dropout=0.0, seq_len=14, time_dim=8,
+                         **MASKED)
+    return Denoiser(config, AB, process="mask")
+
+
+def test_the_masked_process_masks_at_rate_t_over_T_and_trains_on_the_masked_tokens_alone():
+    from diffutext.masked import corrupt, mask_ratio
+
+    model = perturb(masked_model())
+    ids, mask, hold = packed()
+    written = mask & ~hold
+    x0 = model.embed(ids)
+    u = torch.rand(4, 14, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([1999, 999, 0, 1499])
+    z, masked = corrupt(x0, written, t, 2000, u, model.mask_embedding)
+    assert torch.equal(masked, written & (u < ((t + 1) / 2000)[:, None]))
+    assert masked[0].sum() == written[0].sum() and not masked[2].any()  # all at T − 1, none at t = 0 (here)
+    assert torch.equal(z[masked], model.mask_embedding.expand(int(masked.sum()), 8)) and torch.equal(z[~masked], x0[~masked])
+    noise = draw_noise((4, 14, 8), False, torch.Generator().manual_seed(2), absorbing=True)
+    noise.absorb = u
+    terms = classifier_loss(model, ids, mask, t, AB, noise=noise, hold=hold)
+    _, logits = model(z, t, target_mask=mask, hold=hold, with_head=True)
+    ce = F.cross_entropy(logits, ids[written], reduction="none")
+    picked = masked[written]
+    expected = torch.stack([c[p].mean() if p.any() else torch.tensor(0.0) for c, p in
+                            zip(ce.split(written.sum(1).tolist()), picked.split(written.sum(1).tolist()))])
+    assert torch.allclose(terms["ce"], expected, atol=1e-5)
+    assert mask_ratio(torch.tensor(1999), 2000) == 1.0
+
+
+def test_mask_predict_masks_again_the_least_confident_at_the_schedules_ratios():
+    from diffutext.masked import mask_predict
+
+    model = perturb(masked_model()).eval()
+    ids, mask, hold = packed()
+    src = torch.where(mask & ~hold, PAD, ids)
+    seen = []
+    forward = model.forward
+    model.forward = lambda z, t, **kw: seen.append((z.clone(), kw)) or forward(z, t, **kw)
+    timesteps = [1999, 999, 499, 0]
+    out = mask_predict(model, timesteps, 2000, src, mask, hold)
+    written = mask & ~hold
+    n = written.sum(1)
+    for (z, _), t in zip(seen, timesteps):
+        is_masked = (z == model.mask_embedding).all(-1) & written
+        assert torch.equal(is_masked.sum(1), torch.ceil(n * (t + 1) / 2000).long())  # ⌈n·r(t)⌉ masked when t is visited
+    assert torch.equal(out[~written], src[~written]) and not (out[written] == PAD).all()
+    with pytest.raises(Exception, match="masked process"):
+        generate(model, AB, make_sampler("ads"), 4, src, mask, hold=hold)
+    with pytest.raises(Exception, match="process mask"):
+        resolve("tiny", {"diffusion": {"process": "mask"}})
