@@ -1,4 +1,4 @@
-"""Ablation: checkpoints × samplers × steps on the same inputs, scored and timed (PAPER.md §4–§5).
+"""Ablation: checkpoints × samplers × steps on the same inputs, scored and timed (method.md §4–§5).
 
 `grid` builds the cells (ddpm once at the full T, every other sampler at each step count);
 `run` decodes and scores every cell of every checkpoint; `best` marks the best value of each

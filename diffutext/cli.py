@@ -16,7 +16,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -28,12 +28,25 @@ from .views import err, out
 RUNS_DIR = Path("runs")
 
 
-app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Continuous diffusion for sequence-to-sequence text: DiffuSeq + Distance Penalty + Adaptive Decay Sampling.")
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 def _is_main_rank() -> bool:  # without torch: distributed.env_rank reads the same variable
     return os.environ.get("RANK", "0") == "0"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"diffutext {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print diffutext's version and exit.")] = False) -> None:
+    """Continuous diffusion for sequence-to-sequence text: DiffuSeq + Distance Penalty + Adaptive Decay Sampling."""
 
 
 # ---------------------------------------------------------------- train
@@ -330,6 +343,36 @@ def import_diffuseq(opts: dict[str, Any] = None) -> None:
     from . import import_diffuseq as imp, views
     views.imported(run_guarded(imp.import_diffuseq, opts["source"], opts["out_dir"], task=opts["task"], tokenizer=opts["tokenizer"],
                                heads=opts["heads"]))
+
+
+@app.command()
+def env() -> None:
+    """Print what diffutext runs on: the versions, the device auto picks, the precision auto resolves to, threads."""
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    from .device import resolve_device, resolve_precision
+
+    rows = [("python", platform.python_version())]
+    for name in ("diffutext", "torch", "typer", "rich", "datasets", "tokenizers", "safetensors", "sacrebleu", "rouge-score", "nltk"):
+        try:
+            rows.append((name, md.version(name)))
+        except md.PackageNotFoundError:
+            rows.append((name, "not installed"))
+    device = resolve_device("auto")
+    rows.append(("device (auto)", str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")))
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    rows.append(("CPU multiplies bf16 natively", "yes" if native else "no"))
+    rows.append(("precision auto resolves to", resolve_precision("auto", device)))
+    rows.append(("torch threads", str(torch.get_num_threads())))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        out.print(f"{key.ljust(width)}  {value}", highlight=False)
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Configuration: frozen dataclasses for the model, the diffusion process, training and sampling.
 
 Presets name whole configurations (`tiny` for tests, `small` the CPU default, `base` DiffuSeq's
-size, PAPER.md §1). A run folder stores the resolved configs as JSON (`RunConfig.to_dict`), and
+size, method.md §1). A run folder stores the resolved configs as JSON (`RunConfig.to_dict`), and
 `--config FILE.toml` overrides fields by section (`[model]`, `[diffusion]`, `[train]`).
 
 Every named choice (schedules, samplers, updates, precisions, ...) is defined once here as a `Literal`
@@ -74,7 +74,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The denoiser f(z_t, t) -> x0_hat and its tied embedding (PAPER.md §1)."""
+    """The denoiser f(z_t, t) -> x0_hat and its tied embedding (method.md §1)."""
 
     vocab_size: int = 0  # set from the tokenizer when training starts
     hidden_dim: int = 128  # width of the word embedding E: the space diffusion runs in
@@ -163,7 +163,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The noise schedule and how training draws timesteps (PAPER.md §1)."""
+    """The noise schedule and how training draws timesteps (method.md §1)."""
 
     T: int = 2000
     schedule: Schedule = "sqrt"
@@ -176,7 +176,7 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation loop, the Distance Penalty and bookkeeping (PAPER.md §1, §3)."""
+    """The optimisation loop, the Distance Penalty and bookkeeping (method.md §1, §3)."""
 
     task: str = "bible-basic"
     data_dir: str = ""  # where a paper task's DiffuSeq folder is looked for ("": only $DIFFUTEXT_DATA)
@@ -200,8 +200,8 @@ class TrainConfig:
     vocab_size: int = 8000  # size of the BPE vocabulary trained on the train split
     tokenizer: str = ""  # a tokenizer.json, vocab.txt or known name (bert-base-uncased) to use instead of training one
     tokenizer_type: TokenizerType = "bpe"  # the tokenizer trained when none is given
-    distance_penalty: float = 0.0  # λ of PAPER.md §3 (0: the base DiffuSeq loss)
-    dp_window: float = 0.05  # δ of PAPER.md §3
+    distance_penalty: float = 0.0  # λ of method.md §3 (0: the base DiffuSeq loss)
+    dp_window: float = 0.05  # δ of method.md §3
     dp_partner: Partner = "forward"  # forward (reference code) | reverse (paper wording)
     dp_window_ends: WindowEnds = "diffutext"  # reference: no partner on a side whose window reaches T−1 or 0
     init_from: str = ""  # a run folder whose weights start this run (post-training)
@@ -242,7 +242,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How `generate` walks the reverse chain (PAPER.md §4)."""
+    """How `generate` walks the reverse chain (method.md §4)."""
 
     sampler: SamplerName = "ads"
     steps: int = 20
@@ -254,7 +254,9 @@ class SampleConfig:
     # tied head's argmax, Difformer) | auto (head for a model trained with the anchor loss or x0_from softmax, else nearest)
     clamp_by: ClampBy = "auto"
     length: Length = "auto"
-    length_beam: int = 1  # with a length head: decode the B likeliest lengths and keep the likeliest output
+    # DINOISER's condition-enhanced denoiser: the denoiser is told timesteps from T − 1 down to this share of T (0.99
+    # there) while the sample follows the schedule; None: off (the denoiser is told the sample's own t)
+    cedi: float | None = None
     self_condition_input: SelfConditionInput = "clamped"  # a self-conditioned model is fed the previous x0_hat: clamped | raw (before snapping)
     ads_shares: tuple[float, float, float] | None = None
     batch_size: int = 128

@@ -1,4 +1,4 @@
-"""DiffuSeq's `scripts/eval_seq2seq.py`, reproduced: the numbers its tables print (PAPER.md §5). Depends on
+"""DiffuSeq's `scripts/eval_seq2seq.py`, reproduced: the numbers its tables print (method.md §5). Depends on
 nothing of ours.
 
 The script (Shark-NLP/DiffuSeq) scores decoded files of `{"recover", "reference", "source"}` lines, one

@@ -1,4 +1,4 @@
-"""DiffuSeq's denoiser (Shark-NLP/DiffuSeq `TransformerNetModel`), in our own code (PAPER.md §1): `arch = "diffuseq"`.
+"""DiffuSeq's denoiser (Shark-NLP/DiffuSeq `TransformerNetModel`), in our own code (method.md §1): `arch = "diffuseq"`.
 
 The same network as DiffuSeq's, module for module and under DiffuSeq's parameter names, so that a DiffuSeq
 state dict loads as it is (`import_diffuseq.py`); no DiffuSeq or `transformers` code runs:

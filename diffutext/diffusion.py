@@ -1,4 +1,4 @@
-"""The Gaussian diffusion process over embeddings (PAPER.md §1).
+"""The Gaussian diffusion process over embeddings (method.md §1).
 
 `alpha_bar_table` builds ᾱ_t for t = 0..T-1 from a named schedule exactly as DiffuSeq does
 (β_t = min(1 − ᾱ((t+1)/T)/ᾱ(t/T), 0.999), ᾱ_t = ∏(1 − β)); `q_sample` noises the target side

@@ -1,4 +1,4 @@
-"""Decode inputs with a sampler and score the output (PAPER.md §5).
+"""Decode inputs with a sampler and score the output (method.md §5).
 
 `load_model` opens a run folder (EMA weights by default); `decode` turns a Dataset of sources
 into text, K seeds at a time, keeping the per-source MBR pick and the diversity of the K
@@ -202,7 +202,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             t0 = time.perf_counter()
             out = generate(model, loaded.alpha_bar, sampler, cfg.steps, ids, mask, clamp=cfg.clamp, generator=generator,
                            precision=precision, self_condition_input=cfg.self_condition_input, callback=on_step, clamp_by=clamp_by,
-                           hold=hold, banned=banned)
+                           hold=hold, banned=banned, cedi=cfg.cedi)
             out = out.cpu()  # one sync per batch
             batch_seconds += time.perf_counter() - t0
             per_seed.append(_to_text(out, mask.cpu(), vocab))

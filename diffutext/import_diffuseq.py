@@ -1,4 +1,4 @@
-"""`diffutext import-diffuseq`: a DiffuSeq model folder becomes a diffutext run folder (PAPER.md §1).
+"""`diffutext import-diffuseq`: a DiffuSeq model folder becomes a diffutext run folder (method.md §1).
 
 A DiffuSeq folder holds `training_args.json`, the `ema_<rate>_<step>.pt` state dicts its training saves (or a
 `model<step>.pt`) and its vocabulary (bert-base-uncased's tokenizer files, or its own `vocab.json`). The run

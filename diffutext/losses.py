@@ -1,4 +1,4 @@
-"""Training losses: DiffuSeq's terms (PAPER.md §1) and the Distance Penalty (PAPER.md §3).
+"""Training losses: DiffuSeq's terms (method.md §1) and the Distance Penalty (method.md §3).
 
 Per example, with E(w) the word embeddings of the packed sequence:
   z0 = E(w) + σ0·ε,   z_t = q_sample(z0, t)            (source positions stay at z0)
@@ -77,7 +77,7 @@ def partner_timesteps(t: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor,
 
 @dataclass(frozen=True)
 class LossOptions:
-    """The loss options beyond DiffuSeq (PAPER.md §7); the defaults are DiffuSeq's loss exactly.
+    """The loss options beyond DiffuSeq (method.md §7); the defaults are DiffuSeq's loss exactly.
 
     positions: "all" averages mse, decoder_nll and tT over every position (DiffuSeq), "target" over the
     target positions only (the source is never noised). anchor_weight > 0 adds Difformer's anchor loss,
@@ -271,7 +271,7 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
     ids, target_mask: (B, L); t: (B,) long; alpha_bar: (T,) on the model's device.
     With dp_weight > 0, `window` (from `dp_window`) gives the partner ranges.
     `noise` (from `draw_noise`) replaces the draws from the global generator.
-    `options` adds the loss options of PAPER.md §7; the model's own config says whether it
+    `options` adds the loss options of method.md §7; the model's own config says whether it
     self-conditions (`self_condition`) and has an absorbing state (`absorbing`, its `mask_state`).
     A classifier (model.config.x0_from "classifier") trains `classifier_loss` instead; `hold` (B, L): the target's
     [SEP] and padding of a model with a length head (`data.batches.held_end`).
@@ -313,7 +313,7 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
 
 def _with_partner(model, inp: _Inputs, ids, target_mask, t, alpha_bar, window, dp_partner: str, noise: Noise | None,
                   options: LossOptions):
-    """The Distance Penalty's two passes (PAPER.md §3): ((x0_hat, head), (x0_hat′, head′), valid) at t and its partner t′."""
+    """The Distance Penalty's two passes (method.md §3): ((x0_hat, head), (x0_hat′, head′), valid) at t and its partner t′."""
     if window is None:
         raise ValueError("the Distance Penalty needs the partner window (losses.dp_window)")
     z0, z_t, sc_rows, cond, mask_state = inp.z0, inp.z_t, inp.sc_rows, inp.cond, inp.mask_state
@@ -564,7 +564,7 @@ def classifier_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torc
     against w there, averaged over them. No regression term, no rounding term: the embedding learns through the
     cross-entropy alone (the noisy input, the output prior and x0_hat).
 
-    Distance Penalty (PAPER.md §3 with the per-pass objective mse replaced by ce, as the classifier trains no mse):
+    Distance Penalty (method.md §3 with the per-pass objective mse replaced by ce, as the classifier trains no mse):
       loss = ½·[ce(t) + ce(t′) + λ·1[t′≠t]·mean‖x0_hat(z_t′, t′) − x0_hat(z_t, t)‖²]
     with the partner drawn as for the base model; the penalty is over the written positions.
     A model with a length head (target_length head) adds `length`, the head's cross-entropy on the target's length

@@ -44,7 +44,7 @@ def mask_predict(model, timesteps: list[int], T: int, ids: torch.Tensor, target_
                  callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Mask-Predict over the visited `timesteps` (descending from T − 1): token ids (B, L), the written positions
     filled, the source and held positions as in `ids`."""
-    from .model import conditioning
+    from .model import Encoded, conditioning
 
     written = target_mask & ~hold
     rows = written.reshape(-1).nonzero().squeeze(1)
@@ -56,7 +56,7 @@ def mask_predict(model, timesteps: list[int], T: int, ids: torch.Tensor, target_
     masked = written.clone()
     extra = conditioning(model, ids, target_mask, hold)
     with autocast(ids.device, precision):
-        extra["memory"] = model.encode(x_src, target_mask, ids)
+        extra["memory"] = Encoded(model.encode(x_src, target_mask, ids))
     t_vec = torch.empty(ids.shape[0], dtype=torch.long, device=ids.device)
     idx = torch.arange(ids.shape[1], device=ids.device)
     for i, t in enumerate(timesteps):

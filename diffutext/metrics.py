@@ -1,4 +1,4 @@
-"""Text-generation metrics (PAPER.md §5). Depends on nothing of ours.
+"""Text-generation metrics (method.md §5). Depends on nothing of ours.
 
 - `corpus_bleu`: sacreBLEU corpus BLEU, 0–100, with its signature (what MT/simplification users expect).
 - `sentence_bleu`: the textbook sentence BLEU: nltk sentence BLEU-4, smoothing method4, whitespace

@@ -1,4 +1,4 @@
-"""The denoiser f(z_t, t) -> x0_hat and its tied word embedding (PAPER.md §1).
+"""The denoiser f(z_t, t) -> x0_hat and its tied word embedding (method.md §1).
 
 DiffuSeq's TransformerNetModel in a few lines: up-project the hidden_dim-wide embedding space to
 the transformer width, add a learned position embedding and a sinusoidal timestep embedding
@@ -58,14 +58,21 @@ class Block(nn.Module):
         h = h + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, W)))
         return h + self.drop(self.mlp(self.norm2(h)))
 
-    def joint(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def joint(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None,
+              cache: dict | None = None) -> torch.Tensor:
         """A decoder block of arch encdec: the rows x (B, Lt, W) attend to the encoded source `memory` (B, Ls, W) and
         to themselves in one softmax, over this block's own key and value projections of both (as if memory and x
-        were one sequence whose memory rows are then kept); mask (B, 1, 1, Ls + Lt): the keys each row may read."""
+        were one sequence whose memory rows are then kept); mask (B, 1, 1, Ls + Lt): the keys each row may read.
+        `cache` (an `Encoded`'s): the memory's keys and values, made on the first call and read on the others."""
         B, Lt, W = x.shape
         H, d = self.heads, W // self.heads
         q, k, v = self.qkv(self.norm1(x)).view(B, Lt, 3, H, d).permute(2, 0, 3, 1, 4)  # 3×(B, H, Lt, d)
-        km, vm = F.linear(self.norm1(memory), self.qkv.weight[W:], self.qkv.bias[W:]).view(B, -1, 2, H, d).permute(2, 0, 3, 1, 4)
+        if cache is not None and id(self) in cache:
+            km, vm = cache[id(self)]
+        else:
+            km, vm = F.linear(self.norm1(memory), self.qkv.weight[W:], self.qkv.bias[W:]).view(B, -1, 2, H, d).permute(2, 0, 3, 1, 4)
+            if cache is not None:
+                cache[id(self)] = (km, vm)
         p = self.dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, torch.cat([km, k], 2), torch.cat([vm, v], 2), attn_mask=mask, dropout_p=p)
         x = x + ops.dropout(self.proj(a.transpose(1, 2).reshape(B, Lt, W)), self.dropout, self.training)
@@ -79,6 +86,22 @@ class Block(nn.Module):
         a = ops.attention(q, k, v, p, training, mask)
         h = h + ops.dropout(self.proj(a.transpose(1, 2).reshape(B, L, W)), p, training)
         return h + ops.dropout(ops.gelu_linear(ops.norm_linear(h, self.norm2, self.mlp[0]), self.mlp[2]), p, training)
+
+
+class Encoded:
+    """The encoded source of a chain (arch encdec, `Denoiser.encode`) and its keys and values in every decoder block,
+    made once and read at every step (`forward(memory=Encoded(...))`)."""
+
+    def __init__(self, memory: torch.Tensor):
+        self.memory = memory
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.memory.shape
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return self.memory[rows]
 
 
 class Denoiser(nn.Module):
@@ -306,13 +329,17 @@ class Denoiser(nn.Module):
         hold the encoded source, the target rows the decoder's output, held padding zeros."""
         B, L, W = h.shape
         src, src_ok, trg, trg_ok = self.sides(target_mask, hold, None if memory is None else memory.shape[1])
+        cache = None
+        if isinstance(memory, Encoded):
+            memory, cache = memory.memory, memory.kv
         if memory is None:
             memory = self.encode_source(h, target_mask)
-        memory = memory.to(h.dtype)
+        if memory.dtype != h.dtype:  # autocast: the keys and values made from it are then made again each time
+            memory, cache = memory.to(h.dtype), None
         x = h.gather(1, trg[..., None].expand(*trg.shape, W))
         keys = torch.cat([src_ok, trg_ok], 1)[:, None, None, :]
         for block in self.blocks[len(self.blocks) // 2:]:
-            x = block.joint(x, memory, keys)
+            x = block.joint(x, memory, keys, cache)
         base = torch.arange(B, device=h.device)[:, None] * L
         rows = torch.cat([(base + src)[src_ok], (base + trg)[trg_ok]])
         values = torch.cat([memory[src_ok], x[trg_ok]])

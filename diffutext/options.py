@@ -70,6 +70,8 @@ SAMPLING = [  # how the chain runs: every field of SampleConfig but the sampler 
     _sample_option("clamp", "Snap x0_hat to the nearest word embedding at every step."),
     _sample_option("clamp_by", "How x0_hat is snapped: nearest embedding (L2), the tied head's argmax, or auto (head for a run trained with the anchor loss or softmax x0)."),
     _sample_option("length", "Target length: free (the model places its [SEP], DiffuSeq), source (as many tokens as the source: the [SEP] and padding after them held fixed, no special token before) or auto (source for a run with the copy prior, else free)."),
+    _sample_option("cedi", "Condition-enhanced denoiser (DINOISER): tell the denoiser timesteps from T−1 down to this "
+                           "share of T (DINOISER: 0.99) while the sample follows the schedule.", min=0, max=1, show_default=False),
     _sample_option("self_condition_input", "What a self-conditioned model is fed: the previous x0_hat after snapping, or raw."),
     option("ads_shares", Optional[str], None, "ADS step shares of the three thirds, e.g. 0.1,0.4,0.5.", callback=_shares),
     _sample_option("seeds", "Decode K times and keep the per-source MBR pick.", min=1),

@@ -1,5 +1,5 @@
 """PNG plots for `ablate` (matplotlib, Agg backend): quality against steps, and where each sampler
-spends its steps on the noise-level axis σ_t (PAPER.md §4: ADS puts most steps at high noise).
+spends its steps on the noise-level axis σ_t (method.md §4: ADS puts most steps at high noise).
 Each function returns PNG bytes; the caller decides where (and how atomically) to write them."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Samplers: a timestep schedule times an update rule, walked by one loop (PAPER.md §4).
+"""Samplers: a timestep schedule times an update rule, walked by one loop (method.md §4).
 
 A schedule `(T, n) -> LongTensor` gives the visited timesteps, strictly descending from T−1.
 An update `(z_t, x0_hat, abar_t, abar_prev, generator, state) -> z_prev` moves the sample from the
@@ -24,10 +24,10 @@ import torch
 
 from .config import SamplerName, SelfConditionInput, UpdateName, Variance, choices
 from .device import autocast
-from .model import conditioning
+from .model import Encoded, conditioning
 
 # Step shares of ADS from the least to the most noisy third of [0, T): measured constants of the
-# reference code (CODINNLG/Bridge_Gap_Diffusion), PAPER.md §4.
+# reference code (CODINNLG/Bridge_Gap_Diffusion), method.md §4.
 ADS_SHARES = (0.08400242284240157, 0.36759523570876984, 0.5484023414488285)
 
 
@@ -72,7 +72,7 @@ def _even_points(start: int, size: int, count: int) -> list[int]:
 
 
 def adaptive_decay(T: int, n: int, shares: tuple[float, float, float] = ADS_SHARES) -> torch.Tensor:
-    """Adaptive Decay Sampling: few steps near the data, most at high noise (PAPER.md §4).
+    """Adaptive Decay Sampling: few steps near the data, most at high noise (method.md §4).
 
     [0, T) is split into three contiguous thirds (sizes as numpy.array_split: 667, 667, 666 for
     T = 2000). n1 = max(round(p1·n), 1), n2 = max(round(p2·n), 1), n3 = n − n1 − n2. The two lower
@@ -140,7 +140,7 @@ def _lam(abar: float) -> float:
 
 
 def dpmpp_update(z_t, x0_hat, abar_t: float, abar_prev: float, generator=None, state: ChainState | None = None):
-    """DPM-Solver++(2M) (Lu et al. 2022: multistep, second order, data prediction; PAPER.md §7), the fast sampler of
+    """DPM-Solver++(2M) (Lu et al. 2022: multistep, second order, data prediction; method.md §7), the fast sampler of
     DiffuSeq-v2. With h = λ_prev − λ_t: z_prev = (σ_prev/σ_t)·z_t − √ᾱ_prev·(e^−h − 1)·D, where D = x0_hat on the
     first step and D = (1 + 1/(2r))·x0_hat − 1/(2r)·x0_hat_last, r = h_last/h, after it. The last respaced step
     (ᾱ_prev = 1, λ_prev = ∞) returns x0_hat: the second-order term has no limit there, and first order is what
@@ -257,17 +257,28 @@ def written(target_mask: torch.Tensor, hold: torch.Tensor | None) -> torch.Tenso
     return target_mask if hold is None else target_mask & ~hold
 
 
+def cedi_timesteps(T: int, n: int, end: float) -> list[int]:
+    """The timesteps a condition-enhanced denoiser is told over n steps: T − 1 down to end·(T − 1), evenly spaced."""
+    if not 0.0 <= end <= 1.0:
+        raise SamplerError("cedi must be a share of T in [0, 1] (DINOISER: 0.99)")
+    top = T - 1
+    return [top] if n == 1 else [round(top - i * top * (1 - end) / (n - 1)) for i in range(n)]
+
+
 @torch.inference_mode()
 def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
             clamp: bool = True, generator: torch.Generator | None = None,
             callback: Callable[[int, int], None] | None = None, precision: str = "fp32",
             self_condition_input: str = "clamped", clamp_by: str = "nearest", hold: torch.Tensor | None = None,
-            banned: torch.Tensor | None = None) -> torch.Tensor:
+            banned: torch.Tensor | None = None, cedi: float | None = None) -> torch.Tensor:
     """Run the reverse chain on one batch and return the final continuous sample z (B, L, D).
 
     hold (B, L) bool: target positions kept at the clean embedding of their ids throughout, as the source is (a fixed
     length's [SEP] and padding); the model still reads the whole target side as such (its target_mask). banned: token
-    ids that clamping never snaps to (the special tokens, where the length is fixed).
+    ids that clamping never snaps to (the special tokens, where the length is fixed). cedi: DINOISER's
+    condition-enhanced denoiser (Ye et al. 2023, its `--solver cedi --denoise-end 0.99`): the denoiser is told
+    timesteps from T − 1 down to cedi·(T − 1) evenly over the visited steps, high noise throughout, so that it leans on
+    the source, while the sample itself follows the sampler's schedule (None: the denoiser is told the sample's own t).
 
     ids/target_mask (B, L) carry the source; target positions start from z_T ~ N(0, I), source
     positions hold the clean source embedding throughout. `precision` bf16/fp16 runs the denoiser
@@ -276,7 +287,7 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     A classifier (x0_from classifier) snaps by its own logits' argmax, and always at the last step, so that the final
     sample is the embedding of the tokens it chose. An encoder–decoder encodes the source once per chain.
 
-    Options of the model (PAPER.md §7): a self-conditioned model (config.self_condition > 0) is fed the
+    Options of the model (method.md §7): a self-conditioned model (config.self_condition > 0) is fed the
     previous step's x0_hat, after snapping ("clamped", Difformer) or before it ("raw", SeqDiffuSeq, Plaid),
     zeros at the first step. clamp_by "head" snaps x0_hat to the embedding of the tied head's argmax (Difformer)
     instead of the nearest embedding in L2 (DiffuSeq, "nearest"). A model with an absorbing state m (`mask_state`) starts from z_T = ε + m and
@@ -311,11 +322,12 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
     state = ChainState()  # what a multistep update (dpm++) keeps between steps
     if getattr(config, "arch", "") == "encdec":  # the encoded source is the same at every step: encode it once
         with autocast(ids.device, precision):
-            extra["memory"] = model.encode(x_src, target_mask, ids)
+            extra["memory"] = Encoded(model.encode(x_src, target_mask, ids))
     triples = sampler.triples(alpha_bar, steps)
+    told = [t for t, _, _ in triples] if cedi is None else cedi_timesteps(len(alpha_bar), len(triples), cedi)
     for i, (t, abar_t, abar_prev) in enumerate(triples):
         with autocast(ids.device, precision):
-            out = model(z, t_vec.fill_(t), prev, **extra) if self_cond else model(z, t_vec.fill_(t), **extra)
+            out = model(z, t_vec.fill_(told[i]), prev, **extra) if self_cond else model(z, t_vec.fill_(told[i]), **extra)
         x0_hat, logits = out if classifier else (out, None)
         x0_hat = x0_hat.float()
         if self_cond and (self_condition_input == "raw" or not clamp):
@@ -345,7 +357,7 @@ def generate(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: 
              clamp: bool = True, generator: torch.Generator | None = None,
              callback: Callable[[int, int], None] | None = None, precision: str = "fp32",
              self_condition_input: str = "clamped", clamp_by: str = "nearest", hold: torch.Tensor | None = None,
-             banned: torch.Tensor | None = None) -> torch.Tensor:
+             banned: torch.Tensor | None = None, cedi: float | None = None) -> torch.Tensor:
     """Decode one batch to token ids (B, L): the tied head's argmax (never a `banned` id) on the final sample at target
     positions, computed in row blocks (never the whole (B·L × V) logits); source (and held) positions keep ids.
     A model of the masked process decodes by Mask-Predict over the sampler's timesteps (its update must be mask)."""
@@ -359,7 +371,7 @@ def generate(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: 
         return mask_predict(model, sampler.timesteps(len(alpha_bar), steps).tolist(), len(alpha_bar), ids, target_mask, hold,
                             banned, precision, callback)
     z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback, precision, self_condition_input,
-                clamp_by, hold, banned)
+                clamp_by, hold, banned, cedi)
     rows = written(target_mask, hold).reshape(-1).nonzero().squeeze(1)
     picked = head_indices(model, z.reshape(-1, z.shape[-1]).index_select(0, rows), banned)
     out = ids.clone()

@@ -1,4 +1,4 @@
-"""How training draws the timestep t of each example (PAPER.md §1).
+"""How training draws the timestep t of each example (method.md §1).
 
 `UniformTimesteps`: t ~ U{0, …, T−1}, every example weighted 1.
 `LossAwareTimesteps`: DiffuSeq's default (improved-diffusion's LossSecondMomentResampler): keep the

@@ -1,4 +1,4 @@
-"""The training loop, top to bottom (PAPER.md §1, §3).
+"""The training loop, top to bottom (method.md §1, §3).
 
 `train(config, run_dir)` prepares the data and tokenizer, builds the denoiser and its EMA copy,
 and runs AdamW with warm-up, gradient clipping and (optionally) the Distance Penalty. It writes

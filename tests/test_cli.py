@@ -180,3 +180,27 @@ def test_checkpoints_of_one_run_side_by_side(tiny_run, tmp_path):
     assert result.exit_code == 0 and "(step 10," in result.output, result.output
     assert_one_line_error(invoke("sample", "--checkpoint", tiny_run, "--step", 15, "--device", "cpu"), "steps 10, 20")
     assert_one_line_error(invoke("evaluate", "--checkpoint", first, "--step", 20, "--device", "cpu"), "different checkpoints")
+
+
+def test_version_and_env_say_what_diffutext_runs_on():
+    from diffutext import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"diffutext {__version__}"
+    result = invoke("env")
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split("  ", 1) for line in result.stdout.splitlines())
+    import torch
+
+    assert lines["torch"].strip() == torch.__version__
+    assert lines["device (auto)"].strip().startswith("cpu" if not torch.cuda.is_available() else "cuda")
+    assert lines["precision auto resolves to"].strip() in ("bf16", "fp32")
+    assert lines["torch threads"].strip() == str(torch.get_num_threads())
+
+
+def test_off_a_terminal_training_prints_a_plain_loss_line_per_log_step(tmp_path, small_task):
+    result = invoke("train", "--preset", "tiny", "--task", small_task, "--out", tmp_path / "run", "--max-steps", 10)
+    assert result.exit_code == 0, result.output
+    steps = [line for line in result.stderr.splitlines() if line.startswith("step ") and " loss " in line]
+    assert [line.split(":")[0] for line in steps][:2] == ["step 5", "step 10"]  # log_every 5 in the tiny preset
+    assert "tok/s" in steps[0] and "lr " in steps[0]

@@ -1,5 +1,5 @@
 """Embedded tasks, folder tasks read through Arrow and cached, the strict line errors, predictions files,
-the tokenizer and packing (PAPER.md §1)."""
+the tokenizer and packing (method.md §1)."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""The noise schedule, partial noising and the Distance Penalty window (PAPER.md §1, §3)."""
+"""The noise schedule, partial noising and the Distance Penalty window (method.md §1, §3)."""
 
 import math
 

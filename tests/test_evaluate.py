@@ -37,5 +37,5 @@ def test_decode_reports_every_denoising_step_to_the_view(tiny_run):
         chain = view.progress.tasks[view.chain]
     steps = [info["done"] for event, info in events if event == "step"]
     assert steps == [1, 2, 3, 4, 5] * 4  # 2 batches × 2 seeds
-    assert [info["t"] for event, info in events if event == "step"][:5] == [1999, 1334, 1000, 667, 0]  # ADS-5, PAPER.md §4
+    assert [info["t"] for event, info in events if event == "step"][:5] == [1999, 1334, 1000, 667, 0]  # ADS-5, method.md §4
     assert chain.description == "denoising steps" and chain.completed == 5 and chain.total == 5

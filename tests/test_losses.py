@@ -1,4 +1,4 @@
-"""DiffuSeq's loss terms and the Distance Penalty (PAPER.md §1, §3)."""
+"""DiffuSeq's loss terms and the Distance Penalty (method.md §1, §3)."""
 
 import math
 
@@ -35,7 +35,7 @@ def test_lambda_zero_is_the_base_loss_exactly():
     ids, mask, t = batch()
     torch.manual_seed(7)
     terms = diffusion_loss(model, ids, mask, t, AB, dp_weight=0.0, window=WINDOW)
-    # The same computation written out from PAPER.md §1 with the same noise draws.
+    # The same computation written out from method.md §1 with the same noise draws.
     torch.manual_seed(7)
     x0 = model.embed(ids)
     z0 = x0 + (1 - AB[0]).sqrt() * torch.randn_like(x0)
@@ -56,7 +56,7 @@ def test_lambda_zero_is_the_base_loss_exactly():
     assert len(calls) == 1 and torch.equal(again["loss"], base["loss"]) and torch.equal(again["loss"], terms["loss"])
 
 
-# ---- the Distance Penalty recomputed from PAPER.md §3 with fixed noise ----
+# ---- the Distance Penalty recomputed from method.md §3 with fixed noise ----
 
 T = 2000
 AB64 = alpha_bar_table("sqrt", T)  # float64: the window is defined on it
@@ -120,7 +120,7 @@ def test_partner_timesteps_follow_the_window_rule_written_out():
 @pytest.mark.parametrize("partner", ["forward", "reverse"])
 def test_distance_penalty_loss_equals_paper_section_3_recomputed(partner):
     """Every term of diffusion_loss with the Distance Penalty, recomputed with plain torch ops from
-    PAPER.md §1 and §3 on the same noise: mse(t), mse(t′), decoder_nll, tT, the penalty (mean over
+    method.md §1 and §3 on the same noise: mse(t), mse(t′), decoder_nll, tT, the penalty (mean over
     positions × dims, masked where t′ = t) and ½·[mse + mse′ + 2·nll + 2·tT + λ·penalty]."""
     lam = 1.5
     model, ids, mask, t, noise = dp_case()

@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values (PAPER.md §5)."""
+"""Metrics against hand-computed values (method.md §5)."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""The loss, model and sampling options beyond the paper (PAPER.md §7): each formula pinned against a
+"""The loss, model and sampling options beyond the paper (method.md §7): each formula pinned against a
 hand computation, each one shown to change the result when switched on (so a test fails if it is off)."""
 
 import json
@@ -43,7 +43,7 @@ def noise_for(ids, partner=False, seed=5, **draws):
 
 
 def by_hand(model, ids, mask, t, noise, factor=1.0, prev=None):
-    """x0 = E(w), z0, z_t and x0_hat = f(z_t, t) written out from PAPER.md §1 with the given draws."""
+    """x0 = E(w), z0, z_t and x0_hat = f(z_t, t) written out from method.md §1 with the given draws."""
     x0 = model.embed(ids)
     z0 = x0 + sigma(AB[:1]) * noise.eps0
     z_t = q_sample(z0, t, AB, factor * noise.eps, mask)

@@ -1,4 +1,4 @@
-"""Update rules and the sampling loop, pinned with a closed-form dummy denoiser (PAPER.md §4)."""
+"""Update rules and the sampling loop, pinned with a closed-form dummy denoiser (method.md §4)."""
 
 import math
 
@@ -141,7 +141,7 @@ def test_dpmpp_first_step_is_ddim_and_the_last_returns_x0_hat():
 
 @pytest.mark.parametrize("name,steps,update", [("dpm++", 10, None), ("dpm++", 20, None), ("ads", 20, "dpmpp")])
 def test_dpmpp_chain_follows_its_formulas(name, steps, update):
-    """The whole multistep chain against PAPER.md §7 written out here: λ = log(√ᾱ/σ), h = λ_prev − λ_t, D = x0_hat on
+    """The whole multistep chain against method.md §7 written out here: λ = log(√ᾱ/σ), h = λ_prev − λ_t, D = x0_hat on
     the first step, then (1 + 1/(2r))·x0_hat − 1/(2r)·x0_hat_last with r = h_last/h; the last step returns x0_hat."""
     ids = torch.tensor([[0, 1, 2, 3, 4, 5], [6, 5, 4, 3, 2, 1]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""Timestep schedules pinned to PAPER.md §4."""
+"""Timestep schedules pinned to method.md §4."""
 
 import pytest
 from hypothesis import given, settings

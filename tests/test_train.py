@@ -69,7 +69,7 @@ def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, small_task)
 
 def test_distance_penalty_trains_and_logs_every_term(tmp_path, small_task):
     """Every logged record holds the DP terms, and their means add up: loss = ½·(mse + mse_partner +
-    2·decoder_nll + 2·tT + λ·penalty) (PAPER.md §3), the penalty is positive, a share of partners valid."""
+    2·decoder_nll + 2·tT + λ·penalty) (method.md §3), the penalty is positive, a share of partners valid."""
     lam = 2.0
     train(tiny(small_task, max_steps=10, distance_penalty=lam, log_every=5, save_every=0), tmp_path / "dp", device="cpu")
     log = records(tmp_path / "dp")

@@ -1,4 +1,4 @@
-"""Packing (src, trg) pairs into fixed-length sequences (PAPER.md §1).
+"""Packing (src, trg) pairs into fixed-length sequences (method.md §1).
 
 A sequence is `[CLS] src [SEP] trg [SEP]` padded with [PAD] to `seq_len`; `target_mask` is True
 on everything after the first [SEP] (padding included: the model generates the padding, which is
