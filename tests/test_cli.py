@@ -204,3 +204,21 @@ def test_off_a_terminal_training_prints_a_plain_loss_line_per_log_step(tmp_path,
     steps = [line for line in result.stderr.splitlines() if line.startswith("step ") and " loss " in line]
     assert [line.split(":")[0] for line in steps][:2] == ["step 5", "step 10"]  # log_every 5 in the tiny preset
     assert "tok/s" in steps[0] and "lr " in steps[0]
+
+
+def test_the_python_api_generates_what_sample_writes(tiny_run, tmp_path):
+    import diffutext
+
+    sources = ["And God said, Let there be light: and there was light.", "Jesus wept."]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"src": s}) + "\n" for s in sources))
+    result = invoke("sample", "--checkpoint", tiny_run, "--input", tmp_path / "in.jsonl", "--steps", 5, "--seed", 3,
+                    "--out", tmp_path / "out.jsonl")
+    assert result.exit_code == 0, result.output
+    written = [json.loads(line)["hyp"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    model = diffutext.load(tiny_run, device="cpu")
+    assert model.generate(sources, steps=5, seed=3) == written
+    assert model.generate([]) == []
+    with pytest.raises(TypeError, match="unknown option"):
+        model.generate(sources, temperature=0.5)
+    with pytest.raises(TypeError, match="list"):
+        model.generate("Jesus wept.")
