@@ -47,6 +47,7 @@ X0From = Literal["regression", "softmax", "classifier"]  # how the denoiser's ou
 # how the model learns the target's length: pad (DiffuSeq: the padding after the target is written as tokens) | head
 # (trained on the true length, the padding out of attention and loss, and a length head predicts the length)
 TargetLength = Literal["pad", "head"]
+LexiconModel = Literal["position", "ibm1"]  # how the copy lexicon is counted (lexicon.py)
 CopyAlign = Literal["index", "uniform"]  # which source token the copied input gives target token k (model.py)
 SelfConditionInput = Literal["clamped", "raw"]  # which previous x0_hat a self-conditioned model is fed (samplers.py)
 # the copy prior (model.py): on | off | auto (on when the training pairs' sources share enough tokens with their
@@ -124,6 +125,9 @@ class ModelConfig:
     # bible-basic); counted when training starts and stored with the weights. 0: off (every token copied as itself).
     # Without the copy prior and the copied input there is nothing to translate: a run stores 0.
     copy_lexicon: float = 0.0
+    # How the lexicon is counted (lexicon.py): "position" (the source token at the copy's own alignment, share of
+    # alignments) or "ibm1" (IBM Model 1's translation table t(e|f) by EM, Brown et al. 1993; share = t(e|f))
+    lexicon_model: LexiconModel = "position"
     # The word embedding's rows held at norm √hidden_dim (CDCD, Dieleman et al. 2022; Plaid keeps them at norm 1): every
     # token equally far from the origin, so that no loss can win by growing or shrinking the embeddings, and z_t has
     # unit variance per dimension at every t of a variance-preserving schedule. False: free rows (DiffuSeq).

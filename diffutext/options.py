@@ -199,6 +199,11 @@ TRAIN_FIELDS = [
     Field("model", "positions", "Position embedding: absolute (DiffuSeq) or segment (each side counted from its own start)."),
     Field("model", "x0_from", "x0_hat as the denoiser's output (DiffuSeq), as softmax(logits)·E over the tied head, or from a "
                               "classifier: an untied readout plus the output prior, trained by cross-entropy alone (CDCD)."),
+    Field("model", "lexicon_model", "How the copy lexicon is counted: position (at the copy's alignment) or ibm1 (IBM Model 1's "
+                                    "translation table by EM, Brown et al. 1993)."),
+    Field("model", "copy_align", "Which source token the copied input gives target token k: index (token k) or uniform "
+                                 "(Gu et al. 2018's uniform copy over the target's length; needs --target-length head)."),
+    Field("model", "input_posterior", "Also read a full-width input embedding under the token posterior of z_t (diffutext's own)."),
     Field("model", "embedding_norm", "Hold the word embedding's rows at norm √hidden_dim (CDCD, Plaid)."),
     Field("model", "output_prior", "With the classifier: add the output prior (√ᾱ/(1−ᾱ))·z_t·Eᵀ to its logits (CDCD)."),
     Field("model", "target_length", "pad: the model writes the padding after the target (DiffuSeq); head: it trains on the true "

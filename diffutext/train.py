@@ -45,7 +45,7 @@ from .data.tasks import MissingSplit, load_split
 from .data.tasks import resolve as resolve_task
 from .device import autocast, resolve_device, resolve_precision
 from .diffusion import alpha_bar_table
-from .lexicon import LEXICON_MIN_COUNT, build_lexicon
+from .lexicon import LEXICON_MIN_COUNT, build_lexicon, ibm1_lexicon
 from .lock import run_lock
 from .losses import LossOptions, diffusion_loss, dp_window, draw_noise
 from .model import Denoiser, build_model, count_parameters
@@ -246,7 +246,7 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callb
         emit("choice", {"message": f"network initialised from {config.train.init_plm} ({plm.folder(config.train.init_plm)}): "
                                    f"{m.layers} BERT layers of width {m.width}, its word embedding as the diffusion space"})
     if config.model.needs_ids and prior is None and not config.train.init_from:  # a resumed or post-trained run has its own
-        trainer.set_lexicon(count_lexicon(data.train, vocab, config.model.copy_lexicon, emit))
+        trainer.set_lexicon(count_lexicon(data.train, vocab, config.model.copy_lexicon, emit, config.model.lexicon_model))
     if prior is not None:
         trainer.restore(prior)
         if main:
@@ -323,14 +323,17 @@ def resolve_copy_source(config: RunConfig, overlap: float, emit: Callback) -> Ru
     return replace(config, model=replace(m, copy_source="on" if on else "off"))
 
 
-def count_lexicon(train: Packed, vocab: tok.Vocab, share: float, emit: Callback) -> torch.Tensor:
-    """The copy prior's lexicon from the training split (`lexicon.build_lexicon`), announced with a few of its entries."""
-    lex = build_lexicon(train.ids[:], train.target_mask, vocab.size, share, [vocab.pad, vocab.cls, vocab.sep])
+def count_lexicon(train: Packed, vocab: tok.Vocab, share: float, emit: Callback, model: str = "position") -> torch.Tensor:
+    """The copy prior's lexicon from the training split (`lexicon.build_lexicon`, or `ibm1_lexicon`), announced with a
+    few of its entries."""
+    count = ibm1_lexicon if model == "ibm1" else build_lexicon
+    lex = count(train.ids[:], train.target_mask, vocab.size, share, [vocab.pad, vocab.cls, vocab.sep])
     changed = (lex != torch.arange(vocab.size)).nonzero().squeeze(1)
     top = changed[:6].tolist()
     shown = ", ".join(f"{a} → {b}" for a, b in zip(vocab.decode([[i] for i in top]), vocab.decode([[int(lex[i])] for i in top])))
-    emit("choice", {"message": f"copy lexicon: {len(changed)} source tokens copied as another token (share at least {share:g}, "
-                               f"at least {LEXICON_MIN_COUNT} alignments){': ' + shown + ', …' if shown else ''}"})
+    rule = f"t(e|f) at least {share:g}, IBM Model 1" if model == "ibm1" else f"share at least {share:g}"
+    emit("choice", {"message": f"copy lexicon: {len(changed)} source tokens copied as another token ({rule}, "
+                               f"at least {LEXICON_MIN_COUNT} occurrences){': ' + shown + ', …' if shown else ''}"})
     return lex
 
 

@@ -208,3 +208,19 @@ def test_banned_tokens_are_never_picked_by_either_clamp():
         free = generate(model, alpha_bar_table("sqrt", 2000).float(), make_sampler("ads"), 5, ids, mask,
                         generator=torch.Generator().manual_seed(0), hold=hold, clamp_by=by)
         assert SEP in free[0, 5:8].tolist()
+
+
+def test_ibm1_learns_a_translation_wherever_the_words_stand():
+    from diffutext.lexicon import ibm1_lexicon
+
+    # 6 means 20 and 7 means 21, but in the pairs holding both the order is swapped: counting by position
+    # pairs 6 with 21; IBM Model 1's EM uses the pairs where each word stands alone to sort it out.
+    rows = [([6], [20])] * 10 + [([7], [21])] * 10 + [([6, 7], [21, 20])] * 30 + [([8], [8])] * 10 + [([9], [25])] * 3
+    ids, mask = packed(rows)
+    lex = ibm1_lexicon(ids, mask, 40, share=0.5, specials=SPECIALS, min_count=5)
+    assert lex[6] == 20 and lex[7] == 21 and lex[8] == 8  # 8 translates as itself
+    assert lex[9] == 9  # seen 3 times: below the count
+    assert torch.equal(lex[torch.tensor(SPECIALS)], torch.tensor(SPECIALS))
+    by_position = build_lexicon(ids, mask, 40, share=0.5, specials=SPECIALS, min_count=5)
+    assert by_position[6] == 21  # what the positional count gets wrong
+    assert ibm1_lexicon(ids, mask, 40, share=0.99, specials=SPECIALS, min_count=5)[6] == 6  # below the share: itself
