@@ -146,6 +146,10 @@ class ModelConfig:
     # rather than through the up-projection of a hidden_dim-wide point (diffutext's own; needs the schedule, as the
     # classifier does). False: off.
     input_posterior: bool = False
+    # With the classifier and the copied input: the pointer-generator's copy (See et al. 2017) of the aligned copied
+    # token, g·c·Êᵀ added to the logits for the copied embedding c and a gate g = softplus(w·h + b) ≥ 0 the network
+    # sets per position: it learns where to copy and where to write. False: off.
+    copy_gate: bool = False
 
     @property
     def needs_target_mask(self) -> bool:
@@ -399,6 +403,8 @@ def validate(config: RunConfig) -> None:
          "model.arch diffuseq is DiffuSeq's network: no self-conditioning, absolute positions, x0 by regression, no copy prior or copied input"),
         (m.copy_source != "on" or m.x0_from == "regression", "model.copy_source adds to a regressed x0_hat: it needs model.x0_from regression"),
         (m.target_length == "pad" or m.arch == "encdec", "model.target_length head reads the encoded source: it needs model.arch encdec"),
+        (not m.copy_gate or (m.x0_from == "classifier" and (m.copy_input or m.copy_source == "on")),
+         "model.copy_gate adds the copied token to the classifier's logits: it needs model.x0_from classifier and model.copy_input"),
         (m.copy_align == "index" or m.target_length == "head", "model.copy_align uniform spreads the source over the target's length: it needs model.target_length head"),
         (m.arch != "diffuseq" or not m.embedding_norm, "model.arch diffuseq is DiffuSeq's network: free embedding rows"),
         (t.embedding_lr >= 0, "train.embedding_lr must be >= 0 (0: train.lr)"),

@@ -140,6 +140,10 @@ class Denoiser(nn.Module):
             nn.init.zeros_(self.readout.bias)
         else:
             self.down = nn.Sequential(nn.Linear(c.width, c.width), nn.Tanh(), nn.Linear(c.width, c.hidden_dim))
+        if c.copy_gate:  # how much each row copies its aligned copied token (starts near softplus(−4) ≈ 0.02)
+            self.copy_gate = nn.Linear(c.width, 1)
+            nn.init.zeros_(self.copy_gate.weight)
+            nn.init.constant_(self.copy_gate.bias, -4.0)
         if c.input_posterior:  # a full-width input embedding, read through the token posterior of z_t
             self.input_embedding = nn.Embedding(c.vocab_size, c.width)
             nn.init.normal_(self.input_embedding.weight, std=c.width ** -0.5)
@@ -216,7 +220,7 @@ class Denoiser(nn.Module):
         h = self.encode_decode(h, target_mask, hold, memory) if c.arch == "encdec" else self.run_blocks(h, self.keys(target_mask, hold))
         h = self.out_norm(h)
         if c.x0_from == "classifier":
-            x0_hat, logits = self.classify(h, z_t, t, target_mask if hold is None else target_mask & ~hold)
+            x0_hat, logits = self.classify(h, z_t, t, target_mask if hold is None else target_mask & ~hold, copied)
             return (x0_hat, logits) if with_head else x0_hat
         h = self.down(h)
         x0_hat = h if self.config.x0_from == "regression" else self.expected_embedding(h)
@@ -345,20 +349,25 @@ class Denoiser(nn.Module):
         values = torch.cat([memory[src_ok], x[trg_ok]])
         return h.new_zeros(B * L, W).index_copy(0, rows, values.to(h.dtype)).view(B, L, W)
 
-    def classify(self, h: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, rows_mask: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def classify(self, h: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, rows_mask: torch.Tensor,
+                 copied: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier (CDCD): logits at the written positions `rows_mask` (B, L), in row-major order (N, V) =
         readout(h) + the output prior (√ᾱ_t/(1 − ᾱ_t))·z_t·Êᵀ, and x0_hat = softmax(logits)·Ê there (the
-        expected embedding), z_t elsewhere. The prior and the softmax run in float32."""
+        expected embedding), z_t elsewhere. With `copy_gate`, also g·c·Êᵀ for the copied input c (B, L, D) and a
+        gate g = softplus(w·h + b) of each row. The prior, the gate's term and the softmax run in float32."""
         B, L, D = z_t.shape
         rows = rows_mask.reshape(-1).nonzero().squeeze(1)
-        logits = self.readout(h.reshape(B * L, -1).index_select(0, rows))
+        hr = h.reshape(B * L, -1).index_select(0, rows)
+        logits = self.readout(hr)
         with torch.autocast(z_t.device.type, enabled=False):
             logits = logits.float()
             table = self.table().float()
             zr = z_t.reshape(B * L, D).index_select(0, rows).float()
             if self.config.output_prior and self.process == "gaussian":
                 logits = logits + self.prior_scale * self.prior_logits(zr, t, L, rows)
+            if self.config.copy_gate:  # pointer-generator's copy (See et al. 2017), of the aligned copied token
+                gate = F.softplus(self.copy_gate(hr).float())  # (N, 1)
+                logits = logits + gate * (copied.reshape(B * L, D).index_select(0, rows).float() @ table.t())
             x0 = torch.softmax(logits, -1) @ table
             x0_hat = z_t.float().reshape(B * L, D).index_copy(0, rows, x0).view(B, L, D)
         return x0_hat, logits

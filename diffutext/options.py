@@ -203,6 +203,8 @@ TRAIN_FIELDS = [
                                     "translation table by EM, Brown et al. 1993)."),
     Field("model", "copy_align", "Which source token the copied input gives target token k: index (token k) or uniform "
                                  "(Gu et al. 2018's uniform copy over the target's length; needs --target-length head)."),
+    Field("model", "copy_gate", "Pointer-generator copy (See et al. 2017): the classifier adds the aligned copied token's logit "
+                                "with a gate the network sets per position (needs --copy-input)."),
     Field("model", "input_posterior", "Also read a full-width input embedding under the token posterior of z_t (diffutext's own)."),
     Field("model", "embedding_norm", "Hold the word embedding's rows at norm √hidden_dim (CDCD, Plaid)."),
     Field("model", "output_prior", "With the classifier: add the output prior (√ᾱ/(1−ᾱ))·z_t·Eᵀ to its logits (CDCD)."),

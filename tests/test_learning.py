@@ -380,3 +380,24 @@ def test_mask_predict_masks_again_the_least_confident_at_the_schedules_ratios():
         generate(model, AB, make_sampler("ads"), 4, src, mask, hold=hold)
     with pytest.raises(Exception, match="process mask"):
         resolve("tiny", {"diffusion": {"process": "mask"}})
+
+
+# ---- the pointer-generator's copy ----
+
+def test_the_copy_gate_adds_the_copied_tokens_logit_scaled_by_a_learned_gate():
+    model = perturb(model_of(**CLASSIFIER, copy_input=True, copy_gate=True)).eval()
+    ids, mask, hold = packed()
+    z, t = torch.randn(4, 14, 8), torch.tensor([0, 400, 900, 1999])
+    _, logits = model(z, t, target_mask=mask, hold=hold, with_head=True)
+    written = mask & ~hold
+    rows = written.reshape(-1).nonzero().squeeze(1)
+    copied = model.copy_prior(z, mask, None, hold)
+    h = model.out_norm(model.encode_decode(model._inputs(z, t, None, mask, copied, hold), mask, hold)).reshape(-1, 16)[rows]
+    E = model.table()
+    without = model.readout(h) + model.prior_logits(z.reshape(-1, 8)[rows], t, 14, rows)
+    gate = F.softplus(model.copy_gate(h))
+    assert torch.allclose(logits, without + gate * (copied.reshape(-1, 8)[rows] @ E.t()), atol=1e-4)
+    fresh = model_of(**CLASSIFIER, copy_input=True, copy_gate=True)
+    assert torch.allclose(F.softplus(fresh.copy_gate.bias), torch.tensor(F.softplus(torch.tensor(-4.0)).item()))
+    with pytest.raises(Exception, match="copy_gate"):
+        resolve("tiny", {"model": {"x0_from": "classifier", "copy_gate": True}})
