@@ -43,7 +43,7 @@ Layout = Literal["diffutext", "diffuseq"]
 DiffuSeqScript = Literal["2023", "2022"]
 LossPositions = Literal["all", "target"]  # where mse, decoder_nll and tT are averaged (losses.py)
 Positions = Literal["absolute", "segment"]  # the denoiser's position embedding (model.py)
-X0From = Literal["regression", "softmax", "classifier"]  # how the denoiser's output becomes x0_hat (model.py)
+X0From = Literal["regression", "classifier"]  # how the denoiser's output becomes x0_hat (model.py)
 # how the model learns the target's length: pad (DiffuSeq: the padding after the target is written as tokens) | head
 # (trained on the true length, the padding out of attention and loss, and a length head predicts the length)
 TargetLength = Literal["pad", "head"]
@@ -59,7 +59,7 @@ COPY_OVERLAP = 0.4  # auto's threshold on the train split's token Dice overlap (
 # positions before them are never snapped to a special token) | predicted (the length head's, for a model trained with
 # one; held the same way) | auto (predicted for a model with a length head, source for a run with the copy prior, else free)
 Length = Literal["free", "source", "predicted", "auto"]
-ClampBy = Literal["nearest", "head", "auto"]  # how clamping snaps x0_hat: nearest embedding in L2 (DiffuSeq) | the tied head's argmax (Difformer) | auto (head for a run trained with the anchor loss or x0_from softmax)
+ClampBy = Literal["nearest", "head", "auto"]  # how clamping snaps x0_hat: nearest embedding in L2 (DiffuSeq) | the tied head's argmax (Difformer) | auto (head for a run trained with the anchor loss)
 
 
 def choices(kind) -> tuple[str, ...]:
@@ -101,11 +101,11 @@ class ModelConfig:
     # or "segment" (each side from its own start, target token k at the position of source token k, plus a
     # learned source/target embedding: the alignment an encoder–decoder gets for free).
     positions: Positions = "absolute"
-    # How the denoiser's output becomes x0_hat: "regression" (DiffuSeq: the output is x0_hat), "softmax" (the output
-    # read by the tied head as logits, x0_hat = softmax(logits)·E; the anchor loss then trains those logits) or
-    # "classifier" (CDCD, Dieleman et al. 2022; Plaid: an untied readout, LayerNorm then a zero-initialised Linear to
-    # the vocabulary, plus the output prior; x0_hat = softmax(logits)·E, the expected embedding; trained with the
-    # cross-entropy of those logits alone, on the target tokens).
+    # How the denoiser's output becomes x0_hat: "regression" (DiffuSeq: the output is x0_hat) or "classifier" (CDCD,
+    # Dieleman et al. 2022; Plaid: an untied readout, LayerNorm then a zero-initialised Linear to the vocabulary, plus
+    # the output prior; x0_hat = softmax(logits)·E, the expected embedding; trained with the cross-entropy of those
+    # logits alone, on the target tokens). The classifier replaced "softmax" (the tied head's softmax over the
+    # regressed output), which screened level with regression and which it subsumes.
     x0_from: X0From = "regression"
     # Copy prior (after the uniform copy of the source into the decoder's inputs of non-autoregressive translation,
     # Gu et al. 2018): x0_hat = f(z_t, t) + the source embedding at the aligned position (target token k at source
@@ -239,6 +239,9 @@ class RunConfig:
             model = dict(data.get("model", {}))
             if isinstance(model.get("copy_source"), bool):  # run folders written before auto stored true/false
                 model["copy_source"] = "on" if model["copy_source"] else "off"
+            if model.get("x0_from") == "softmax":
+                raise ConfigError("model.x0_from softmax was retired: the classifier (x0_from classifier, CDCD's readout and "
+                                  "output prior) replaces it; retrain such a run")
             return cls(
                 model=_build(ModelConfig, model),
                 diffusion=_build(DiffusionConfig, data.get("diffusion", {})),
@@ -259,7 +262,8 @@ class SampleConfig:
     eta: float = 0.0  # DDIM eta
     clamp: bool = True  # snap x0_hat to the nearest word embedding at every step
     # how clamping snaps x0_hat: nearest (the nearest word embedding in L2, DiffuSeq) | head (the embedding of the
-    # tied head's argmax, Difformer) | auto (head for a model trained with the anchor loss or x0_from softmax, else nearest)
+    # tied head's argmax, Difformer) | auto (head for a model trained with the anchor loss, else nearest); a classifier
+    # snaps by its own logits whatever this says
     clamp_by: ClampBy = "auto"
     length: Length = "auto"
     # DINOISER's condition-enhanced denoiser: the denoiser is told timesteps from T − 1 down to this share of T (0.99
@@ -439,6 +443,8 @@ def validate(config: RunConfig) -> None:
         (not t.init_plm or m.arch == "diffuseq", "train.init_plm initialises DiffuSeq's post-LN BERT encoder: it needs model.arch diffuseq"),
         (not (t.init_plm and t.init_from), "train.init_plm and train.init_from both name the starting weights; give one"),
         (t.anchor_weight >= 0, "train.anchor_weight must be >= 0"),
+        (t.anchor_weight == 0 or m.x0_from == "regression",
+         "train.anchor_weight trains a regressed x0_hat through the tied head: a classifier's cross-entropy is already its loss"),
         (0.0 <= t.anchor_smoothing < 1.0, "train.anchor_smoothing must be in [0, 1)"),
     ]
     for ok, message in checks:

@@ -134,7 +134,7 @@ def resolve_clamp_by(clamp_by: str, run_config) -> str:
     any other by the nearest embedding; else the value itself."""
     if clamp_by != "auto":
         return clamp_by
-    by_head = run_config.train.anchor_weight > 0 or run_config.model.x0_from == "softmax"
+    by_head = run_config.train.anchor_weight > 0
     return "head" if by_head else "nearest"
 
 

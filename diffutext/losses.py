@@ -175,8 +175,6 @@ def _self_conditioned(model, z: torch.Tensor, t: torch.Tensor, rows: torch.Tenso
     cond: the per-position inputs the model reads besides z and t (`conditioning`), (B, L) each."""
     cond = cond or {}
     extra = dict(cond)
-    if getattr(getattr(model, "config", None), "x0_from", "regression") == "softmax":
-        extra["with_head"] = True
     if rows is None:
         out = model(z, t, **extra)
     else:
@@ -209,8 +207,7 @@ def _sq_error(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None) ->
 
 
 def anchor_loss(model, x0_hat: torch.Tensor, ids: torch.Tensor, target_mask: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Difformer's anchor loss per example (B,): the tied head's cross-entropy on x0_hat (for a "softmax" model:
-    on the logits its x0_hat is the expectation of) against the tokens, averaged over target positions, with
+    """Difformer's anchor loss per example (B,): the tied head's cross-entropy on x0_hat against the tokens, averaged over target positions, with
     label smoothing ε:
     (1 − ε)·nll + ε·(lse − mean_v logit_v) = nll + ε·(logit_y − mean_v logit_v), where the mean logit is
     x·mean(E) + mean(b). Only the target rows go through the chunked head."""

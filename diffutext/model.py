@@ -200,9 +200,8 @@ class Denoiser(nn.Module):
         A self-conditioned model (config.self_condition > 0) also reads x0_prev, the previous estimate of x0
         (zeros when there is none, the default); any other model ignores it. A model with segment positions
         needs target_mask (B, L); any other ignores it. with_head: (x0_hat, h), where h is what the tied head
-        reads as this prediction's logits (the anchor loss's input): x0_hat itself for "regression", the
-        network's output before the softmax for "softmax"; for "classifier", h is the logits themselves at the
-        written positions (`classify`). With the copy prior (config.copy_source) x0_hat is the
+        reads as this prediction's logits (the anchor loss's input): x0_hat itself for "regression"; for
+        "classifier", h is the logits themselves at the written positions (`classify`). With the copy prior (config.copy_source) x0_hat is the
         network's output plus `copy_prior(z_t)`; with the copied input (config.copy_input) the network also reads it.
         A model with the lexicon (config.copy_lexicon) needs the token ids (B, L) too. A model with a length head
         (config.target_length head) needs `hold` (B, L): the target's [SEP] and its padding, held clean; the padding
@@ -222,8 +221,7 @@ class Denoiser(nn.Module):
         if c.x0_from == "classifier":
             x0_hat, logits = self.classify(h, z_t, t, target_mask if hold is None else target_mask & ~hold, copied)
             return (x0_hat, logits) if with_head else x0_hat
-        h = self.down(h)
-        x0_hat = h if self.config.x0_from == "regression" else self.expected_embedding(h)
+        x0_hat = h = self.down(h)
         if c.copy_source == "on":
             x0_hat = h = x0_hat + copied.to(x0_hat.dtype)
         return (x0_hat, h) if with_head else x0_hat
@@ -412,12 +410,6 @@ class Denoiser(nn.Module):
         aligned = torch.where(target_mask, torch.minimum(along, start - 1), idx)
         return z_t.gather(1, aligned[..., None].expand(B, L, D))
 
-    def expected_embedding(self, h: torch.Tensor) -> torch.Tensor:
-        """softmax(h·Eᵀ + b)·E: the embedding expected under the tied head's distribution (CDCD's score
-        interpolation), in float32 over the vocabulary: (B, L, hidden_dim) -> (B, L, hidden_dim)."""
-        weight = self.table()
-        probs = torch.softmax(self.logits(h).float(), -1)
-        return (probs.to(weight.dtype) @ weight).to(h.dtype) if probs.dtype != weight.dtype else probs @ weight
 
 
 def conditioning(model: nn.Module, ids: torch.Tensor, target_mask: torch.Tensor,

@@ -68,7 +68,7 @@ SAMPLING = [  # how the chain runs: every field of SampleConfig but the sampler 
     _sample_option("variance", "Ancestral variance: large (DiffuSeq) or small (posterior)."),
     _sample_option("eta", "DDIM η.", min=0),
     _sample_option("clamp", "Snap x0_hat to the nearest word embedding at every step."),
-    _sample_option("clamp_by", "How x0_hat is snapped: nearest embedding (L2), the tied head's argmax, or auto (head for a run trained with the anchor loss or softmax x0)."),
+    _sample_option("clamp_by", "How x0_hat is snapped: nearest embedding (L2), the tied head's argmax, or auto (head for a run trained with the anchor loss); a classifier snaps by its own logits."),
     _sample_option("length", "Target length: free (the model places its [SEP], DiffuSeq), source (as many tokens as the source: the [SEP] and padding after them held fixed, no special token before) or auto (source for a run with the copy prior, else free)."),
     _sample_option("cedi", "Condition-enhanced denoiser (DINOISER): tell the denoiser timesteps from T−1 down to this "
                            "share of T (DINOISER: 0.99) while the sample follows the schedule.", min=0, max=1, show_default=False),
@@ -197,8 +197,8 @@ TRAIN_FIELDS = [
     Field("diffusion", "noise_factor", "Training noise scaled by F, decoding by 1 (Difformer: 4; 1: off).", min=0),
     Field("model", "absorbing", "Rate of DiffuSeq-v2's soft absorbing state (its scripts: 0.5; 0: off).", min=0),
     Field("model", "positions", "Position embedding: absolute (DiffuSeq) or segment (each side counted from its own start)."),
-    Field("model", "x0_from", "x0_hat as the denoiser's output (DiffuSeq), as softmax(logits)·E over the tied head, or from a "
-                              "classifier: an untied readout plus the output prior, trained by cross-entropy alone (CDCD)."),
+    Field("model", "x0_from", "x0_hat as the denoiser's output (DiffuSeq), or from a classifier: an untied readout plus the "
+                              "output prior, x0_hat = softmax(logits)·E, trained by cross-entropy alone (CDCD)."),
     Field("model", "lexicon_model", "How the copy lexicon is counted: position (at the copy's alignment) or ibm1 (IBM Model 1's "
                                     "translation table by EM, Brown et al. 1993)."),
     Field("model", "copy_align", "Which source token the copied input gives target token k: index (token k) or uniform "

@@ -316,7 +316,7 @@ def resolve_copy_source(config: RunConfig, overlap: float, emit: Callback) -> Ru
     prior (diffutext's network, x0_hat by regression); off otherwise."""
     m = config.model
     blocked = ("model.arch diffuseq has no copy prior" if m.arch == "diffuseq" else
-               "model.x0_from softmax has no regressed x0_hat to add it to" if m.x0_from != "regression" else "")
+               "model.x0_from classifier has no regressed x0_hat to add it to" if m.x0_from != "regression" else "")
     on = overlap >= COPY_OVERLAP and not blocked
     why = f"the training pairs' token overlap is {overlap:.2f} ({'at least' if overlap >= COPY_OVERLAP else 'under'} {COPY_OVERLAP})"
     emit("choice", {"message": f"copy prior {'on' if on else 'off'} (auto): {why}" + (f", but {blocked}" if blocked and overlap >= COPY_OVERLAP else "")})

@@ -246,7 +246,6 @@ def test_auto_clamping_follows_the_anchor_loss():
 
     assert resolve_clamp_by("auto", resolve("tiny")) == "nearest"
     assert resolve_clamp_by("auto", resolve("tiny", {"train": {"anchor_weight": 0.5}})) == "head"
-    assert resolve_clamp_by("auto", resolve("tiny", {"model": {"x0_from": "softmax"}})) == "head"
     assert resolve_clamp_by("head", resolve("tiny")) == "head" and resolve_clamp_by("nearest", resolve("tiny", {"train": {"anchor_weight": 1.0}})) == "nearest"
 
 
@@ -424,34 +423,15 @@ def test_segment_positions_reach_the_model_in_training_and_sampling():
     assert len(seen) == 5 and all(torch.equal(m, mask) for m in seen)
 
 
-def test_softmax_x0_is_the_expected_embedding_and_the_anchor_reads_its_logits():
-    """x0_from = softmax (CDCD's score interpolation): x0_hat = softmax(h·Eᵀ + b)·E for the network's output h,
-    and the anchor loss is the tied head's cross-entropy on h, not on x0_hat."""
-    from diffutext.losses import LossOptions, anchor_loss, diffusion_loss
-    from diffutext.model import Denoiser
+def test_the_retired_softmax_x0_says_what_replaced_it():
+    """x0_from softmax (the tied head's softmax over the regressed output) screened level with regression and the
+    classifier subsumes it: a run folder that names it is refused with one line saying so."""
+    from diffutext.config import ConfigError, RunConfig
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=40, hidden_dim=8, width=16, layers=1, heads=2, ffn=32, dropout=0.0, seq_len=12, time_dim=8)
-    model = Denoiser(replace(cfg, x0_from="softmax")).eval()
-    z, t = torch.randn(3, 12, 8), torch.tensor([5, 500, 1999])
-    x0_hat, h = model(z, t, with_head=True)
-    E, b = model.embedding.weight, model.head_bias
-    assert torch.allclose(x0_hat, torch.softmax(h @ E.t() + b, -1) @ E, atol=1e-6)
-    assert torch.allclose(model(z, t), x0_hat) and not torch.allclose(h, x0_hat)
-    regression = Denoiser(cfg).eval()
-    regression.load_state_dict(model.state_dict())
-    assert torch.allclose(regression(z, t), h)  # the same network; only the readout differs
-    ids = torch.randint(4, 40, (3, 12))
-    mask = torch.zeros(3, 12, dtype=torch.bool)
-    mask[:, 6:] = True
-    noise = draw_noise((3, 12, 8), False, torch.Generator().manual_seed(1))
-    terms = diffusion_loss(model, ids, mask, t, AB, noise=noise, options=LossOptions(anchor_weight=1.0))
-    x0 = model.embed(ids)
-    z0 = x0 + (1 - AB[0]).sqrt() * noise.eps0
-    z_t = torch.where(mask[..., None], AB[t].sqrt().view(-1, 1, 1) * z0 + (1 - AB[t]).sqrt().view(-1, 1, 1) * noise.eps, z0)
-    x0_hat, h = model(z_t, t, with_head=True)
-    assert torch.allclose(terms["anchor"], anchor_loss(model, h, ids, mask), atol=1e-5)
-    assert torch.allclose(terms["mse"], ((x0 - x0_hat) ** 2).mean((1, 2)), atol=1e-5)
+    with pytest.raises(ConfigError, match="retired: the classifier"):
+        RunConfig.from_dict({"model": {"x0_from": "softmax"}})
+    with pytest.raises(ConfigError, match="already its loss"):
+        resolve("tiny", {"model": {"x0_from": "classifier"}, "train": {"anchor_weight": 1.0}})
 
 
 def test_copy_prior_adds_the_aligned_source_input_to_the_networks_output():
@@ -575,11 +555,11 @@ def test_copy_source_auto_says_when_the_model_cannot_take_the_prior():
     """Overlapping pairs but x0 read through the head: off, and the line says why rather than only the overlap."""
     from diffutext.train import resolve_copy_source
     events = []
-    cfg = resolve("tiny", {"model": {"copy_source": "auto", "x0_from": "softmax"}})
+    cfg = resolve("tiny", {"model": {"copy_source": "auto", "x0_from": "classifier"}})
     out = resolve_copy_source(cfg, 0.6, lambda e, info: events.append(info["message"]))
     assert out.model.copy_source == "off"
     assert events == ["copy prior off (auto): the training pairs' token overlap is 0.60 (at least 0.4), "
-                      "but model.x0_from softmax has no regressed x0_hat to add it to"]
+                      "but model.x0_from classifier has no regressed x0_hat to add it to"]
     events.clear()
     assert resolve_copy_source(resolve("tiny", {"model": {"copy_source": "auto"}}), 0.6,
                                lambda e, info: events.append(info["message"])).model.copy_source == "on"
