@@ -45,7 +45,8 @@ from diffutext.allocator import limit_heap_fragmentation  # noqa: E402
 from diffutext.config import ModelConfig, PRESETS, load_toml, resolve  # noqa: E402
 from diffutext.diffusion import alpha_bar_table  # noqa: E402
 from diffutext.losses import draw_noise  # noqa: E402
-from diffutext.model import Denoiser  # noqa: E402
+from diffutext.data.batches import held_end  # noqa: E402
+from diffutext.model import Denoiser, conditioning  # noqa: E402
 from diffutext.samplers import Sampler, ddpm_update, denoise, make_sampler  # noqa: E402
 from diffutext.device import autocast  # noqa: E402
 from diffutext.train import Objective, ema_update  # noqa: E402
@@ -91,7 +92,27 @@ def bench_small() -> ModelConfig:
 
 
 def preset_model(name: str, vocab: int) -> ModelConfig:
-    return dataclasses.replace(PRESETS[name].model, vocab_size=vocab)
+    """A preset's model at this vocabulary; a copy prior left to auto is timed off (translation's choice)."""
+    model = PRESETS[name].model if name in PRESETS else PREVIOUS_SMALL
+    copy = {"copy_source": "off"} if model.copy_source == "auto" else {}
+    return dataclasses.replace(model, vocab_size=vocab, **copy)
+
+
+# The small preset of diffutext 0.1 before the classifier (README, "Choosing the defaults"): DiffuSeq's regression
+# with the copy prior and its lexicon on a 4-layer joint network, timed beside the current one.
+PREVIOUS_SMALL = ModelConfig(hidden_dim=32, width=256, layers=4, heads=4, ffn=1024, dropout=0.0, seq_len=56, time_dim=128,
+                             copy_source="on", copy_lexicon=0.15)
+
+
+def make_model(cfg: ModelConfig, device: torch.device) -> Denoiser:
+    return Denoiser(cfg, alpha_bar_table("sqrt", 2000)).to(device)
+
+
+def conditions(model: Denoiser, ids: torch.Tensor, mask: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+    """What the model reads besides z_t and t on a synthetic batch, and the held positions of a length head's
+    (the last target position: the synthetic target has no padding)."""
+    hold = held_end(ids, mask, 0) if model.config.needs_hold else None
+    return conditioning(model, ids, mask, hold), hold
 
 
 def flops_per_token(model: Denoiser) -> float:
@@ -119,23 +140,24 @@ def train_bench(cfg: ModelConfig, batch: int, precision: str, steps: int, device
     if device.type == "cpu":
         limit_heap_fragmentation()
     torch.manual_seed(0)
-    model = Denoiser(cfg).to(device)
+    model = make_model(cfg, device)
     ema = copy.deepcopy(model).requires_grad_(False)
     objective = Objective(model, compile)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     alpha_bar = alpha_bar_table("sqrt", 2000).float().to(device)
     ids, mask = (x.to(device) for x in synthetic_batch(cfg, batch))
+    _, hold = conditions(model, ids, mask)
     gen = torch.Generator(device=device).manual_seed(0)
     times, losses, first = [], [], None
     for i in range(warmup + steps):
         sync(device)
         t0 = time.perf_counter()
         t = torch.randint(0, 2000, (batch,), generator=gen, device=device)
-        noise = draw_noise((batch, cfg.seq_len, cfg.hidden_dim), False, gen, device)
+        noise = draw_noise((batch, cfg.seq_len, cfg.hidden_dim), False, gen, device, self_condition=cfg.self_condition > 0)
         opt.zero_grad(set_to_none=True)
         with autocast(device, precision):
-            loss = objective(ids, mask, t, noise, alpha_bar, 0.0, None, "forward")["loss"].mean()
+            loss = objective(ids, mask, t, noise, alpha_bar, 0.0, None, "forward", hold)["loss"].mean()
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -164,20 +186,21 @@ def _prefix_of_full(T: int, n: int) -> torch.Tensor:
 def sample_bench(cfg: ModelConfig, batch: int, precision: str, steps: int, device: torch.device,
                  samplers: tuple[str, ...] = ("ddpm", "uniform", "skip", "ddim", "ads")) -> dict:
     torch.manual_seed(0)
-    model = Denoiser(cfg).to(device).eval()
+    model = make_model(cfg, device).eval()
     alpha_bar = alpha_bar_table("sqrt", 2000).float().to(device)
     ids, mask = (x.to(device) for x in synthetic_batch(cfg, batch))
+    cond, hold = conditions(model, ids, mask)
     z = torch.randn(batch, cfg.seq_len, cfg.hidden_dim, device=device)
     t = torch.full((batch,), 1000, device=device)
     with torch.inference_mode():
         with autocast(device, precision):
-            model(z, t)
+            model(z, t, **cond)
         fwd = []
         for _ in range(steps):
             sync(device)
             t0 = time.perf_counter()
             with autocast(device, precision):
-                model(z, t).float()
+                model(z, t, **cond).float()
             sync(device)
             fwd.append(time.perf_counter() - t0)
     forward_s = sorted(fwd)[len(fwd) // 2]
@@ -189,7 +212,7 @@ def sample_bench(cfg: ModelConfig, batch: int, precision: str, steps: int, devic
         n = max(steps, 3) if name == "ads" else steps  # ADS needs 3 steps at least
         sync(device)
         t0 = time.perf_counter()
-        denoise(model, alpha_bar, sampler, n, ids, mask, generator=g.manual_seed(0), precision=precision)
+        denoise(model, alpha_bar, sampler, n, ids, mask, generator=g.manual_seed(0), precision=precision, hold=hold)
         sync(device)
         per_step = (time.perf_counter() - t0) / n
         nominal = 2000 if name == "ddpm" else 20
@@ -289,8 +312,8 @@ def main() -> None:
 
     # 2. training
     small_cfg = bench_small()
-    runs = [("bench-small", small_cfg, 64, 1 if q else 5), ("small", preset_model("small", 4000), 64, 1 if q else 5),
-            ("base", preset_model("base", BERT_VOCAB), 4 if q else 64, 1 if q else 2)]
+    runs = [("bench-small", small_cfg, 64, 1 if q else 5), ("small", preset_model("small", 8000), 32, 1 if q else 5),
+            ("small (0.1)", preset_model("small (0.1)", 8000), 32, 1 if q else 5), ("base", preset_model("base", BERT_VOCAB), 4 if q else 64, 1 if q else 2)]
     res["train"] = {}
     print("## training (one optimizer step: forward, backward, clip, fused AdamW, EMA)\n")
     print("| config | params | batch × seq | precision | s / step | tokens / s | GFLOP/s | MFU | bf16 speed-up |")
@@ -328,6 +351,13 @@ def main() -> None:
                            for n in names)
         print(f"| {p} | {r['forward_s']:.3f} | {cells} | {r['overhead']:.2f}× |", flush=True)
     print(f"\nbf16 sampling step: {res['sample']['fp32']['step_s'] / res['sample']['bf16']['step_s']:.2f}× the speed of fp32\n")
+    print("## the small preset against the previous one (batch 128, fp32; training: batch 32)\n")
+    print("| preset | training tokens / s | ADS-20 sentences / s |\n| --- | ---: | ---: |")
+    for name in ("small", "small (0.1)"):
+        r = sample_bench(preset_model(name, 8000), 128, "fp32", 2, device, ("ads",))
+        res["sample"][name] = r
+        print(f"| {name} | {res['train'][name]['fp32']['tokens_per_s']:.0f} | {r['samplers']['ads']['sentences_per_s']:.1f} |", flush=True)
+    print()
 
     # 4. memory
     res["rss_gb"] = {}
