@@ -55,15 +55,24 @@ def root(version: Annotated[bool, typer.Option("--version", callback=_version, i
 @o.command(o.TRAIN_FLAGS, o.TRAIN_RUN)
 def train(opts: dict[str, Any] = None) -> None:
     """Train a diffusion model (with no options: the embedded bible-basic task, small preset)."""
-    resume, preset = opts["resume"], opts["preset"]
+    resume, preset, given = opts["resume"], opts["preset"], opts[o.GIVEN]
     if resume and opts["out_dir"] is None:
         fail("--resume needs --out RUN_DIR (the run to continue)")
     if resume and opts["overwrite"]:
         fail("give --resume (continue the run) or --overwrite (replace it), not both")
+    if opts["overwrite"] and opts["out_dir"] is None:
+        fail("--overwrite replaces the run folder given by --out; without --out every run gets a new folder")
+    if resume:  # the run's stored settings hold: only its budget may be given again (as fairseq's and HF's resumes)
+        fixed = sorted(o.flag(n) for n in given if n in o.RESUME_FIXED)
+        if fixed:
+            fail(f"--resume continues a run with its stored settings; {', '.join(fixed)} cannot change them (only "
+                 f"--max-steps, --max-minutes, --keep, --device, --compile and --detect-anomaly may be given again; "
+                 f"to train on from its weights with other settings, start a new run with --init-from)")
     overrides = o.config_overrides(opts)
     if opts["config"] is not None:
         data = run_guarded(load_toml, opts["config"])
-        preset = data.pop("preset", preset)
+        file_preset = data.pop("preset", None)
+        preset = preset if ("preset" in given or file_preset is None) else file_preset  # a flag wins over the file
         for section, values in data.items():
             overrides[section] = {**values, **overrides[section]}  # flags win over the file
     if opts["max_steps"] is not None and opts["max_minutes"] is None:
@@ -71,7 +80,12 @@ def train(opts: dict[str, Any] = None) -> None:
     if overrides["train"].get("init_from") and not resume:  # post-training keeps the initial run's diffusion but for flags given
         from .train import post_training_diffusion
         overrides["diffusion"] = run_guarded(post_training_diffusion, overrides["train"]["init_from"], overrides["diffusion"])
+    if overrides["train"].get("init_from") and not resume and overrides["model"]:
+        fail(f"--init-from keeps its run's network; {', '.join(o.flag(n) for n in sorted(overrides['model']))} cannot change it "
+             "(start a fresh run for another network)")
     cfg = run_guarded(resolve, preset, overrides)
+    if not resume:
+        _check_train_flags(cfg, given)
     from .data.tasks import check_task, is_folder_task
 
     run_guarded(check_task, cfg.train.task, cfg.train.data_dir, cfg.train.train_split)
@@ -83,6 +97,20 @@ def train(opts: dict[str, Any] = None) -> None:
 
         cfg = resumed_config(run_guarded(read_config, run_dir), overrides["train"])
     _train(cfg, run_dir, opts)
+
+
+def _check_train_flags(cfg, given: set[str]) -> None:
+    """Refuse a flag the configuration would ignore."""
+    t = cfg.train
+    if t.distance_penalty == 0:
+        idle = sorted(o.flag(n) for n in given & {"dp_window", "dp_partner", "dp_window_ends", "dp_from"})
+        if idle:
+            fail(f"{', '.join(idle)} shape(s) the Distance Penalty, which is off: give --distance-penalty λ > 0 too")
+    if t.anchor_weight == 0 and "anchor_smoothing" in given:
+        fail("--anchor-smoothing smooths the anchor loss, which is off: give --anchor-weight > 0 too")
+    m = cfg.model
+    if "lexicon_model" in given and not (m.copy_lexicon > 0 and (m.copy_source != "off" or m.copy_input)):
+        fail("--lexicon-model counts the copy lexicon, which is off: give --copy-lexicon > 0 with --copy-input or --copy-source")
 
 
 def _train(cfg, run_dir: Path, opts: dict[str, Any]) -> None:
@@ -183,6 +211,22 @@ def _decoding(label: str, keep):
             raise typer.Exit(stop.exit_code)
 
 
+def _check_sampling(opts: dict[str, Any], samplers: list[str]) -> None:
+    """Refuse a decoding option none of the chosen samplers would read."""
+    from .samplers import SAMPLERS, UPDATES, ddim_update, ddpm_update
+
+    given = opts[o.GIVEN]
+    updates = {UPDATES[opts["update"]] if opts["update"] else SAMPLERS[name].update for name in samplers}
+    if "ads_shares" in given and "ads" not in samplers:
+        fail("--ads-shares sets ADS's step shares: decode with --sampler ads")
+    if "eta" in given and ddim_update not in updates:
+        fail("--eta is DDIM's: decode with --sampler ddim or --update ddim")
+    if "variance" in given and ddpm_update not in updates:
+        fail("--variance is the ancestral update's: decode with --sampler ddpm, uniform or ads (or --update ddpm)")
+    if "clamp_by" in given and not opts["clamp"]:
+        fail("--clamp-by says how clamping snaps x0_hat; with --no-clamp nothing is snapped")
+
+
 def _decode(loaded, ds, cfg, keep=None):
     from .evaluate import decode
     from .samplers import make_sampler
@@ -231,6 +275,7 @@ def sample(opts: dict[str, Any] = None) -> None:
     from .evaluate import predictions_jsonl, scores
     from .views import examples, metrics_table
 
+    _check_sampling(opts, [opts["sampler"]])
     cfg = o.sample_config(opts)
     loaded = _open(opts["checkpoint"], cfg.weights, opts["device"], opts["step"])
     text, out_file, show = opts["text"], opts["out_file"], opts["show"]
@@ -262,11 +307,15 @@ def evaluate(opts: dict[str, Any] = None) -> None:
 
     predictions, json_file, bertscore_model, script = opts["predictions"], opts["json_file"], opts["bertscore_model"], opts["diffuseq_script"]
     if predictions is not None:
+        decoding = sorted(o.flag(p.name) for p in o.SAMPLER + o.INPUTS + o.SAMPLING + [o.DEVICE] if p.name in opts[o.GIVEN])
+        if decoding:
+            fail(f"evaluate FILE scores the file as it is: {', '.join(decoding)} decode(s) a run (give --checkpoint RUN, not a file)")
         if bertscore_model is not None and predictions.is_dir() and not opts["mbr"]:
             fail("--bertscore-model scores one output per source: give --mbr with a folder of DiffuSeq seed files")
         title, result, hyps, refs = run_guarded(score_predictions, predictions, opts["mbr"], script)
         extra: dict[str, Any] = {"predictions": str(predictions)}
     else:
+        _check_sampling(opts, [opts["sampler"]])
         cfg = o.sample_config(opts)
         loaded = _open(opts["checkpoint"], cfg.weights, opts["device"], opts["step"])
         ds = _inputs(loaded, opts)
@@ -302,6 +351,7 @@ def ablate(opts: dict[str, Any] = None) -> None:
     from .pieces import Pieces, fingerprint
     from .views import ablation_table
 
+    _check_sampling(opts, opts["samplers"])
     base = o.sample_config(opts)
     opened = [(str(c) if c is not None else None, _open(c, base.weights, opts["device"], opts["step"])) for c in (opts["checkpoints"] or [None])]
     opened = [(label or str(run.checkpoint.run_dir), run) for label, run in opened]

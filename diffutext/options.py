@@ -237,6 +237,10 @@ TRAIN_RUN = [  # how the run is kept: its folder, checkpoints, interruption and 
 ]
 
 
+# the train options a resumed run cannot take: every config field but its budget, the preset and a config file
+RESUME_FIXED = {f.flag or f.name for f in TRAIN_FIELDS if f.name not in ("max_steps", "max_minutes")} | {"preset", "config"}
+
+
 def config_overrides(opts: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The config fields set by the train flags that were given, by section."""
     out: dict[str, dict[str, Any]] = {"model": {}, "diffusion": {}, "train": {}}
@@ -247,18 +251,32 @@ def config_overrides(opts: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+GIVEN = "given"  # the key of `opts` that holds the names of the options given on the command line
+
+
 def command(*groups: list[inspect.Parameter]):
-    """Add the options of `groups` to a command's signature; the command receives their values as `opts`."""
+    """Add the options of `groups` to a command's signature; the command receives their values as `opts`, and under
+    opts[GIVEN] the names of those given on the command line (not left at their defaults), so that a command can
+    refuse an option that would otherwise be silently ignored."""
     def wrap(fn):
         sig = inspect.signature(fn, eval_str=True)
         own = [p for p in sig.parameters.values() if p.name != "opts"]
         extra = [p for group in groups for p in group]
+        context = inspect.Parameter("_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
 
         @functools.wraps(fn)
         def run(**kwargs):
+            ctx = kwargs.pop("_ctx")
             opts = {p.name: kwargs.pop(p.name) for p in extra}
+            sources = {p.name: ctx.get_parameter_source(p.name) for p in extra}
+            opts[GIVEN] = {name for name, source in sources.items() if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")}
             return fn(**kwargs, opts=opts)
 
-        run.__signature__ = sig.replace(parameters=own + extra)
+        run.__signature__ = sig.replace(parameters=own + extra + [context])
         return run
     return wrap
+
+
+def flag(name: str) -> str:
+    """An option's name as typed: --like-this."""
+    return "--" + name.replace("_", "-")

@@ -222,3 +222,54 @@ def test_the_python_api_generates_what_sample_writes(tiny_run, tmp_path):
         model.generate(sources, temperature=0.5)
     with pytest.raises(TypeError, match="list"):
         model.generate("Jesus wept.")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--preset", "tiny", "--dp-window", "0.1"], "--dp-window shape(s) the Distance Penalty, which is off"),
+    (["train", "--preset", "tiny", "--dp-partner", "reverse", "--dp-from", "0.5"], "--dp-from, --dp-partner shape(s) the Distance Penalty"),
+    (["train", "--preset", "tiny", "--dp-window-ends", "reference"], "--dp-window-ends"),
+    (["train", "--preset", "tiny", "--anchor-smoothing", "0.1"], "--anchor-smoothing smooths the anchor loss, which is off"),
+    (["train", "--preset", "tiny", "--lexicon-model", "ibm1"], "--lexicon-model counts the copy lexicon, which is off"),
+    (["train", "--preset", "tiny", "--overwrite"], "--overwrite replaces the run folder given by --out"),
+    (["sample", "--ads-shares", "0.2,0.3,0.5", "--sampler", "uniform"], "--ads-shares sets ADS's step shares"),
+    (["sample", "--eta", "0.5"], "--eta is DDIM's"),
+    (["sample", "--variance", "small", "--sampler", "ddim"], "--variance is the ancestral update's"),
+    (["sample", "--clamp-by", "head", "--no-clamp"], "with --no-clamp nothing is snapped"),
+    (["ablate", "--sampler", "ads,uniform", "--eta", "0.3"], "--eta is DDIM's"),
+    (["evaluate", "predictions.jsonl", "--steps", "5", "--seeds", "3"], "evaluate FILE scores the file as it is: --seeds, --steps"),
+])
+def test_an_option_that_would_be_ignored_is_refused(args, message, tmp_path, monkeypatch):
+    """Each option the run would not read exits 2 with one line saying why, before any work."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "predictions.jsonl").write_text(json.dumps({"src": "a", "trg": "b", "hyp": "b"}) + "\n")
+    assert_one_line_error(invoke(*args), message)
+
+
+def test_options_that_are_read_pass_the_checks(cli_run, tmp_path):
+    """The same options where they take effect: nothing is refused."""
+    for args in (["--sampler", "ddim", "--eta", "0.5"], ["--update", "ddim", "--eta", "0.5"], ["--variance", "small"],
+                 ["--ads-shares", "0.2,0.3,0.5"], ["--no-clamp"], ["--clamp-by", "head"]):
+        result = invoke("sample", "--checkpoint", cli_run, "--limit", 2, "--steps", 5, *args)
+        assert result.exit_code == 0, (args, result.output)
+
+
+def test_resume_takes_only_its_budget_and_says_which_settings_it_keeps(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    for flag, value in (("--lr", "1e-5"), ("--batch-size", "4"), ("--distance-penalty", "1"), ("--preset", "small")):
+        line = assert_one_line_error(invoke("train", "--out", run, "--resume", flag, value), f"{flag} cannot change them")
+        assert "--max-steps, --max-minutes" in line and "--init-from" in line
+    result = invoke("train", "--out", run, "--resume", "--max-steps", 22)
+    assert result.exit_code == 0, result.output
+
+
+def test_init_from_refuses_a_network_flag_and_a_flag_preset_beats_the_files(tiny_run, small_task, tmp_path):
+    assert_one_line_error(invoke("train", "--init-from", tiny_run, "--arch", "encdec", "--out", tmp_path / "a"),
+                          "--init-from keeps its run's network; --arch cannot change it")
+    config = tmp_path / "c.toml"
+    config.write_text('preset = "small"\n[train]\nmax_steps = 2\n')
+    run = tmp_path / "b"
+    result = invoke("train", "--config", config, "--preset", "tiny", "--task", small_task, "--out", run)
+    assert result.exit_code == 0, result.output
+    stored = json.loads((run / "config.json").read_text())
+    stored = stored.get("config", stored)
+    assert stored["model"]["width"] == 32 and stored["train"]["max_steps"] == 2  # tiny's width, the file's steps
