@@ -181,16 +181,18 @@ class Denoiser(nn.Module):
         the rounding of a point of the diffusion space (its nearest embedding, on the sphere of `embedding_norm`)."""
         return x @ self.table().t() + self.head_bias
 
-    def positional(self, L: int, target_mask: torch.Tensor | None) -> torch.Tensor:
+    def positional(self, L: int, target_mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """What marks each position: (L, W) for "absolute" positions, or, for "segment" positions,
         (B, L, W): source positions 0, 1, … from [CLS], target positions 1, 2, … from the first target token
-        (target token k where source token k is), plus the side's embedding. target_mask (B, L)."""
+        (target token k where source token k is), plus the side's embedding. target_mask (B, L). `rows` (B, R): only
+        those positions of each row, (B, R, W)."""
         if self.config.positions == "absolute":
-            return self.position.weight[:L]
-        idx = torch.arange(L, device=target_mask.device)
+            return self.position.weight[:L] if rows is None else self.position(rows)
+        idx = torch.arange(L, device=target_mask.device) if rows is None else rows
         start = target_mask.int().argmax(1, keepdim=True)  # the first target position (after [CLS] src [SEP])
-        ids = torch.where(target_mask, (idx - start + 1).clamp(max=L - 1), idx)
-        return self.position(ids) + self.segment(target_mask.long())
+        target = target_mask if rows is None else target_mask.gather(1, rows)
+        ids = torch.where(target, (idx - start + 1).clamp(max=L - 1), idx)
+        return self.position(ids) + self.segment(target.long())
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
                 target_mask: torch.Tensor | None = None, with_head: bool = False, ids: torch.Tensor | None = None,
@@ -215,8 +217,12 @@ class Denoiser(nn.Module):
         if c.needs_hold and hold is None:
             raise ValueError("a model with a length head needs the held positions (the target's [SEP] and its padding)")
         copied = self.copy_prior(z_t, target_mask, ids, hold) if c.copy_source == "on" or c.copy_input else None
-        h = self._inputs(z_t, t, x0_prev, target_mask, copied, hold)
-        h = self.encode_decode(h, target_mask, hold, memory) if c.arch == "encdec" else self.run_blocks(h, self.keys(target_mask, hold))
+        if c.arch == "encdec" and memory is not None:  # the source is encoded: build the decoder's rows alone
+            rows = self.sides(target_mask, hold, memory.shape[1])[2]
+            h = self.encode_decode(self._inputs(z_t, t, x0_prev, target_mask, copied, hold, rows), target_mask, hold, memory)
+        else:
+            h = self._inputs(z_t, t, x0_prev, target_mask, copied, hold)
+            h = self.encode_decode(h, target_mask, hold) if c.arch == "encdec" else self.run_blocks(h, self.keys(target_mask, hold))
         h = self.out_norm(h)
         if c.x0_from == "classifier":
             x0_hat, logits = self.classify(h, z_t, t, target_mask if hold is None else target_mask & ~hold, copied)
@@ -226,12 +232,15 @@ class Denoiser(nn.Module):
             x0_hat = h = x0_hat + copied.to(x0_hat.dtype)
         return (x0_hat, h) if with_head else x0_hat
 
+    def prior_coef(self, t: torch.Tensor, L: int, rows: torch.Tensor) -> torch.Tensor:
+        """√ᾱ_t/(1 − ᾱ_t) of each flat row `rows` of a (B, L) batch, at its own timestep: (N,) float32."""
+        ab = self.alpha_bar[t].float()
+        return (ab.sqrt() / (1 - ab)).index_select(0, rows // L)
+
     def prior_logits(self, z: torch.Tensor, t: torch.Tensor, L: int, rows: torch.Tensor) -> torch.Tensor:
         """The output prior's logits (N, V) at flat rows `rows` of a (B, L) batch whose rows of z (N, D) are given:
         (√ᾱ_t/(1 − ᾱ_t))·z·Êᵀ, the log-likelihood of z under each token at the row's own noise level, in float32."""
-        ab = self.alpha_bar[t].float()
-        coef = (ab.sqrt() / (1 - ab)).index_select(0, rows // L)  # (N,): the row's own timestep
-        return coef[:, None] * (z.float() @ self.table().float().t())
+        return (self.prior_coef(t, L, rows)[:, None] * z.float()) @ self.table().float().t()
 
     def posterior_input(self, z_t: torch.Tensor, t: torch.Tensor, rows_mask: torch.Tensor) -> torch.Tensor:
         """`input_posterior`: at the written rows `rows_mask` (B, L), the input embedding averaged under the token
@@ -249,27 +258,30 @@ class Denoiser(nn.Module):
         return out.view(B, L, -1)
 
     def _inputs(self, z_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None, target_mask: torch.Tensor | None,
-                copied: torch.Tensor | None, hold: torch.Tensor | None = None) -> torch.Tensor:
+                copied: torch.Tensor | None, hold: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """What the blocks read: the up-projected [z_t, x0_prev, copied source] plus positions and the timestep,
         normalised (B, L, W). For arch encdec the source rows read neither x0_prev nor the timestep, so they are the
-        same at every step of a chain."""
+        same at every step of a chain. `rows` (B, R): only those positions of each row, (B, R, W) (the decoder's,
+        once the source is encoded)."""
         c = self.config
-        inputs = [z_t]
+        pick = (lambda x: x) if rows is None else (lambda x: x.gather(1, rows[..., None].expand(*rows.shape, x.shape[-1])))
+        target = target_mask if rows is None or target_mask is None else target_mask.gather(1, rows)
+        inputs = [pick(z_t)]
         if c.self_condition > 0:
-            prev = torch.zeros_like(z_t) if x0_prev is None else x0_prev.to(z_t.dtype)
+            prev = torch.zeros_like(inputs[0]) if x0_prev is None else pick(x0_prev.to(z_t.dtype))
             if c.arch == "encdec":
-                prev = prev * target_mask.unsqueeze(-1).to(prev.dtype)
+                prev = prev * target.unsqueeze(-1).to(prev.dtype)
             inputs.append(prev)
         if c.copy_input:
-            inputs.append(copied)
-        h = self.up(torch.cat(inputs, -1) if len(inputs) > 1 else z_t)
+            inputs.append(pick(copied))
+        h = self.up(torch.cat(inputs, -1) if len(inputs) > 1 else inputs[0])
         if c.input_posterior:
-            h = h + self.posterior_input(z_t, t, target_mask if hold is None else target_mask & ~hold)
+            h = h + pick(self.posterior_input(z_t, t, target_mask if hold is None else target_mask & ~hold))
         time = self.time_mlp(timestep_embedding(t, c.time_dim))[:, None]
         if c.arch == "encdec":  # the encoder reads no timestep: the source's encoding is the same at every step
-            time = time * target_mask.unsqueeze(-1).to(time.dtype)
-        h = h + self.positional(z_t.shape[1], target_mask) + time
-        return ops.dropout(self.in_norm(h), self.config.dropout, self.training)  # (B, L, W)
+            time = time * target.unsqueeze(-1).to(time.dtype)
+        h = h + self.positional(z_t.shape[1], target_mask, rows) + time
+        return ops.dropout(self.in_norm(h), self.config.dropout, self.training)  # (B, L or R, W)
 
     @staticmethod
     def keys(target_mask: torch.Tensor | None, hold: torch.Tensor | None) -> torch.Tensor | None:
@@ -327,25 +339,28 @@ class Denoiser(nn.Module):
         the others decode the target rows. A decoder block's queries read the encoded source and the target rows
         in one attention (cross- and self-attention in one softmax, over the block's own key and value
         projections, `Block.joint`). Each side runs as its own sequence (`sides`): no block computes a row it
-        discards. `memory`: the encoder's output (`encode`), given. (B, L, W), (B, L) -> (B, L, W): the source rows
-        hold the encoded source, the target rows the decoder's output, held padding zeros."""
-        B, L, W = h.shape
+        discards. `memory`: the encoder's output (`encode`), given: h is then the decoder's rows alone (B, Lt, W), in
+        the layout of `sides`. (B, L, W), (B, L) -> (B, L, W): the source rows hold the encoded source, the target rows
+        the decoder's output, held padding zeros."""
+        B, L, W = h.shape[0], target_mask.shape[1], h.shape[-1]
         src, src_ok, trg, trg_ok = self.sides(target_mask, hold, None if memory is None else memory.shape[1])
         cache = None
         if isinstance(memory, Encoded):
             memory, cache = memory.memory, memory.kv
         if memory is None:
             memory = self.encode_source(h, target_mask)
-        if memory.dtype != h.dtype:  # autocast: the keys and values made from it are then made again each time
-            memory, cache = memory.to(h.dtype), None
-        x = h.gather(1, trg[..., None].expand(*trg.shape, W))
+            x = h.gather(1, trg[..., None].expand(*trg.shape, W))
+        else:
+            x = h
+        if memory.dtype != x.dtype:  # autocast: the keys and values made from it are then made again each time
+            memory, cache = memory.to(x.dtype), None
         keys = torch.cat([src_ok, trg_ok], 1)[:, None, None, :]
         for block in self.blocks[len(self.blocks) // 2:]:
             x = block.joint(x, memory, keys, cache)
         base = torch.arange(B, device=h.device)[:, None] * L
         rows = torch.cat([(base + src)[src_ok], (base + trg)[trg_ok]])
         values = torch.cat([memory[src_ok], x[trg_ok]])
-        return h.new_zeros(B * L, W).index_copy(0, rows, values.to(h.dtype)).view(B, L, W)
+        return x.new_zeros(B * L, W).index_copy(0, rows, values.to(x.dtype)).view(B, L, W)
 
     def classify(self, h: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, rows_mask: torch.Tensor,
                  copied: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,11 +376,15 @@ class Denoiser(nn.Module):
             logits = logits.float()
             table = self.table().float()
             zr = z_t.reshape(B * L, D).index_select(0, rows).float()
+            point = None  # the (N, D) point whose product with Êᵀ adds to the logits: one product for both terms
             if self.config.output_prior and self.process == "gaussian":
-                logits = logits + self.prior_scale * self.prior_logits(zr, t, L, rows)
+                point = self.prior_scale * self.prior_coef(t, L, rows)[:, None] * zr
             if self.config.copy_gate:  # pointer-generator's copy (See et al. 2017), of the aligned copied token
                 gate = F.softplus(self.copy_gate(hr).float())  # (N, 1)
-                logits = logits + gate * (copied.reshape(B * L, D).index_select(0, rows).float() @ table.t())
+                copy = gate * copied.reshape(B * L, D).index_select(0, rows).float()
+                point = copy if point is None else point + copy
+            if point is not None:  # in place: no second copy of the (N, V) logits
+                logits = logits.addmm_(point, table.t()) if logits.dtype == torch.float32 else torch.addmm(logits, point, table.t())
             x0 = torch.softmax(logits, -1) @ table
             x0_hat = z_t.float().reshape(B * L, D).index_copy(0, rows, x0).view(B, L, D)
         return x0_hat, logits
