@@ -62,12 +62,6 @@ def train(opts: dict[str, Any] = None) -> None:
         fail("give --resume (continue the run) or --overwrite (replace it), not both")
     if opts["overwrite"] and opts["out_dir"] is None:
         fail("--overwrite replaces the run folder given by --out; without --out every run gets a new folder")
-    if resume:  # the run's stored settings hold: only its budget may be given again (as fairseq's and HF's resumes)
-        fixed = sorted(o.flag(n) for n in given if n in o.RESUME_FIXED)
-        if fixed:
-            fail(f"--resume continues a run with its stored settings; {', '.join(fixed)} cannot change them (only "
-                 f"--max-steps, --max-minutes, --keep, --device, --compile and --detect-anomaly may be given again; "
-                 f"to train on from its weights with other settings, start a new run with --init-from)")
     overrides = o.config_overrides(opts)
     if opts["config"] is not None:
         data = run_guarded(load_toml, opts["config"])
@@ -95,8 +89,29 @@ def train(opts: dict[str, Any] = None) -> None:
         from .checkpoint import read_config
         from .train import resumed_config
 
-        cfg = resumed_config(run_guarded(read_config, run_dir), overrides["train"])
+        stored = run_guarded(read_config, run_dir)
+        _check_resume_flags(stored, cfg, overrides, given)
+        cfg = resumed_config(stored, overrides["train"])
     _train(cfg, run_dir, opts)
+
+
+def _check_resume_flags(stored, cfg, overrides: dict[str, dict[str, Any]], given: set[str]) -> None:
+    """A resumed run keeps its stored settings (as fairseq's and HF's resumes): a setting flag is accepted only where
+    it repeats the stored value (the first command run again with --resume), --preset/--config only where they
+    resolve to the stored network and process; anything else is refused with one line."""
+    from .train import LIMITS
+
+    changed = {o.flag(f.flag or f.name) for f in o.TRAIN_FIELDS if f.name not in LIMITS and f.name in overrides[f.section]
+               and getattr(getattr(stored, f.section), f.name) != overrides[f.section][f.name]}
+    from dataclasses import replace
+
+    model = replace(cfg.model, vocab_size=stored.model.vocab_size) if cfg.model.vocab_size == 0 else cfg.model  # 0: the tokenizer's
+    if given & {"preset", "config"} and (model != stored.model or cfg.diffusion != stored.diffusion):
+        changed |= {o.flag(n) for n in given & {"preset", "config"}}
+    if changed:
+        fail(f"--resume continues a run with its stored settings; {', '.join(sorted(changed))} cannot change them (only "
+             f"--max-steps, --max-minutes, --keep, --device, --compile and --detect-anomaly may be given again; "
+             f"to train on from its weights with other settings, start a new run with --init-from)")
 
 
 def _check_train_flags(cfg, given: set[str]) -> None:

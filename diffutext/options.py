@@ -237,10 +237,6 @@ TRAIN_RUN = [  # how the run is kept: its folder, checkpoints, interruption and 
 ]
 
 
-# the train options a resumed run cannot take: every config field but its budget, the preset and a config file
-RESUME_FIXED = {f.flag or f.name for f in TRAIN_FIELDS if f.name not in ("max_steps", "max_minutes")} | {"preset", "config"}
-
-
 def config_overrides(opts: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The config fields set by the train flags that were given, by section."""
     out: dict[str, dict[str, Any]] = {"model": {}, "diffusion": {}, "train": {}}

@@ -253,12 +253,15 @@ def test_options_that_are_read_pass_the_checks(cli_run, tmp_path):
         assert result.exit_code == 0, (args, result.output)
 
 
-def test_resume_takes_only_its_budget_and_says_which_settings_it_keeps(tiny_run, tmp_path):
+def test_resume_takes_only_its_budget_and_says_which_settings_it_keeps(tiny_run, small_task, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")
     for flag, value in (("--lr", "1e-5"), ("--batch-size", "4"), ("--distance-penalty", "1"), ("--preset", "small")):
         line = assert_one_line_error(invoke("train", "--out", run, "--resume", flag, value), f"{flag} cannot change them")
         assert "--max-steps, --max-minutes" in line and "--init-from" in line
     result = invoke("train", "--out", run, "--resume", "--max-steps", 22)
+    assert result.exit_code == 0, result.output
+    # the first command run again with --resume: its settings repeat the stored ones and are accepted
+    result = invoke("train", "--preset", "tiny", "--task", small_task, "--out", run, "--resume", "--max-steps", 24)
     assert result.exit_code == 0, result.output
 
 

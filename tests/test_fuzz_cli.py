@@ -311,7 +311,7 @@ def test_every_numeric_config_field_at_its_edges(ws, section, field, value):
     ("train", ["--diffusion-steps", "10**9"], "--diffusion-steps"),
     ("train", ["--diffusion-steps", str(10**9)], "diffusion.T must be between 2 and"),  # minutes building the ᾱ table
     ("sample", ["--seed", str(2**70)], "--seed"),  # torch.Generator.manual_seed overflow traceback
-    ("sample", ["--eta", "inf"], "eta must be a finite number"),  # decoded garbage, exit 0
+    ("sample", ["--sampler", "ddim", "--eta", "inf"], "eta must be a finite number"),  # decoded garbage, exit 0
     ("sample", ["--ads-shares", "1e308,1e308,1e308"], "ADS shares"),  # OverflowError traceback
     ("sample", ["--steps", str(10**12)], "cannot visit"),  # hung building a 10^12-point list
     ("ablate", ["--sampler", "ads", "--steps", str(10**12)], "cannot visit"),
