@@ -287,9 +287,14 @@ def _write(path: Path, text: str) -> None:
 def sample(opts: dict[str, Any] = None) -> None:
     """Generate text with a trained run; print examples and, when references are known, the metrics."""
     from .data.tasks import references
-    from .evaluate import predictions_jsonl, scores
+    from .evaluate import diffuseq_seed_files, predictions_jsonl, scores
     from .views import examples, metrics_table
 
+    if "format" in opts[o.GIVEN] and opts["out_file"] is None:
+        fail("--format says what --out holds: give --out too")
+    diffuseq = opts["format"] == "diffuseq"
+    if diffuseq and opts["out_file"].exists() and not opts["out_file"].is_dir():
+        fail(f"--format diffuseq writes a folder of seed files; {opts['out_file']} is a file")
     _check_sampling(opts, [opts["sampler"]])
     cfg = o.sample_config(opts)
     loaded = _open(opts["checkpoint"], cfg.weights, opts["device"], opts["step"])
@@ -300,7 +305,12 @@ def sample(opts: dict[str, Any] = None) -> None:
     if not _is_main_rank():  # every rank decoded its share; rank 0 reports
         return
     srcs, refs = ds["src"], references(ds)
-    if out_file is not None:
+    if diffuseq:
+        run_guarded(out_file.mkdir, parents=True, exist_ok=True)
+        for name, text in diffuseq_seed_files(srcs, refs, decoded).items():
+            _write(out_file / name, text)
+        keep.clear()
+    elif out_file is not None:
         _write(out_file, predictions_jsonl(srcs, refs, decoded))
         keep.clear()
     examples(srcs, refs, decoded.hyps, show)

@@ -294,6 +294,14 @@ def predictions_jsonl(srcs: list[str], refs: list[list[str]], decoded: Decoded) 
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
+def diffuseq_seed_files(srcs: list[str], refs: list[list[str]], decoded: Decoded) -> dict[str, str]:
+    """What `sample --format diffuseq` writes: DiffuSeq's decoding output, one file per seed (seed<K>.json) of
+    {"recover", "reference", "source"} lines, so that its scripts/eval_seq2seq.py (and `evaluate FOLDER`) read it."""
+    seeds = len(decoded.candidates[0]) if decoded.candidates else 1
+    return {f"seed{k}.json": "".join(json.dumps({"recover": c[k], "reference": r[0] if r else "", "source": s}, ensure_ascii=False) + "\n"
+                                     for s, r, c in zip(srcs, refs, decoded.candidates)) for k in range(seeds)}
+
+
 def _pick(candidates: list[list[str]]) -> tuple[list[str], list[list[str]], list[float], list[float]]:
     """Per source: the MBR pick among its K candidates, their self-BLEU and div-4."""
     hyps, sb, d4 = [], [], []

@@ -99,7 +99,9 @@ def sample_config(opts: dict[str, Any], **given) -> SampleConfig:
 
 SAMPLE_OUTPUT = [
     option("text", Optional[str], None, "One source sentence to decode."),
-    option("out_file", Optional[Path], None, "Write {src, trg, hyp} lines to this jsonl file.", "--out"),
+    option("out_file", Optional[Path], None, "Write {src, trg, hyp} lines to this jsonl file (--format diffuseq: a folder).", "--out"),
+    option("format", Literal["jsonl", "diffuseq"], "jsonl", "What --out holds: one jsonl file, or DiffuSeq's decoding output (a folder "
+                                                            "of seed<K>.json files of {recover, reference, source}, one per --seeds)."),
     option("show", int, 3, "Print this many source / output / reference triples.", min=0),
 ]
 EVALUATE = [

@@ -121,3 +121,24 @@ def test_seed_files_of_different_lengths_are_refused(tmp_path):
     from helpers import assert_one_line_error
 
     assert_one_line_error(invoke("evaluate", folder, "--mbr"), "differ in length")
+
+
+def test_sample_format_diffuseq_writes_seed_files_that_its_evaluation_reads(tiny_run, tmp_path):
+    """`sample --format diffuseq`: one seed<K>.json of {recover, reference, source} per seed, the same text as the
+    jsonl output's candidates; `evaluate FOLDER` (eval_seq2seq.py's reading) scores them."""
+    args = ("sample", "--checkpoint", tiny_run, "--limit", 3, "--steps", 4, "--seeds", 2, "--show", 0)
+    assert invoke(*args, "--out", tmp_path / "p.jsonl").exit_code == 0
+    result = invoke(*args, "--format", "diffuseq", "--out", tmp_path / "ds")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["seed0.json", "seed1.json"]
+    for k in range(2):
+        lines = [json.loads(x) for x in (tmp_path / "ds" / f"seed{k}.json").read_text().splitlines()]
+        assert [set(x) for x in lines] == [{"recover", "reference", "source"}] * 3
+        assert [x["recover"] for x in lines] == [r["candidates"][k] for r in rows]
+        assert [x["source"] for x in lines] == [r["src"] for r in rows] and [x["reference"] for x in lines] == [r["trg"] for r in rows]
+    assert invoke("evaluate", tmp_path / "ds", "--json", tmp_path / "m.json").exit_code == 0
+    assert json.loads((tmp_path / "m.json").read_text())["seed_files"] == 2
+    from helpers import assert_one_line_error
+
+    assert_one_line_error(invoke("sample", "--checkpoint", tiny_run, "--format", "diffuseq"), "give --out too")
