@@ -304,16 +304,19 @@ PRESETS: dict[str, RunConfig] = {
         train=TrainConfig(max_steps=20, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, eval_every=10,
                           eval_batches=1, save_every=10, log_every=5, vocab_size=300),
     ),
-    # The CPU default, chosen for quality per CPU-minute on the embedded task (README, "Choosing the small
-    # preset" and "Quality options"): a narrow 4-layer denoiser in a 32-wide embedding space with the copy
-    # prior and its lexicon, sequences of 56 BPE tokens from an 8,000-entry vocabulary, small batches at a high learning rate,
-    # no dropout (a 15-minute budget underfits), bf16 autocast where the CPU multiplies bf16 natively. Training
-    # stops at 14 minutes of wall time (the learning rate decays to 0 by then) or 6,000 steps, whichever comes
-    # first: 1,500 to 4,000 steps on 2 CPU cores, depending on the CPU.
+    # The CPU default, chosen on Multi30k de→en valid, where the network must write the text (README, "Options
+    # beyond the paper"; docs/screens.md): a 6-layer encoder–decoder (source encoded once per decode) in a 32-wide
+    # √d-norm embedding space, CDCD's classifier readout with its output prior, CDCD's time warping, a length head,
+    # self-conditioning, the source copied into the target's input with a lexicon counted by IBM Model 1 (a share
+    # of 0.2 of the input, never of the output: the text is the network's), EMA 0.99 and fp32 (bf16 autocast is
+    # slower on these CPUs). Training stops at 14 minutes of wall time (the learning rate decays to 0 by then) or
+    # 6,000 steps, whichever comes first: about 2,200 steps on 2 CPU cores.
     "small": RunConfig(
-        model=ModelConfig(hidden_dim=32, width=256, layers=4, heads=4, ffn=1024, dropout=0.0, seq_len=56, time_dim=128,
-                          copy_source="auto", copy_lexicon=0.15),
-        train=TrainConfig(max_steps=6000, max_minutes=14.0, batch_size=32, lr=3e-3, warmup_steps=100, ema_decay=0.999, precision="auto",
+        model=ModelConfig(hidden_dim=32, width=256, layers=6, heads=4, ffn=1024, dropout=0.0, seq_len=56, time_dim=128,
+                          arch="encdec", positions="segment", x0_from="classifier", embedding_norm=True, target_length="head",
+                          self_condition=0.5, copy_source="off", copy_input=True, copy_lexicon=0.2, lexicon_model="ibm1"),
+        diffusion=DiffusionConfig(timestep_sampler="warped"),
+        train=TrainConfig(max_steps=6000, max_minutes=14.0, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.99, precision="fp32",
                           eval_every=500, save_every=1000, vocab_size=8000),
     ),
     # DiffuSeq's size: 12 layers, width 768, 12 heads, embedding 128, sequence 128 (~91M parameters with a
