@@ -42,13 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffutext.allocator import limit_heap_fragmentation  # noqa: E402
-from diffutext.config import ModelConfig, PRESETS, load_toml, resolve  # noqa: E402
+from diffutext.config import PRESETS, ModelConfig, load_toml, resolve  # noqa: E402
+from diffutext.data.batches import held_end  # noqa: E402
+from diffutext.device import autocast  # noqa: E402
 from diffutext.diffusion import alpha_bar_table  # noqa: E402
 from diffutext.losses import draw_noise  # noqa: E402
-from diffutext.data.batches import held_end  # noqa: E402
 from diffutext.model import Denoiser, conditioning  # noqa: E402
 from diffutext.samplers import Sampler, ddpm_update, denoise, make_sampler  # noqa: E402
-from diffutext.device import autocast  # noqa: E402
 from diffutext.train import Objective, ema_update  # noqa: E402
 
 BERT_VOCAB = 30522
@@ -236,8 +236,7 @@ def rss_child(kind: str, arg: int) -> None:
 
         import datasets
 
-        from diffutext.config import RunConfig
-        from diffutext.config import SampleConfig
+        from diffutext.config import RunConfig, SampleConfig
         from diffutext.data.tokenizer import train_bpe
         from diffutext.evaluate import Loaded, decode
 

@@ -10,9 +10,10 @@ string per source, the same strings `diffutext sample` writes for the same setti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .config import SampleConfig
 

@@ -164,7 +164,7 @@ def _train(cfg, run_dir: Path, opts: dict[str, Any]) -> None:
         except KeyboardInterrupt:
             err.print(f"stopped at once by a second {stop.name or 'SIGINT'}, no checkpoint of the current step; "
                       f"resume from the last one with: {resume_cmd}", markup=False)
-            raise typer.Exit(stop.exit_code if stop.signum else 130)
+            raise typer.Exit(stop.exit_code if stop.signum else 130) from None
     if stop.requested():
         err.print(f"stopped by {stop.name} at step {last_step[0]}, checkpoint saved; resume with: {resume_cmd}", markup=False)
         raise typer.Exit(stop.exit_code)
@@ -209,7 +209,7 @@ def _inputs(loaded, opts: dict[str, Any]):
 def _decoding(label: str, keep):
     """A decode's progress view under SIGINT/SIGTERM: a signal stops it after the batch (or cell) in hand, what is
     finished stays in `keep`, and the command that continues is printed."""
-    from .interrupt import StopSignals, Stopped
+    from .interrupt import Stopped, StopSignals
     from .views import DecodeView
 
     with StopSignals() as stop, DecodeView(label) as view:
@@ -223,7 +223,7 @@ def _decoding(label: str, keep):
         except Stopped:
             kept = f"; finished work is kept in {keep.folder}" if keep is not None else ""
             err.print(f"stopped by {stop.name}{kept}; continue with: {shlex.join(['diffutext', *sys.argv[1:]])}", markup=False)
-            raise typer.Exit(stop.exit_code)
+            raise typer.Exit(stop.exit_code) from None
 
 
 def _check_sampling(opts: dict[str, Any], samplers: list[str]) -> None:
@@ -415,7 +415,8 @@ def ablate(opts: dict[str, Any] = None) -> None:
 @o.command(o.IMPORT)
 def import_diffuseq(opts: dict[str, Any] = None) -> None:
     """Turn a DiffuSeq model folder (training_args.json, ema_*.pt, its vocabulary) into a run folder every command takes."""
-    from . import import_diffuseq as imp, views
+    from . import import_diffuseq as imp
+    from . import views
     views.imported(run_guarded(imp.import_diffuseq, opts["source"], opts["out_dir"], task=opts["task"], tokenizer=opts["tokenizer"],
                                heads=opts["heads"]))
 

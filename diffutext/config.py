@@ -234,7 +234,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         try:
             model = dict(data.get("model", {}))
             if isinstance(model.get("copy_source"), bool):  # run folders written before auto stored true/false

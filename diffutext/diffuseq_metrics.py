@@ -28,8 +28,8 @@ from __future__ import annotations
 import re
 import statistics
 import struct
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 SCRIPTS = ("2023", "2022")  # eval_seq2seq.py since 2023-02-14 (reference in the reference slot) | its 2022-11-21 release
 SOS, EOS, SEP, PAD = "[CLS]", "[SEP]", "[SEP]", "[PAD]"  # the script's --sos, --eos, --sep, --pad defaults

@@ -10,7 +10,8 @@ writes files and reports; the others compute their share and meet it in the coll
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist

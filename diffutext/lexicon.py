@@ -88,7 +88,7 @@ def ibm1_lexicon(ids: torch.Tensor, target_mask: torch.Tensor, vocab_size: int, 
     table = torch.ones(len(pairs))  # t(e | f), uniform: the first E step aligns each target token evenly
     for _ in range(iterations):
         counts = torch.zeros(len(pairs))
-        for (keys, ok), idx in zip(chunks, index):
+        for (_keys, ok), idx in zip(chunks, index):
             p = table[idx] * ok
             post = p / p.sum(-1, keepdim=True).clamp(min=1e-30)  # over the source tokens of each target token
             counts.index_add_(0, idx[ok], post[ok])

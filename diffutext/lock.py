@@ -15,9 +15,9 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 _HELD: dict[str, int] = {}  # lock files this process holds, with their depth
 

@@ -92,7 +92,7 @@ class LossOptions:
     length_weight: float = 0.1  # the length head's cross-entropy (a model with target_length head)
 
     @classmethod
-    def from_config(cls, config) -> "LossOptions":
+    def from_config(cls, config) -> LossOptions:
         t = config.train
         return cls(t.loss_positions, t.anchor_weight, t.anchor_smoothing, config.diffusion.noise_factor, t.length_weight)
 
@@ -114,10 +114,10 @@ class Noise:
     absorb: torch.Tensor | None = None  # (B, L) uniform: a target token is absorbed when below r·σ_t
     absorb2: torch.Tensor | None = None  # (B, L) the same for the partner
 
-    def __getitem__(self, rows) -> "Noise":
+    def __getitem__(self, rows) -> Noise:
         return Noise(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows] for f in fields(self)})
 
-    def to(self, device: torch.device) -> "Noise":
+    def to(self, device: torch.device) -> Noise:
         return Noise(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device) for f in fields(self)})
 
 

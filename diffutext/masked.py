@@ -14,7 +14,7 @@ Mask-Predict with N iterations (`uniform`: its linear decay of the masked count)
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 Refs = Sequence[Sequence[str]]  # per hypothesis, one or more references
 

@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional, get_type_hints
+from typing import Annotated, Any, Literal, Optional, get_type_hints
 
 import typer
 
-from .config import DEFAULT_PRESET, PRESETS, DiffusionConfig, DiffuSeqScript, ModelConfig, SampleConfig, SamplerName, Split, TrainConfig, choices
+from .config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    DiffuSeqScript,
+    DiffusionConfig,
+    ModelConfig,
+    SampleConfig,
+    SamplerName,
+    Split,
+    TrainConfig,
+    choices,
+)
 
 _DEFAULT = SampleConfig()
 

@@ -47,7 +47,7 @@ class Pieces:
             except OSError:
                 pass
 
-    def sub(self, name: str) -> "Pieces":
+    def sub(self, name: str) -> Pieces:
         """A store inside this one (removed with it): the batches of an ablation's cells, say."""
         return Pieces(self.folder / name)
 

@@ -5,7 +5,8 @@ Each function returns PNG bytes; the caller decides where (and how atomically) t
 from __future__ import annotations
 
 import io
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def _pyplot():

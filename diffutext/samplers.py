@@ -16,9 +16,10 @@ same) in cache-sized blocks of the vocabulary, and can run the denoiser under bf
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, get_args
+from typing import get_args
 
 import torch
 

@@ -12,7 +12,7 @@ squared nearest-neighbour distance per dimension, re-estimated from the live emb
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

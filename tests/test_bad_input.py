@@ -14,7 +14,6 @@ from diffutext.data import tasks
 from diffutext.data import tokenizer as tok
 from diffutext.data.batches import pack_split
 from diffutext.data.jsonl import TaskError, read_jsonl
-
 from helpers import assert_one_line_error, invoke
 
 GOOD = b'{"src": "a good source line", "trg": "a good target line"}\n'

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from diffutext import metrics
-
 from helpers import invoke
 
 

@@ -9,7 +9,6 @@ import pytest
 
 from diffutext.config import SampleConfig
 from diffutext.evaluate import decode, load_model
-
 from helpers import assert_one_line_error, copy_run, invoke
 
 

@@ -19,7 +19,6 @@ from diffutext import checkpoint as ckpt
 from diffutext.checkpoint import CheckpointWriteError, list_checkpoints, open_run, save_checkpoint, truncate_log
 from diffutext.config import resolve
 from diffutext.train import train
-
 from helpers import assert_one_line_error, copy_run, invoke
 
 
@@ -95,7 +94,7 @@ def test_sigkill_during_saves_never_leaves_a_half_checkpoint(tiny_run, tmp_path)
     script.write_text(SAVER)
     rng = random.Random(6)
     mid_save = 0
-    for kill in range(8):
+    for _kill in range(8):
         proc = subprocess.Popen([sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.stdout.readline().strip() == "ready"

@@ -14,7 +14,6 @@ import pytest
 
 from diffutext import diffuseq_metrics as d
 from diffutext import metrics
-
 from helpers import invoke
 
 S4, S8, S12 = "a b c d", "a b c d e f g h", "a b c d e f g h i j k l"

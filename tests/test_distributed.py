@@ -16,7 +16,6 @@ import torch
 from diffutext.checkpoint import open_run
 from diffutext.config import resolve
 from diffutext.train import train
-
 from helpers import invoke
 
 # Constant lr (so that stopping at step 4 and resuming to 8 keeps the schedule), a log line per

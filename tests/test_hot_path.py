@@ -95,7 +95,7 @@ def test_the_sampling_loop_makes_no_per_step_host_sync(monkeypatch):
         calls = []
         for name in ("item", "tolist", "__bool__", "nonzero"):
             real = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name, **k: calls.append(_n) or _real(self, *a, **k))
+            monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name, _calls=calls, **k: _calls.append(_n) or _real(self, *a, **k))
         denoise(model, AB, make_sampler("uniform"), steps, ids, mask, generator=torch.Generator().manual_seed(0))
         monkeypatch.undo()
         counts.append(len(calls))

@@ -13,7 +13,6 @@ from transformers.models.bert.modeling_bert import BertEncoder
 
 from diffutext.evaluate import load_model
 from diffutext.samplers import generate, make_sampler
-
 from helpers import Evil, assert_one_line_error, invoke
 
 T, HIDDEN, TIME, SEQ = 200, 16, 16, 32

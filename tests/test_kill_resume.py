@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from diffutext.checkpoint import list_checkpoints, open_run
-
 from helpers import invoke
 
 SLOW = [pytest.mark.slow, pytest.mark.timeout(1200)]  # generous: the machine is shared

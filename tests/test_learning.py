@@ -14,7 +14,7 @@ from diffutext.config import ModelConfig, TrainConfig, resolve
 from diffutext.data.batches import held_end
 from diffutext.diffusion import alpha_bar_table, q_sample
 from diffutext.evaluate import fixed_length, predicted_lengths
-from diffutext.losses import classifier_loss, diffusion_loss, dp_window, draw_noise
+from diffutext.losses import classifier_loss, dp_window, draw_noise
 from diffutext.model import Block, Denoiser, length_range
 from diffutext.samplers import denoise, generate, make_sampler
 from diffutext.timesteps import WarpedTimesteps

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from diffutext import metrics
 from diffutext.cli import app
 from diffutext.config import ConfigError, ModelConfig, resolve
-from diffutext.diffusion import alpha_bar_table
-from diffutext import metrics
 from diffutext.data.tasks import load_eval_split, references
+from diffutext.diffusion import alpha_bar_table
 from diffutext.lexicon import aligned_pairs, build_lexicon, translate
 from diffutext.model import Denoiser
 from diffutext.samplers import denoise, make_sampler

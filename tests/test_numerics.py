@@ -10,7 +10,6 @@ from diffutext import train as train_mod
 from diffutext.checkpoint import list_checkpoints, open_run
 from diffutext.config import resolve
 from diffutext.train import _check_finite, train
-
 from helpers import assert_one_line_error, invoke
 
 

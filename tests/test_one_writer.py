@@ -21,7 +21,6 @@ import pytest
 
 from diffutext.lock import RunLocked, holder, lock_path, run_lock
 from diffutext.pieces import Pieces, fingerprint
-
 from helpers import assert_one_line_error, invoke
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

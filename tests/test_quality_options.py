@@ -480,7 +480,7 @@ def test_copied_input_feeds_the_aligned_source_beside_z_t():
         model = tiny_model(**options).eval()
         assert model.up[0].in_features == width
         seen = []
-        model.up[0].register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+        model.up[0].register_forward_hook(lambda mod, args, out, _seen=seen: _seen.append(args[0]))
         x0_prev = torch.randn(1, 12, 8)
         with torch.no_grad():
             model(z, t, x0_prev=x0_prev, target_mask=mask)

@@ -12,7 +12,6 @@ from safetensors.torch import save_file
 
 from diffutext.config import RunConfig
 from diffutext.model import Denoiser
-
 from helpers import Evil, assert_one_line_error, invoke, newest_folder, reseal
 
 

@@ -115,7 +115,7 @@ def test_skip_moves_only_one_timestep_each_step():
     sampler = SAMPLERS["skip"]
     triples = sampler.triples(AB, 20)
     assert [t for t, _, _ in triples] == list(range(1999, 0, -100))
-    for t, abar_t, abar_prev in triples:
+    for t, _abar_t, abar_prev in triples:
         assert abar_prev == pytest.approx(AB[t - 1].item(), rel=1e-6)
 
 

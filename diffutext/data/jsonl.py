@@ -16,9 +16,9 @@ with the same line reader and the same reference rules.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 
 class TaskError(ValueError):
