@@ -51,8 +51,15 @@ class Seq2Seq(nn.Module):
 
     def forward(self, src, trg_in, src_pad, trg_pad):
         causal = self.core.generate_square_subsequent_mask(trg_in.shape[1], device=src.device)
-        h = self.core(self._in(src), self._in(trg_in), tgt_mask=causal, src_key_padding_mask=src_pad,
-                      tgt_key_padding_mask=trg_pad, memory_key_padding_mask=src_pad, tgt_is_causal=True)
+        h = self.core(
+            self._in(src),
+            self._in(trg_in),
+            tgt_mask=causal,
+            src_key_padding_mask=src_pad,
+            tgt_key_padding_mask=trg_pad,
+            memory_key_padding_mask=src_pad,
+            tgt_is_causal=True,
+        )
         return h @ self.embed.weight.t()  # tied output layer
 
     @torch.no_grad()
@@ -76,8 +83,15 @@ def pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
-def run(task: str = "bible-basic", split: str = "test", minutes: float = 14.0, seed: int = 0, precision: str = "fp32",
-        data_dir: str | None = None, eval_file: Path | None = None) -> dict:
+def run(
+    task: str = "bible-basic",
+    split: str = "test",
+    minutes: float = 14.0,
+    seed: int = 0,
+    precision: str = "fp32",
+    data_dir: str | None = None,
+    eval_file: Path | None = None,
+) -> dict:
     """Train the reference for `minutes` of wall time on `task`'s training split and decode `split` (or the jsonl
     `eval_file`) greedily: its figures, the copy's, and the outputs (keys hyps, refs, sources)."""
     torch.manual_seed(seed)
@@ -98,7 +112,7 @@ def run(task: str = "bible-basic", split: str = "test", minutes: float = 14.0, s
             group["lr"] = lr
         if epoch_start + 32 > len(order):  # a fresh order every epoch
             order, epoch_start = torch.randperm(len(src_ids)), 0
-        rows = order[epoch_start:epoch_start + 32].tolist()
+        rows = order[epoch_start : epoch_start + 32].tolist()
         epoch_start += 32
         src = pad([src_ids[i] for i in rows], padding)
         trg = pad([[bos] + trg_ids[i] + [eos] for i in rows], padding)
@@ -117,16 +131,27 @@ def run(task: str = "bible-basic", split: str = "test", minutes: float = 14.0, s
     hyps, t0 = [], time.perf_counter()
     sources = vocab.encode(list(test["src"]))
     for i in range(0, len(sources), 64):
-        src = pad(sources[i:i + 64], padding)
+        src = pad(sources[i : i + 64], padding)
         with autocast(torch.device("cpu"), precision):
             out = model.greedy(src, src == padding, bos, eos, max_len=src.shape[1] + 16)
         hyps += vocab.decode([[t for t in row if t != eos] for row in out.tolist()])
     seconds = time.perf_counter() - t0
     ours, copy = metrics.score(hyps, refs), metrics.score(list(test["src"]), refs)
-    return {"steps": step, "train_minutes": round(train_minutes, 2), "precision": precision, "seed": seed,
-            "parameters": sum(p.numel() for p in model.parameters()), "sentences_per_s": len(hyps) / seconds,
-            "sacrebleu": ours["sacrebleu"], "sentence_bleu": ours["sentence_bleu"], "copy_sacrebleu": copy["sacrebleu"],
-            "copy_sentence_bleu": copy["sentence_bleu"], "hyps": hyps, "refs": refs, "sources": list(test["src"])}
+    return {
+        "steps": step,
+        "train_minutes": round(train_minutes, 2),
+        "precision": precision,
+        "seed": seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "sentences_per_s": len(hyps) / seconds,
+        "sacrebleu": ours["sacrebleu"],
+        "sentence_bleu": ours["sentence_bleu"],
+        "copy_sacrebleu": copy["sacrebleu"],
+        "copy_sentence_bleu": copy["sentence_bleu"],
+        "hyps": hyps,
+        "refs": refs,
+        "sources": list(test["src"]),
+    }
 
 
 def main() -> None:
@@ -142,8 +167,10 @@ def main() -> None:
     print(json.dumps({k: v for k, v in r.items() if k not in ("hyps", "refs", "sources")}))
     print(f"| system | steps | sacreBLEU ({args.task} {args.eval.name if args.eval else args.split}) | sentence BLEU | sentences/s |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    print(f"| autoregressive, {r['train_minutes']:.1f} min | {r['steps']} | {r['sacrebleu']:.2f} | {r['sentence_bleu']:.4f} | "
-          f"{r['sentences_per_s']:.1f} |")
+    print(
+        f"| autoregressive, {r['train_minutes']:.1f} min | {r['steps']} | {r['sacrebleu']:.2f} | {r['sentence_bleu']:.4f} | "
+        f"{r['sentences_per_s']:.1f} |"
+    )
     print(f"| copy the source | - | {r['copy_sacrebleu']:.2f} | {r['copy_sentence_bleu']:.4f} | - |")
     for s, h, ref in list(zip(r["sources"], r["hyps"], r["refs"]))[:5]:
         print(f"\nsource    {s}\noutput    {h}\nreference {ref[0]}")

@@ -43,8 +43,14 @@ def diffusion_row(preset: str, task: str, minutes: float, seed: int, out: Path, 
     loaded = load_model(run)
     decoded = decode(loaded, dataset, SampleConfig(sampler="ads", steps=steps, batch_size=128))
     s = metrics.score(decoded.hyps, refs)
-    return {"system": f"diffutext {preset}, ADS-{steps}", "minutes": minutes, "steps": loaded.checkpoint.step,
-            "sacrebleu": s["sacrebleu"], "sentence_bleu": s["sentence_bleu"], "sentences_per_s": len(decoded.hyps) / decoded.seconds}
+    return {
+        "system": f"diffutext {preset}, ADS-{steps}",
+        "minutes": minutes,
+        "steps": loaded.checkpoint.step,
+        "sacrebleu": s["sacrebleu"],
+        "sentence_bleu": s["sentence_bleu"],
+        "sentences_per_s": len(decoded.hyps) / decoded.seconds,
+    }
 
 
 def reference_row(task: str, split: str, minutes: float, seed: int, out: Path, eval_file: Path | None) -> dict:
@@ -52,8 +58,14 @@ def reference_row(task: str, split: str, minutes: float, seed: int, out: Path, e
     if cached.is_file():
         return json.loads(cached.read_text())
     r = autoregressive.run(task, split, minutes, seed, eval_file=eval_file)
-    row = {"system": "autoregressive, greedy", "minutes": minutes, "steps": r["steps"], "sacrebleu": r["sacrebleu"],
-           "sentence_bleu": r["sentence_bleu"], "sentences_per_s": r["sentences_per_s"]}
+    row = {
+        "system": "autoregressive, greedy",
+        "minutes": minutes,
+        "steps": r["steps"],
+        "sacrebleu": r["sacrebleu"],
+        "sentence_bleu": r["sentence_bleu"],
+        "sentences_per_s": r["sentences_per_s"],
+    }
     out.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(row))
     return row
@@ -88,12 +100,13 @@ def main() -> None:
     print("| training minutes | system | optimizer steps | sacreBLEU | sentence BLEU | sentences/s |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['minutes']:g} | {r['system']} | {r['steps']} | {r['sacrebleu']:.2f} | {r['sentence_bleu']:.4f} | "
-              f"{r['sentences_per_s']:.1f} |")
+        print(
+            f"| {r['minutes']:g} | {r['system']} | {r['steps']} | {r['sacrebleu']:.2f} | {r['sentence_bleu']:.4f} | "
+            f"{r['sentences_per_s']:.1f} |"
+        )
     print(f"| - | copy the source | - | {copy['sacrebleu']:.2f} | {copy['sentence_bleu']:.4f} | - |")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "curve.json").write_text(json.dumps({"task": args.task, "eval": where, "copy": copy["sacrebleu"], "rows": rows},
-                                                    indent=1))
+    (args.out / "curve.json").write_text(json.dumps({"task": args.task, "eval": where, "copy": copy["sacrebleu"], "rows": rows}, indent=1))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for system in dict.fromkeys(r["system"] for r in rows):

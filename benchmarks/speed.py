@@ -54,8 +54,16 @@ from diffutext.train import Objective, ema_update  # noqa: E402
 BERT_VOCAB = 30522
 REFERENCE_PEAK = 190.0  # GFLOP/s, fp32, of the machine DiffuSeq was timed on
 DIFFUSEQ = {"train_step_s": 5.27, "sample_step_s": 2.59, "sample_overhead": 2.59 / 1.14}
-TARGETS = {"train_fp32_s": 3.2, "train_bf16_s": 1.85, "sample_fp32_s": 1.55, "overhead": 1.2, "mfu_base": 0.55,
-           "bf16_speedup": 1.5, "loss_rel": 0.02, "base_rss_gb": 6.0}
+TARGETS = {
+    "train_fp32_s": 3.2,
+    "train_bf16_s": 1.85,
+    "sample_fp32_s": 1.55,
+    "overhead": 1.2,
+    "mfu_base": 0.55,
+    "bf16_speedup": 1.5,
+    "loss_rel": 0.02,
+    "base_rss_gb": 6.0,
+}
 
 
 def sync(device: torch.device) -> None:
@@ -69,9 +77,10 @@ def load() -> float:
 
 # ---------------------------------------------------------------- peak
 
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, quick: bool) -> float:
     best = 0.0
-    for n in ([2048] if quick else [1024, 2048, 4096]):
+    for n in [2048] if quick else [1024, 2048, 4096]:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         a @ b
@@ -85,6 +94,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, quick: bool) -> float:
 
 
 # ---------------------------------------------------------------- models
+
 
 def bench_small() -> ModelConfig:
     data = load_toml(ROOT / "benchmarks" / "configs" / "bench-small.toml")
@@ -100,8 +110,9 @@ def preset_model(name: str, vocab: int) -> ModelConfig:
 
 # The small preset of diffutext 0.1 before the classifier (README, "Choosing the defaults"): DiffuSeq's regression
 # with the copy prior and its lexicon on a 4-layer joint network, timed beside the current one.
-PREVIOUS_SMALL = ModelConfig(hidden_dim=32, width=256, layers=4, heads=4, ffn=1024, dropout=0.0, seq_len=56, time_dim=128,
-                             copy_source="on", copy_lexicon=0.15)
+PREVIOUS_SMALL = ModelConfig(
+    hidden_dim=32, width=256, layers=4, heads=4, ffn=1024, dropout=0.0, seq_len=56, time_dim=128, copy_source="on", copy_lexicon=0.15
+)
 
 
 def make_model(cfg: ModelConfig, device: torch.device) -> Denoiser:
@@ -127,14 +138,16 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seed: int = 0) -> tuple[torch.
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, cfg.vocab_size, (batch, cfg.seq_len), generator=g)
     mask = torch.zeros(batch, cfg.seq_len, dtype=torch.bool)
-    mask[:, cfg.seq_len // 2:] = True
+    mask[:, cfg.seq_len // 2 :] = True
     return ids, mask
 
 
 # ---------------------------------------------------------------- training
 
-def train_bench(cfg: ModelConfig, batch: int, precision: str, steps: int, device: torch.device,
-                compile: bool = False, warmup: int = 1) -> dict:
+
+def train_bench(
+    cfg: ModelConfig, batch: int, precision: str, steps: int, device: torch.device, compile: bool = False, warmup: int = 1
+) -> dict:
     """The training step of diffutext.train (objective, backward, clipping, fused AdamW, EMA) on a fixed batch,
     with the allocator setting train() makes on CPU."""
     if device.type == "cpu":
@@ -172,19 +185,31 @@ def train_bench(cfg: ModelConfig, batch: int, precision: str, steps: int, device
             times.append(dt)
     step_s = sorted(times)[len(times) // 2]  # median
     tokens = batch * cfg.seq_len
-    return {"step_s": step_s, "first_step_s": first, "tokens_per_s": tokens / step_s,
-            "gflops": flops_per_token(model) * tokens / step_s / 1e9, "losses": losses,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    return {
+        "step_s": step_s,
+        "first_step_s": first,
+        "tokens_per_s": tokens / step_s,
+        "gflops": flops_per_token(model) * tokens / step_s / 1e9,
+        "losses": losses,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
 
 
 # ---------------------------------------------------------------- sampling
+
 
 def _prefix_of_full(T: int, n: int) -> torch.Tensor:
     return torch.arange(T - 1, T - 1 - n, -1)
 
 
-def sample_bench(cfg: ModelConfig, batch: int, precision: str, steps: int, device: torch.device,
-                 samplers: tuple[str, ...] = ("ddpm", "uniform", "skip", "ddim", "ads")) -> dict:
+def sample_bench(
+    cfg: ModelConfig,
+    batch: int,
+    precision: str,
+    steps: int,
+    device: torch.device,
+    samplers: tuple[str, ...] = ("ddpm", "uniform", "skip", "ddim", "ads"),
+) -> dict:
     torch.manual_seed(0)
     model = make_model(cfg, device).eval()
     alpha_bar = alpha_bar_table("sqrt", 2000).float().to(device)
@@ -226,6 +251,7 @@ def sample_bench(cfg: ModelConfig, batch: int, precision: str, steps: int, devic
 
 # ---------------------------------------------------------------- memory (each in a fresh process)
 
+
 def rss_child(kind: str, arg: int) -> None:
     torch.manual_seed(0)
     if kind == "train-base":  # two steps: the second runs with the optimizer state in memory, as every later one does
@@ -241,11 +267,11 @@ def rss_child(kind: str, arg: int) -> None:
         from diffutext.evaluate import Loaded, decode
 
         words = [f"w{i}" for i in range(400)]
-        vocab = train_bpe([" ".join(words[i:i + 9]) for i in range(0, 390, 3)] * 4, 300)
+        vocab = train_bpe([" ".join(words[i : i + 9]) for i in range(0, 390, 3)] * 4, 300)
         cfg = ModelConfig(vocab_size=vocab.size, hidden_dim=16, width=64, layers=2, heads=2, ffn=128, dropout=0.0, seq_len=48)
         model = Denoiser(cfg).eval()
         ck = SimpleNamespace(vocab=vocab, config=RunConfig(model=cfg))
-        ds = datasets.Dataset.from_dict({"src": [" ".join(words[i % 390:i % 390 + 8]) for i in range(arg)], "trg": [""] * arg})
+        ds = datasets.Dataset.from_dict({"src": [" ".join(words[i % 390 : i % 390 + 8]) for i in range(arg)], "trg": [""] * arg})
         loaded = Loaded(ck, model, alpha_bar_table("sqrt", 2000).float(), torch.device("cpu"))
         decode(loaded, ds, SampleConfig(sampler="ads", steps=3, batch_size=64))
     print(json.dumps({"max_rss_gb": peak_rss_gb()}))
@@ -269,6 +295,7 @@ def rss(kind: str, arg: int) -> float:
 
 # ---------------------------------------------------------------- report
 
+
 def mark(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -291,10 +318,16 @@ def main() -> None:
     device = torch.device(args.device)
     q = args.quick
     started = time.perf_counter()
-    res: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                             "torch": torch.__version__, "device": str(device),
-                             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                             "load_before": load()}}
+    res: dict = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_before": load(),
+        }
+    }
     print(f"# diffutext speed benchmark{' (--quick)' if q else ''}\n")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, load average {load():.2f}\n")
 
@@ -311,8 +344,12 @@ def main() -> None:
 
     # 2. training
     small_cfg = bench_small()
-    runs = [("bench-small", small_cfg, 64, 1 if q else 5), ("small", preset_model("small", 8000), 32, 1 if q else 5),
-            ("small (0.1)", preset_model("small (0.1)", 8000), 32, 1 if q else 5), ("base", preset_model("base", BERT_VOCAB), 4 if q else 64, 1 if q else 2)]
+    runs = [
+        ("bench-small", small_cfg, 64, 1 if q else 5),
+        ("small", preset_model("small", 8000), 32, 1 if q else 5),
+        ("small (0.1)", preset_model("small (0.1)", 8000), 32, 1 if q else 5),
+        ("base", preset_model("base", BERT_VOCAB), 4 if q else 64, 1 if q else 2),
+    ]
     res["train"] = {}
     print("## training (one optimizer step: forward, backward, clip, fused AdamW, EMA)\n")
     print("| config | params | batch × seq | precision | s / step | tokens / s | GFLOP/s | MFU | bf16 speed-up |")
@@ -324,18 +361,25 @@ def main() -> None:
             r["mfu"] = r["gflops"] / peak[p]
             res["train"][name][p] = r
             speed = f"{res['train'][name]['fp32']['step_s'] / r['step_s']:.2f}×" if p == "bf16" else ""
-            print(f"| {name} | {r['params_m']:.1f}M | {batch} × {cfg.seq_len} | {p} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                  f"{r['gflops']:.0f} | {r['mfu']:.0%} | {speed} |", flush=True)
+            print(
+                f"| {name} | {r['params_m']:.1f}M | {batch} × {cfg.seq_len} | {p} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
+                f"{r['gflops']:.0f} | {r['mfu']:.0%} | {speed} |",
+                flush=True,
+            )
     bs = res["train"]["bench-small"]
     curve = [abs(b - a) / abs(a) for a, b in zip(bs["fp32"]["losses"], bs["bf16"]["losses"])]
     res["loss_curve_max_rel_diff"] = max(curve)
     print(f"\nbench-small loss per step, fp32: {', '.join(f'{x:.4f}' for x in bs['fp32']['losses'])}")
-    print(f"bench-small loss per step, bf16: {', '.join(f'{x:.4f}' for x in bs['bf16']['losses'])}  (largest relative difference {max(curve):.2%})\n")
+    print(
+        f"bench-small loss per step, bf16: {', '.join(f'{x:.4f}' for x in bs['bf16']['losses'])}  (largest relative difference {max(curve):.2%})\n"
+    )
     if args.compile:
         r = train_bench(small_cfg, 64, "fp32", 3, device, compile=True, warmup=2)
         res["train"]["bench-small"]["fp32-compile"] = r
-        print(f"torch.compile, bench-small fp32: first step {r['first_step_s']:.1f} s, then {r['step_s']:.2f} s / step "
-              f"({bs['fp32']['step_s'] / r['step_s']:.2f}× eager)\n")
+        print(
+            f"torch.compile, bench-small fp32: first step {r['first_step_s']:.1f} s, then {r['step_s']:.2f} s / step "
+            f"({bs['fp32']['step_s'] / r['step_s']:.2f}× eager)\n"
+        )
 
     # 3. sampling
     res["sample"] = {}
@@ -346,8 +390,9 @@ def main() -> None:
     for p in ("fp32", "bf16"):
         r = sample_bench(small_cfg, 64, p, 2 if q else 6, device, names if (p == "fp32" or not q) else ("ads",))
         res["sample"][p] = r
-        cells = " | ".join(f"{r['samplers'][n]['step_s']:.3f} ({r['samplers'][n]['sentences_per_s']:.2f})" if n in r["samplers"] else "-"
-                           for n in names)
+        cells = " | ".join(
+            f"{r['samplers'][n]['step_s']:.3f} ({r['samplers'][n]['sentences_per_s']:.2f})" if n in r["samplers"] else "-" for n in names
+        )
         print(f"| {p} | {r['forward_s']:.3f} | {cells} | {r['overhead']:.2f}× |", flush=True)
     print(f"\nbf16 sampling step: {res['sample']['fp32']['step_s'] / res['sample']['bf16']['step_s']:.2f}× the speed of fp32\n")
     print("## the small preset against the previous one (batch 128, fp32; training: batch 32)\n")
@@ -367,41 +412,92 @@ def main() -> None:
     print("## peak memory (RSS, fresh process each)\n")
     if "base_train_b64_s128" in res["rss_gb"]:
         print(f"- base training, batch 64 × seq 128, fp32: {res['rss_gb']['base_train_b64_s128']:.2f} GB")
-    print(f"- decoding 256 vs 2048 inputs (tiny model, batch 64): {res['rss_gb']['decode_256']:.3f} vs {res['rss_gb']['decode_2048']:.3f} GB\n")
+    print(
+        f"- decoding 256 vs 2048 inputs (tiny model, batch 64): {res['rss_gb']['decode_256']:.3f} vs {res['rss_gb']['decode_2048']:.3f} GB\n"
+    )
 
     # the acceptance targets
     t32, t16 = bs["fp32"]["step_s"], bs["bf16"]["step_s"]
     s32 = res["sample"]["fp32"]
     base = res["train"]["base"]["fp32"]
     rows = [
-        ("bench-small train step, fp32", f"{t32:.2f} s", f"≤ {TARGETS['train_fp32_s'] * scale:.2f} s", f"{DIFFUSEQ['train_step_s']:.2f} s",
-         f"{t32 / DIFFUSEQ['train_step_s'] / scale:.2f}×", t32 <= TARGETS["train_fp32_s"] * scale),
-        ("bench-small train step, bf16", f"{t16:.2f} s", f"≤ {TARGETS['train_bf16_s'] * scale:.2f} s", f"{DIFFUSEQ['train_step_s']:.2f} s",
-         f"{t16 / DIFFUSEQ['train_step_s'] / scale:.2f}×", t16 <= TARGETS["train_bf16_s"] * scale),
-        ("bench-small sample step, batch 64, fp32", f"{s32['step_s']:.2f} s", f"≤ {TARGETS['sample_fp32_s'] * scale:.2f} s",
-         f"{DIFFUSEQ['sample_step_s']:.2f} s", f"{s32['step_s'] / DIFFUSEQ['sample_step_s'] / scale:.2f}×", s32["step_s"] <= TARGETS["sample_fp32_s"] * scale),
-        ("sampling loop / bare forward, fp32", f"{s32['overhead']:.2f}×", f"≤ {TARGETS['overhead']:.1f}×", f"{DIFFUSEQ['sample_overhead']:.2f}×", "",
-         s32["overhead"] <= TARGETS["overhead"]),
-        (f"base train MFU, fp32{' (batch 4: --quick)' if q else ''}", f"{base['mfu']:.0%}", f"≥ {TARGETS['mfu_base']:.0%}", "57–62% (bench-small)", "",
-         base["mfu"] >= TARGETS["mfu_base"]),
-        ("bf16 / fp32 training speed (bench-small)", f"{t32 / t16:.2f}×", f"≥ {TARGETS['bf16_speedup']:.1f}×", "", "", t32 / t16 >= TARGETS["bf16_speedup"]),
+        (
+            "bench-small train step, fp32",
+            f"{t32:.2f} s",
+            f"≤ {TARGETS['train_fp32_s'] * scale:.2f} s",
+            f"{DIFFUSEQ['train_step_s']:.2f} s",
+            f"{t32 / DIFFUSEQ['train_step_s'] / scale:.2f}×",
+            t32 <= TARGETS["train_fp32_s"] * scale,
+        ),
+        (
+            "bench-small train step, bf16",
+            f"{t16:.2f} s",
+            f"≤ {TARGETS['train_bf16_s'] * scale:.2f} s",
+            f"{DIFFUSEQ['train_step_s']:.2f} s",
+            f"{t16 / DIFFUSEQ['train_step_s'] / scale:.2f}×",
+            t16 <= TARGETS["train_bf16_s"] * scale,
+        ),
+        (
+            "bench-small sample step, batch 64, fp32",
+            f"{s32['step_s']:.2f} s",
+            f"≤ {TARGETS['sample_fp32_s'] * scale:.2f} s",
+            f"{DIFFUSEQ['sample_step_s']:.2f} s",
+            f"{s32['step_s'] / DIFFUSEQ['sample_step_s'] / scale:.2f}×",
+            s32["step_s"] <= TARGETS["sample_fp32_s"] * scale,
+        ),
+        (
+            "sampling loop / bare forward, fp32",
+            f"{s32['overhead']:.2f}×",
+            f"≤ {TARGETS['overhead']:.1f}×",
+            f"{DIFFUSEQ['sample_overhead']:.2f}×",
+            "",
+            s32["overhead"] <= TARGETS["overhead"],
+        ),
+        (
+            f"base train MFU, fp32{' (batch 4: --quick)' if q else ''}",
+            f"{base['mfu']:.0%}",
+            f"≥ {TARGETS['mfu_base']:.0%}",
+            "57–62% (bench-small)",
+            "",
+            base["mfu"] >= TARGETS["mfu_base"],
+        ),
+        (
+            "bf16 / fp32 training speed (bench-small)",
+            f"{t32 / t16:.2f}×",
+            f"≥ {TARGETS['bf16_speedup']:.1f}×",
+            "",
+            "",
+            t32 / t16 >= TARGETS["bf16_speedup"],
+        ),
         ("bf16 loss curve vs fp32", f"{max(curve):.2%}", f"≤ {TARGETS['loss_rel']:.0%}", "", "", max(curve) <= TARGETS["loss_rel"]),
     ]
     if "base_train_b64_s128" in res["rss_gb"]:
         gb = res["rss_gb"]["base_train_b64_s128"]
-        rows.append(("base train peak RSS, batch 64 × seq 128", f"{gb:.2f} GB", f"< {TARGETS['base_rss_gb']:.0f} GB", "4.7 GB (bench-small)", "",
-                     gb < TARGETS["base_rss_gb"]))
+        rows.append(
+            (
+                "base train peak RSS, batch 64 × seq 128",
+                f"{gb:.2f} GB",
+                f"< {TARGETS['base_rss_gb']:.0f} GB",
+                "4.7 GB (bench-small)",
+                "",
+                gb < TARGETS["base_rss_gb"],
+            )
+        )
     growth = res["rss_gb"]["decode_2048"] / res["rss_gb"]["decode_256"]
     rows.append(("decode RSS, 8× the inputs", f"{growth:.2f}×", "≈ 1×", "", "", growth < 1.1))
-    res["acceptance"] = [{"figure": r[0], "measured": r[1], "target": r[2], "diffuseq": r[3], "vs_diffuseq": r[4], "met": r[5]} for r in rows]
+    res["acceptance"] = [
+        {"figure": r[0], "measured": r[1], "target": r[2], "diffuseq": r[3], "vs_diffuseq": r[4], "met": r[5]} for r in rows
+    ]
     print("## against the targets\n")
     print("| figure | measured | target | DiffuSeq | vs DiffuSeq (scaled) | met |\n| --- | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {mark(r[5])} |")
     res["machine"]["load_after"] = load()
     res["seconds"] = time.perf_counter() - started
-    print(f"\nload average before {res['machine']['load_before']:.2f}, after {res['machine']['load_after']:.2f}; "
-          f"{res['seconds']:.0f} s in all")
+    print(
+        f"\nload average before {res['machine']['load_before']:.2f}, after {res['machine']['load_after']:.2f}; "
+        f"{res['seconds']:.0f} s in all"
+    )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
 

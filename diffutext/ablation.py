@@ -33,8 +33,18 @@ Callback = Callable[[str, dict[str, Any]], None]
 SAMPLER_ORDER = ("ddpm", "skip", "uniform", "ddim", "ads", "dpm++")
 FLOORS = ("copy source", "lexicon lookup")  # rows scored beside the samplers, not decoded
 # column -> whether higher is better (None: no "best")
-COLUMNS = {"sacrebleu": True, "sentence_bleu": True, "diffuseq_bleu": True, "rouge_l": True, "dist_1": True, "self_bleu": False,
-           "avg_len": None, "seconds": False, "sentences_per_s": True, "speedup": True}
+COLUMNS = {
+    "sacrebleu": True,
+    "sentence_bleu": True,
+    "diffuseq_bleu": True,
+    "rouge_l": True,
+    "dist_1": True,
+    "self_bleu": False,
+    "avg_len": None,
+    "seconds": False,
+    "sentences_per_s": True,
+    "speedup": True,
+}
 
 
 def grid(samplers: list[str], steps: list[int], T: int, base: SampleConfig) -> list[tuple[str, int]]:
@@ -48,8 +58,14 @@ def grid(samplers: list[str], steps: list[int], T: int, base: SampleConfig) -> l
     return cells
 
 
-def run(checkpoints: list[tuple[str, Loaded]], dataset, cells: list[tuple[str, int]], base: SampleConfig,
-        callback: Callback | None = None, keep: Pieces | None = None) -> list[dict[str, Any]]:
+def run(
+    checkpoints: list[tuple[str, Loaded]],
+    dataset,
+    cells: list[tuple[str, int]],
+    base: SampleConfig,
+    callback: Callback | None = None,
+    keep: Pieces | None = None,
+) -> list[dict[str, Any]]:
     """One row per checkpoint × cell, plus a copy-the-source row per checkpoint. With `keep`, each finished cell is
     stored as it completes, and a cell stored by an earlier (interrupted) run of the same grid is reused: the
     "cell_reused" event says so."""
@@ -68,8 +84,13 @@ def run(checkpoints: list[tuple[str, Loaded]], dataset, cells: list[tuple[str, i
             else:
                 emit("cell", {"checkpoint": label, "sampler": name, "steps": steps})
                 out = decode(loaded, dataset, cfg, callback, keep and keep.sub("batches"))  # a stop mid-cell loses no batch
-                row = {"step": loaded.checkpoint.step, "sampler": name, "steps": out.steps, **scores(out, refs, cfg.seeds),
-                       "timesteps": out.timesteps}
+                row = {
+                    "step": loaded.checkpoint.step,
+                    "sampler": name,
+                    "steps": out.steps,
+                    **scores(out, refs, cfg.seeds),
+                    "timesteps": out.timesteps,
+                }
                 if keep is not None:
                     keep.put(key, row)
             row = {"checkpoint": label, **row}
@@ -82,8 +103,20 @@ def run(checkpoints: list[tuple[str, Loaded]], dataset, cells: list[tuple[str, i
         floors = {"copy source": copy}
         if hasattr(loaded.model, "lexicon"):
             floors["lexicon lookup"] = metrics.score(translate(list(dataset["src"]), loaded.checkpoint.vocab, loaded.model.lexicon), refs)
-        rows += [{"checkpoint": label, "step": loaded.checkpoint.step, "sampler": name, "steps": 0, **floor, "seconds": 0.0,
-                  "sentences_per_s": None, "speedup": None, "timesteps": []} for name, floor in floors.items()]
+        rows += [
+            {
+                "checkpoint": label,
+                "step": loaded.checkpoint.step,
+                "sampler": name,
+                "steps": 0,
+                **floor,
+                "seconds": 0.0,
+                "sentences_per_s": None,
+                "speedup": None,
+                "timesteps": [],
+            }
+            for name, floor in floors.items()
+        ]
     return rows
 
 
@@ -107,8 +140,24 @@ def write(out_dir: Path, rows: list[dict[str, Any]], sigma: list[float], meta: d
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fields = ["checkpoint", "step", "sampler", "steps", "sacrebleu", "sentence_bleu", "diffuseq_bleu", "rouge_l", "dist_1", "avg_len",
-              "self_bleu", "div_4", "count", "seconds", "sentences_per_s", "speedup"]
+    fields = [
+        "checkpoint",
+        "step",
+        "sampler",
+        "steps",
+        "sacrebleu",
+        "sentence_bleu",
+        "diffuseq_bleu",
+        "rouge_l",
+        "dist_1",
+        "avg_len",
+        "self_bleu",
+        "div_4",
+        "count",
+        "seconds",
+        "sentences_per_s",
+        "speedup",
+    ]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
@@ -117,8 +166,10 @@ def write(out_dir: Path, rows: list[dict[str, Any]], sigma: list[float], meta: d
     atomic_write(out_dir / "results.json", (json.dumps({**meta, "rows": rows}, indent=2) + "\n").encode())
     samplers = [r for r in rows if r["sampler"] not in FLOORS]
     paths = [out_dir / "results.csv", out_dir / "results.json"]
-    pngs = {f"{metric}_vs_steps.png": plots.quality_vs_steps(samplers, metric, label)
-            for metric, label in (("sacrebleu", "sacreBLEU (corpus)"), ("sentence_bleu", "sentence BLEU-4 (textbook, nltk)"))}
+    pngs = {
+        f"{metric}_vs_steps.png": plots.quality_vs_steps(samplers, metric, label)
+        for metric, label in (("sacrebleu", "sacreBLEU (corpus)"), ("sentence_bleu", "sentence BLEU-4 (textbook, nltk)"))
+    }
     pngs["timesteps.png"] = plots.visited_timesteps(samplers, sigma)
     for name, data in pngs.items():
         atomic_write(out_dir / name, data)

@@ -89,13 +89,15 @@ def _sha256(data: bytes) -> str:
 
 # ---- writing ----
 
+
 def init_run(run_dir: Path, config: RunConfig, vocab: Vocab) -> None:
     atomic_write(run_dir / "config.json", json.dumps({"version": __version__, **config.to_dict()}, indent=2).encode())
     atomic_write(run_dir / "tokenizer.json", vocab.to_str().encode())
 
 
-def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
-                    state: dict[str, Any], keep: int = 0) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 0
+) -> Path:
     """Write checkpoints/step-<step>/ (built hidden, manifest last, then renamed); keep only the newest `keep` (0: all)."""
     root = Path(run_dir) / CHECKPOINTS
     folder = root / f"step-{step:08d}"
@@ -124,8 +126,9 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
-            raise CheckpointWriteError(e.errno, f"cannot write checkpoint {folder.name} ({e.strerror or e}); "
-                                                "the previous checkpoints are kept", str(run_dir)) from e
+            raise CheckpointWriteError(
+                e.errno, f"cannot write checkpoint {folder.name} ({e.strerror or e}); the previous checkpoints are kept", str(run_dir)
+            ) from e
         raise
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
@@ -209,6 +212,7 @@ def truncate_log(run_dir: Path, step: int) -> int:
 
 
 # ---- reading ----
+
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint folders with a manifest, oldest first."""
@@ -319,7 +323,7 @@ def locate(path: Path, step: int | None = None) -> tuple[Path, int | None]:
     if path.parent.name != CHECKPOINTS or not path.name.startswith("step-"):
         return path, step
     try:
-        n = int(path.name[len("step-"):])
+        n = int(path.name[len("step-") :])
     except ValueError:
         raise CheckpointError(f"{path}: not a checkpoint folder name (expected step-<N>)") from None
     if step is not None and step != n:
@@ -352,19 +356,28 @@ def open_run(run_dir: Path, step: int | None = None) -> Checkpoint:
         ckpts = [c for c in ckpts if c.name == f"step-{step:08d}"]
     if not ckpts:
         steps = ", ".join(str(int(c.name[5:])) for c in list_checkpoints(run_dir)) if step is not None else ""
-        raise CheckpointError(f"{run_dir}: no complete checkpoint{'' if step is None else f' at step {step}'} (missing manifest.json)"
-                              + (f"; its checkpoints: steps {steps}" if steps else ""))
+        raise CheckpointError(
+            f"{run_dir}: no complete checkpoint{'' if step is None else f' at step {step}'} (missing manifest.json)"
+            + (f"; its checkpoints: steps {steps}" if steps else "")
+        )
     folder = ckpts[-1]
     manifest = _read_json(folder / "manifest.json")
     files = manifest.get("files")
-    if (not isinstance(files, dict) or not isinstance(manifest.get("step"), int) or isinstance(manifest["step"], bool)
-            or not set(WEIGHT_FILES + ("state.pt",)) <= set(files) or not all(isinstance(v, str) for v in files.values())):
+    if (
+        not isinstance(files, dict)
+        or not isinstance(manifest.get("step"), int)
+        or isinstance(manifest["step"], bool)
+        or not set(WEIGHT_FILES + ("state.pt",)) <= set(files)
+        or not all(isinstance(v, str) for v in files.values())
+    ):
         raise CheckpointError(f"{folder / 'manifest.json'}: malformed manifest (expected step and a sha256 for each file)")
     if folder.name != f"step-{manifest['step']:08d}":
         raise CheckpointError(f"{folder / 'manifest.json'}: says step {manifest['step']} but lies in {folder.name}")
     expected_tok = manifest.get("tokenizer_sha256")
     if expected_tok is not None and expected_tok != _sha256(tok_bytes):
-        raise CheckpointError(f"{tok_path}: not the tokenizer this checkpoint was trained with (sha256 differs from {folder.name}/manifest.json)")
+        raise CheckpointError(
+            f"{tok_path}: not the tokenizer this checkpoint was trained with (sha256 differs from {folder.name}/manifest.json)"
+        )
     return Checkpoint(run_dir, folder, config, vocab, manifest["step"])
 
 

@@ -44,12 +44,16 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                               help="Print diffutext's version and exit.")] = False) -> None:
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print diffutext's version and exit.")
+    ] = False,
+) -> None:
     """Continuous diffusion for sequence-to-sequence text: DiffuSeq + Distance Penalty + Adaptive Decay Sampling."""
 
 
 # ---------------------------------------------------------------- train
+
 
 @app.command()
 @o.command(o.TRAIN_FLAGS, o.TRAIN_RUN)
@@ -73,10 +77,13 @@ def train(opts: dict[str, Any] = None) -> None:
         overrides["train"]["max_minutes"] = 0.0  # an explicit step count is the budget: the preset's minutes no longer cut it short
     if overrides["train"].get("init_from") and not resume:  # post-training keeps the initial run's diffusion but for flags given
         from .train import post_training_diffusion
+
         overrides["diffusion"] = run_guarded(post_training_diffusion, overrides["train"]["init_from"], overrides["diffusion"])
     if overrides["train"].get("init_from") and not resume and overrides["model"]:
-        fail(f"--init-from keeps its run's network; {', '.join(o.flag(n) for n in sorted(overrides['model']))} cannot change it "
-             "(start a fresh run for another network)")
+        fail(
+            f"--init-from keeps its run's network; {', '.join(o.flag(n) for n in sorted(overrides['model']))} cannot change it "
+            "(start a fresh run for another network)"
+        )
     cfg = run_guarded(resolve, preset, overrides)
     if not resume:
         _check_train_flags(cfg, given)
@@ -101,17 +108,24 @@ def _check_resume_flags(stored, cfg, overrides: dict[str, dict[str, Any]], given
     resolve to the stored network and process; anything else is refused with one line."""
     from .train import LIMITS
 
-    changed = {o.flag(f.flag or f.name) for f in o.TRAIN_FIELDS if f.name not in LIMITS and f.name in overrides[f.section]
-               and getattr(getattr(stored, f.section), f.name) != overrides[f.section][f.name]}
+    changed = {
+        o.flag(f.flag or f.name)
+        for f in o.TRAIN_FIELDS
+        if f.name not in LIMITS
+        and f.name in overrides[f.section]
+        and getattr(getattr(stored, f.section), f.name) != overrides[f.section][f.name]
+    }
     from dataclasses import replace
 
     model = replace(cfg.model, vocab_size=stored.model.vocab_size) if cfg.model.vocab_size == 0 else cfg.model  # 0: the tokenizer's
     if given & {"preset", "config"} and (model != stored.model or cfg.diffusion != stored.diffusion):
         changed |= {o.flag(n) for n in given & {"preset", "config"}}
     if changed:
-        fail(f"--resume continues a run with its stored settings; {', '.join(sorted(changed))} cannot change them (only "
-             f"--max-steps, --max-minutes, --keep, --device, --compile and --detect-anomaly may be given again; "
-             f"to train on from its weights with other settings, start a new run with --init-from)")
+        fail(
+            f"--resume continues a run with its stored settings; {', '.join(sorted(changed))} cannot change them (only "
+            f"--max-steps, --max-minutes, --keep, --device, --compile and --detect-anomaly may be given again; "
+            f"to train on from its weights with other settings, start a new run with --init-from)"
+        )
 
 
 def _check_train_flags(cfg, given: set[str]) -> None:
@@ -143,8 +157,11 @@ def _train(cfg, run_dir: Path, opts: dict[str, Any]) -> None:
     device, keep = opts["device"], opts["keep"]
     if run_guarded(resolve_device, device).type == "cpu":
         limit_heap_fragmentation()  # freed activations go back to the system (allocator.py)
-    resume_cmd = " ".join(["diffutext", "train", "--out", shlex.quote(str(run_dir)), "--resume"]
-                          + (["--keep", str(keep)] if keep else []) + (["--device", shlex.quote(device)] if device != "auto" else []))
+    resume_cmd = " ".join(
+        ["diffutext", "train", "--out", shlex.quote(str(run_dir)), "--resume"]
+        + (["--keep", str(keep)] if keep else [])
+        + (["--device", shlex.quote(device)] if device != "auto" else [])
+    )
     last_step = [0]
     with ExitStack() as stack:
         if _is_main_rank():  # the writer lock first: a second writer must not even move a folder aside
@@ -159,11 +176,24 @@ def _train(cfg, run_dir: Path, opts: dict[str, Any]) -> None:
                 committed()  # the new run has a checkpoint: a replaced one can go
 
         try:
-            run_guarded(train_run, cfg, run_dir, resume=opts["resume"], device=device, callback=on_event, keep=keep,
-                        should_stop=stop.requested, compile=opts["compile"], detect_anomaly=opts["detect_anomaly"])
+            run_guarded(
+                train_run,
+                cfg,
+                run_dir,
+                resume=opts["resume"],
+                device=device,
+                callback=on_event,
+                keep=keep,
+                should_stop=stop.requested,
+                compile=opts["compile"],
+                detect_anomaly=opts["detect_anomaly"],
+            )
         except KeyboardInterrupt:
-            err.print(f"stopped at once by a second {stop.name or 'SIGINT'}, no checkpoint of the current step; "
-                      f"resume from the last one with: {resume_cmd}", markup=False)
+            err.print(
+                f"stopped at once by a second {stop.name or 'SIGINT'}, no checkpoint of the current step; "
+                f"resume from the last one with: {resume_cmd}",
+                markup=False,
+            )
             raise typer.Exit(stop.exit_code if stop.signum else 130) from None
     if stop.requested():
         err.print(f"stopped by {stop.name} at step {last_step[0]}, checkpoint saved; resume with: {resume_cmd}", markup=False)
@@ -172,6 +202,7 @@ def _train(cfg, run_dir: Path, opts: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- sample, evaluate, ablate
+
 
 def _open(checkpoint: Optional[Path], weights: str, device: str, step: Optional[int] = None):
     from .checkpoint import newest_run
@@ -213,6 +244,7 @@ def _decoding(label: str, keep):
     from .views import DecodeView
 
     with StopSignals() as stop, DecodeView(label) as view:
+
         def on_event(event: str, info: dict[str, Any]) -> None:
             view(event, info)
             if event in ("batch_done", "cell_done") and stop.requested():  # between pieces: the finished ones are kept
@@ -330,7 +362,12 @@ def evaluate(opts: dict[str, Any] = None) -> None:
     from .evaluate import score_predictions, scores
     from .views import metrics_table
 
-    predictions, json_file, bertscore_model, script = opts["predictions"], opts["json_file"], opts["bertscore_model"], opts["diffuseq_script"]
+    predictions, json_file, bertscore_model, script = (
+        opts["predictions"],
+        opts["json_file"],
+        opts["bertscore_model"],
+        opts["diffuseq_script"],
+    )
     if predictions is not None:
         decoding = sorted(o.flag(p.name) for p in o.SAMPLER + o.INPUTS + o.SAMPLING + [o.DEVICE] if p.name in opts[o.GIVEN])
         if decoding:
@@ -352,8 +389,13 @@ def evaluate(opts: dict[str, Any] = None) -> None:
         if not _is_main_rank():
             return
         hyps, result, title = decoded.hyps, scores(decoded, refs, cfg.seeds, script), _label(cfg, decoded, len(ds))
-        extra = {"checkpoint": str(loaded.checkpoint.folder), "sampler": cfg.sampler, "steps": decoded.steps, "seeds": cfg.seeds,
-                 "precision": decoded.precision}
+        extra = {
+            "checkpoint": str(loaded.checkpoint.folder),
+            "sampler": cfg.sampler,
+            "steps": decoded.steps,
+            "seeds": cfg.seeds,
+            "precision": decoded.precision,
+        }
     if bertscore_model is not None:
         from .metrics import bertscore
 
@@ -378,7 +420,9 @@ def ablate(opts: dict[str, Any] = None) -> None:
 
     _check_sampling(opts, opts["samplers"])
     base = o.sample_config(opts)
-    opened = [(str(c) if c is not None else None, _open(c, base.weights, opts["device"], opts["step"])) for c in (opts["checkpoints"] or [None])]
+    opened = [
+        (str(c) if c is not None else None, _open(c, base.weights, opts["device"], opts["step"])) for c in (opts["checkpoints"] or [None])
+    ]
     opened = [(label or str(run.checkpoint.run_dir), run) for label, run in opened]
     first = opened[0][1]
     T = first.checkpoint.config.diffusion.T
@@ -389,9 +433,12 @@ def ablate(opts: dict[str, Any] = None) -> None:
         fail("this split has no references to score against")
     cells = run_guarded(ablation.grid, opts["samplers"], opts["step_counts"], T, base)
     labels = [label for label, _ in opened]
-    folder = opts["out_dir"] or (first.checkpoint.run_dir / "ablate" if len(opened) == 1 else RUNS_DIR / f"ablate-{fingerprint(labels)[:8]}")
+    folder = opts["out_dir"] or (
+        first.checkpoint.run_dir / "ablate" if len(opened) == 1 else RUNS_DIR / f"ablate-{fingerprint(labels)[:8]}"
+    )
     keep, reused = Pieces(folder / ".cells.partial"), []
     with _decoding("ablate", keep) as on_event:
+
         def count(event: str, info: dict[str, Any]) -> None:
             if event == "cell_reused":
                 reused.append(info)
@@ -417,8 +464,12 @@ def import_diffuseq(opts: dict[str, Any] = None) -> None:
     """Turn a DiffuSeq model folder (training_args.json, ema_*.pt, its vocabulary) into a run folder every command takes."""
     from . import import_diffuseq as imp
     from . import views
-    views.imported(run_guarded(imp.import_diffuseq, opts["source"], opts["out_dir"], task=opts["task"], tokenizer=opts["tokenizer"],
-                               heads=opts["heads"]))
+
+    views.imported(
+        run_guarded(
+            imp.import_diffuseq, opts["source"], opts["out_dir"], task=opts["task"], tokenizer=opts["tokenizer"], heads=opts["heads"]
+        )
+    )
 
 
 @app.command()

@@ -35,7 +35,9 @@ UpdateName = Literal["ddpm", "ddim", "dpmpp", "mask"]  # update rules of sampler
 Process = Literal["gaussian", "mask"]  # how the target is corrupted: Gaussian noise on embeddings | masking (masked.py)
 Variance = Literal["large", "small"]  # ancestral variance: DiffuSeq's β′, or the posterior's
 Weights = Literal["ema", "model"]  # which weights of a checkpoint to use
-Arch = Literal["diffutext", "diffuseq", "encdec"]  # the denoiser: ours (model.py) | DiffuSeq's TransformerNetModel (diffuseq_model.py) | ours as an encoder–decoder
+Arch = Literal[
+    "diffutext", "diffuseq", "encdec"
+]  # the denoiser: ours (model.py) | DiffuSeq's TransformerNetModel (diffuseq_model.py) | ours as an encoder–decoder
 # how a pair is packed (data/batches.py): [CLS] src [SEP] trg [SEP] | DiffuSeq's [CLS] src [SEP] [SEP] [CLS] trg [SEP]
 Layout = Literal["diffutext", "diffuseq"]
 # DiffuSeq's scripts/eval_seq2seq.py (diffuseq_metrics.py): since 2023-02-14 its get_bleu puts the reference in the
@@ -59,7 +61,9 @@ COPY_OVERLAP = 0.4  # auto's threshold on the train split's token Dice overlap (
 # positions before them are never snapped to a special token) | predicted (the length head's, for a model trained with
 # one; held the same way) | auto (predicted for a model with a length head, source for a run with the copy prior, else free)
 Length = Literal["free", "source", "predicted", "auto"]
-ClampBy = Literal["nearest", "head", "auto"]  # how clamping snaps x0_hat: nearest embedding in L2 (DiffuSeq) | the tied head's argmax (Difformer) | auto (head for a run trained with the anchor loss)
+ClampBy = Literal[
+    "nearest", "head", "auto"
+]  # how clamping snaps x0_hat: nearest embedding in L2 (DiffuSeq) | the tied head's argmax (Difformer) | auto (head for a run trained with the anchor loss)
 
 
 def choices(kind) -> tuple[str, ...]:
@@ -155,8 +159,13 @@ class ModelConfig:
     def needs_target_mask(self) -> bool:
         """Whether the denoiser reads the target mask (segment positions, the copy prior, the copied input, the
         encoder–decoder)."""
-        return (self.positions == "segment" or self.copy_source == "on" or self.copy_input or self.arch == "encdec"
-                or self.x0_from == "classifier")
+        return (
+            self.positions == "segment"
+            or self.copy_source == "on"
+            or self.copy_input
+            or self.arch == "encdec"
+            or self.x0_from == "classifier"
+        )
 
     @property
     def needs_hold(self) -> bool:
@@ -240,8 +249,10 @@ class RunConfig:
             if isinstance(model.get("copy_source"), bool):  # run folders written before auto stored true/false
                 model["copy_source"] = "on" if model["copy_source"] else "off"
             if model.get("x0_from") == "softmax":
-                raise ConfigError("model.x0_from softmax was retired: the classifier (x0_from classifier, CDCD's readout and "
-                                  "output prior) replaces it; retrain such a run")
+                raise ConfigError(
+                    "model.x0_from softmax was retired: the classifier (x0_from classifier, CDCD's readout and "
+                    "output prior) replaces it; retrain such a run"
+                )
             return cls(
                 model=_build(ModelConfig, model),
                 diffusion=_build(DiffusionConfig, data.get("diffusion", {})),
@@ -269,7 +280,9 @@ class SampleConfig:
     # DINOISER's condition-enhanced denoiser: the denoiser is told timesteps from T − 1 down to this share of T (0.99
     # there) while the sample follows the schedule; None: off (the denoiser is told the sample's own t)
     cedi: float | None = None
-    self_condition_input: SelfConditionInput = "clamped"  # a self-conditioned model is fed the previous x0_hat: clamped | raw (before snapping)
+    self_condition_input: SelfConditionInput = (
+        "clamped"  # a self-conditioned model is fed the previous x0_hat: clamped | raw (before snapping)
+    )
     ads_shares: tuple[float, float, float] | None = None
     batch_size: int = 128
     seed: int = 0
@@ -301,8 +314,18 @@ PRESETS: dict[str, RunConfig] = {
     # Seconds-long runs for tests: two layers, a tiny vocabulary.
     "tiny": RunConfig(
         model=ModelConfig(hidden_dim=16, width=32, layers=2, heads=2, ffn=64, dropout=0.0, seq_len=48, time_dim=32),
-        train=TrainConfig(max_steps=20, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, eval_every=10,
-                          eval_batches=1, save_every=10, log_every=5, vocab_size=300),
+        train=TrainConfig(
+            max_steps=20,
+            batch_size=8,
+            lr=1e-3,
+            warmup_steps=2,
+            ema_decay=0.9,
+            eval_every=10,
+            eval_batches=1,
+            save_every=10,
+            log_every=5,
+            vocab_size=300,
+        ),
     ),
     # The CPU default, chosen on Multi30k de→en valid, where the network must write the text (README, "Options
     # beyond the paper"; docs/screens.md): a 6-layer encoder–decoder (source encoded once per decode) in a 32-wide
@@ -312,19 +335,47 @@ PRESETS: dict[str, RunConfig] = {
     # slower on these CPUs). Training stops at 14 minutes of wall time (the learning rate decays to 0 by then) or
     # 6,000 steps, whichever comes first: about 2,200 steps on 2 CPU cores.
     "small": RunConfig(
-        model=ModelConfig(hidden_dim=32, width=256, layers=6, heads=4, ffn=1024, dropout=0.0, seq_len=56, time_dim=128,
-                          arch="encdec", positions="segment", x0_from="classifier", embedding_norm=True, target_length="head",
-                          self_condition=0.5, copy_source="off", copy_input=True, copy_lexicon=0.2, lexicon_model="ibm1"),
+        model=ModelConfig(
+            hidden_dim=32,
+            width=256,
+            layers=6,
+            heads=4,
+            ffn=1024,
+            dropout=0.0,
+            seq_len=56,
+            time_dim=128,
+            arch="encdec",
+            positions="segment",
+            x0_from="classifier",
+            embedding_norm=True,
+            target_length="head",
+            self_condition=0.5,
+            copy_source="off",
+            copy_input=True,
+            copy_lexicon=0.2,
+            lexicon_model="ibm1",
+        ),
         diffusion=DiffusionConfig(timestep_sampler="warped"),
-        train=TrainConfig(max_steps=6000, max_minutes=14.0, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.99, precision="fp32",
-                          eval_every=500, save_every=1000, vocab_size=8000),
+        train=TrainConfig(
+            max_steps=6000,
+            max_minutes=14.0,
+            batch_size=32,
+            lr=1e-3,
+            warmup_steps=100,
+            ema_decay=0.99,
+            precision="fp32",
+            eval_every=500,
+            save_every=1000,
+            vocab_size=8000,
+        ),
     ),
     # DiffuSeq's size: 12 layers, width 768, 12 heads, embedding 128, sequence 128 (~91M parameters with a
     # bert-base vocabulary). DiffuSeq trains it with batch 2048 for 50k steps on GPUs.
     "base": RunConfig(
         model=ModelConfig(),
-        train=TrainConfig(max_steps=50000, batch_size=64, lr=1e-4, warmup_steps=1000, ema_decay=0.9999,
-                          eval_every=2000, save_every=5000, vocab_size=30522),
+        train=TrainConfig(
+            max_steps=50000, batch_size=64, lr=1e-4, warmup_steps=1000, ema_decay=0.9999, eval_every=2000, save_every=5000, vocab_size=30522
+        ),
     ),
 }
 
@@ -400,19 +451,37 @@ def validate(config: RunConfig) -> None:
     checks = [
         (m.hidden_dim > 0 and m.width > 0 and m.layers > 0 and m.ffn > 0, "model sizes must be positive"),
         (m.arch != "encdec" or m.layers >= 2, "model.arch encdec splits model.layers into an encoder and a decoder: it needs at least 2"),
-        (max(m.hidden_dim, m.width, m.ffn, m.time_dim, m.seq_len) <= MAX_SIZE and m.layers <= MAX_LAYERS,
-         f"model sizes must be at most {MAX_SIZE} (layers at most {MAX_LAYERS})"),
+        (
+            max(m.hidden_dim, m.width, m.ffn, m.time_dim, m.seq_len) <= MAX_SIZE and m.layers <= MAX_LAYERS,
+            f"model sizes must be at most {MAX_SIZE} (layers at most {MAX_LAYERS})",
+        ),
         (m.heads > 0 and m.width % m.heads == 0, f"model.width ({m.width}) must be a multiple of model.heads ({m.heads})"),
         (m.time_dim > 0 and m.time_dim % 2 == 0, "model.time_dim must be a positive even number"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (m.arch != "diffuseq" or (m.self_condition == 0 and m.positions == "absolute" and m.x0_from == "regression"
-                                   and m.copy_source != "on" and not m.copy_input),
-         "model.arch diffuseq is DiffuSeq's network: no self-conditioning, absolute positions, x0 by regression, no copy prior or copied input"),
-        (m.copy_source != "on" or m.x0_from == "regression", "model.copy_source adds to a regressed x0_hat: it needs model.x0_from regression"),
+        (
+            m.arch != "diffuseq"
+            or (
+                m.self_condition == 0
+                and m.positions == "absolute"
+                and m.x0_from == "regression"
+                and m.copy_source != "on"
+                and not m.copy_input
+            ),
+            "model.arch diffuseq is DiffuSeq's network: no self-conditioning, absolute positions, x0 by regression, no copy prior or copied input",
+        ),
+        (
+            m.copy_source != "on" or m.x0_from == "regression",
+            "model.copy_source adds to a regressed x0_hat: it needs model.x0_from regression",
+        ),
         (m.target_length == "pad" or m.arch == "encdec", "model.target_length head reads the encoded source: it needs model.arch encdec"),
-        (not m.copy_gate or (m.x0_from == "classifier" and (m.copy_input or m.copy_source == "on")),
-         "model.copy_gate adds the copied token to the classifier's logits: it needs model.x0_from classifier and model.copy_input"),
-        (m.copy_align == "index" or m.target_length == "head", "model.copy_align uniform spreads the source over the target's length: it needs model.target_length head"),
+        (
+            not m.copy_gate or (m.x0_from == "classifier" and (m.copy_input or m.copy_source == "on")),
+            "model.copy_gate adds the copied token to the classifier's logits: it needs model.x0_from classifier and model.copy_input",
+        ),
+        (
+            m.copy_align == "index" or m.target_length == "head",
+            "model.copy_align uniform spreads the source over the target's length: it needs model.target_length head",
+        ),
         (m.arch != "diffuseq" or not m.embedding_norm, "model.arch diffuseq is DiffuSeq's network: free embedding rows"),
         (t.embedding_lr >= 0, "train.embedding_lr must be >= 0 (0: train.lr)"),
         (t.length_weight >= 0, "train.length_weight must be >= 0"),
@@ -421,10 +490,14 @@ def validate(config: RunConfig) -> None:
         (0.0 <= m.self_condition <= 1.0, "model.self_condition must be a probability in [0, 1]"),
         (0.0 <= m.absorbing <= 1.0, "model.absorbing must be in [0, 1] (the rate of the soft absorbing state)"),
         (2 <= d.T <= MAX_T, f"diffusion.T must be between 2 and {MAX_T}"),
-        (d.process == "gaussian" or (m.x0_from == "classifier" and m.arch == "encdec" and m.target_length == "head"),
-         "diffusion.process mask trains a classifier on the true length: it needs model.x0_from classifier, arch encdec and target_length head"),
-        (d.process == "gaussian" or (m.self_condition == 0 and not m.input_posterior and m.absorbing == 0 and t.distance_penalty == 0),
-         "diffusion.process mask has no Gaussian noise: no self-conditioning, posterior input, absorbing state or Distance Penalty"),
+        (
+            d.process == "gaussian" or (m.x0_from == "classifier" and m.arch == "encdec" and m.target_length == "head"),
+            "diffusion.process mask trains a classifier on the true length: it needs model.x0_from classifier, arch encdec and target_length head",
+        ),
+        (
+            d.process == "gaussian" or (m.self_condition == 0 and not m.input_posterior and m.absorbing == 0 and t.distance_penalty == 0),
+            "diffusion.process mask has no Gaussian noise: no self-conditioning, posterior input, absorbing state or Distance Penalty",
+        ),
         (d.noise_factor > 0, "diffusion.noise_factor must be positive (1: off)"),
         (t.max_steps > 0, "train.max_steps must be positive"),
         (t.max_minutes >= 0, "train.max_minutes must be >= 0"),
@@ -435,7 +508,10 @@ def validate(config: RunConfig) -> None:
         (t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
         (t.grad_accum > 0, "train.grad_accum must be positive"),
-        (t.grad_accum > 0 and t.batch_size % t.grad_accum == 0, f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})"),
+        (
+            t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
+            f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})",
+        ),
         (t.eval_every >= 0 and t.save_every >= 0 and t.log_every > 0, "eval_every/save_every must be >= 0, log_every > 0"),
         (t.eval_batches > 0, "train.eval_batches must be positive"),
         (50 <= t.vocab_size <= MAX_VOCAB, f"train.vocab_size must be between 50 and {MAX_VOCAB}"),
@@ -443,11 +519,16 @@ def validate(config: RunConfig) -> None:
         (t.distance_penalty >= 0, "train.distance_penalty (λ) must be >= 0: it is a positive weight"),
         (t.dp_window > 0, "train.dp_window (δ) must be positive"),
         (0.0 <= t.dp_from < 1.0, "train.dp_from must be in [0, 1): the share of the budget before the Distance Penalty starts"),
-        (not t.init_plm or m.arch == "diffuseq", "train.init_plm initialises DiffuSeq's post-LN BERT encoder: it needs model.arch diffuseq"),
+        (
+            not t.init_plm or m.arch == "diffuseq",
+            "train.init_plm initialises DiffuSeq's post-LN BERT encoder: it needs model.arch diffuseq",
+        ),
         (not (t.init_plm and t.init_from), "train.init_plm and train.init_from both name the starting weights; give one"),
         (t.anchor_weight >= 0, "train.anchor_weight must be >= 0"),
-        (t.anchor_weight == 0 or m.x0_from == "regression",
-         "train.anchor_weight trains a regressed x0_hat through the tied head: a classifier's cross-entropy is already its loss"),
+        (
+            t.anchor_weight == 0 or m.x0_from == "regression",
+            "train.anchor_weight trains a regressed x0_hat through the tied head: a classifier's cross-entropy is already its loss",
+        ),
         (0.0 <= t.anchor_smoothing < 1.0, "train.anchor_smoothing must be in [0, 1)"),
     ]
     for ok, message in checks:

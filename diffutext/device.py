@@ -42,7 +42,7 @@ def autocast(device: torch.device, precision: Precision):
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> Precision:
-    """"auto" is bf16 where the device multiplies bf16 natively (a CUDA GPU with bf16, a CPU with
+    """ "auto" is bf16 where the device multiplies bf16 natively (a CUDA GPU with bf16, a CPU with
     AVX512-BF16/AMX, where a bf16 training step measured 1.3-2× faster), else fp32: on a CPU without
     them (AVX2 only) a bf16 product runs about 50× slower than fp32."""
     if precision != "auto":

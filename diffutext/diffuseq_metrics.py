@@ -111,7 +111,7 @@ def select_best(candidates: Sequence[str], script: str = "2023") -> int:
 
 
 def div_4(candidates: Sequence[str]) -> float:
-    grams = [tuple(w[i:i + 4]) for c in candidates for w in [c.split()] for i in range(len(w) - 3)]
+    grams = [tuple(w[i : i + 4]) for c in candidates for w in [c.split()] for i in range(len(w) - 3)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -139,8 +139,10 @@ def score(recovers: Sequence[str], references: Sequence[str], script: str = "202
 def diversity(candidates: Sequence[Sequence[str]], script: str = "2023") -> dict[str, float]:
     """The script's diversity over seeds: self-BLEU and div-4 per source, averaged over sources."""
     sets = [diversity_of_set(c, script) for c in candidates if len(c)]
-    return {"diffuseq_self_bleu": statistics.fmean(s for s, _ in sets) if sets else 0.0,
-            "diffuseq_div_4": statistics.fmean(d for _, d in sets) if sets else 0.0}
+    return {
+        "diffuseq_self_bleu": statistics.fmean(s for s, _ in sets) if sets else 0.0,
+        "diffuseq_div_4": statistics.fmean(d for _, d in sets) if sets else 0.0,
+    }
 
 
 def mbr(candidates: Sequence[Sequence[str]], references: Sequence[str], script: str = "2023") -> dict[str, float]:

@@ -124,7 +124,7 @@ class DiffuSeqDenoiser(nn.Module):
         self.position_embeddings = nn.Embedding(c.seq_len, c.width)
         self.LayerNorm = nn.LayerNorm(c.width, eps=LN_EPS)
         if getattr(c, "absorbing", 0) > 0:  # DiffuSeq-v2's learned mean embedding (quality options' absorbing state)
-            self.mask_state = nn.Parameter(torch.randn(c.hidden_dim) * c.hidden_dim ** -0.5)
+            self.mask_state = nn.Parameter(torch.randn(c.hidden_dim) * c.hidden_dim**-0.5)
 
     @property
     def embedding(self) -> nn.Embedding:

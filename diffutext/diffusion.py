@@ -32,8 +32,9 @@ def betas(schedule: Schedule, T: int) -> torch.Tensor:
         return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
     f = ALPHA_BAR[schedule]
     # ᾱ(s) of the sqrt schedule reaches 0 at s = 0.9999: for T > 10000 cap β there instead of dividing by <= 0
-    return torch.tensor([min(1.0 - f((i + 1) / T) / f(i / T), MAX_BETA) if f(i / T) > 0 else MAX_BETA for i in range(T)],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [min(1.0 - f((i + 1) / T) / f(i / T), MAX_BETA) if f(i / T) > 0 else MAX_BETA for i in range(T)], dtype=torch.float64
+    )
 
 
 def alpha_bar_table(schedule: Schedule, T: int) -> torch.Tensor:
@@ -50,8 +51,7 @@ def _bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
-def q_sample(x0: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, eps: torch.Tensor,
-             target_mask: torch.Tensor) -> torch.Tensor:
+def q_sample(x0: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, eps: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
     """z_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·eps on target positions; source positions stay at x0.
 
     x0, eps: (B, L, D); t: (B,) long; target_mask: (B, L) bool.

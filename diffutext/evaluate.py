@@ -77,8 +77,8 @@ def _pack_batch(srcs: list[str], vocab, seq_len: int, layout: str = "diffutext")
     truncated = 0
     for i, src in enumerate(vocab.encode(srcs)):
         seq, sep, cut = pack_one(src, None, seq_len, vocab, layout)
-        ids[i, :len(seq)] = torch.tensor(seq)
-        mask[i, sep + 1:] = True
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, sep + 1 :] = True
         truncated += cut
     return ids, mask, truncated
 
@@ -119,7 +119,7 @@ def predicted_lengths(model, ids: torch.Tensor, target_mask: torch.Tensor, preci
 
 
 def resolve_length(length: str, run_config) -> str:
-    """"auto": the length head's for a model with one; the source's length for a run with the copy prior (its x0_hat
+    """ "auto": the length head's for a model with one; the source's length for a run with the copy prior (its x0_hat
     starts as the aligned source, target token k at source token k, so the copy's length is its own); the model's
     choice (free) otherwise; else the value itself."""
     if length != "auto":
@@ -130,7 +130,7 @@ def resolve_length(length: str, run_config) -> str:
 
 
 def resolve_clamp_by(clamp_by: str, run_config) -> str:
-    """"auto": a model trained with the anchor loss, or whose x0_hat is the head's expected embedding (x0_from
+    """ "auto": a model trained with the anchor loss, or whose x0_hat is the head's expected embedding (x0_from
     softmax), snaps by the head's argmax (its x0_hat is trained for the head, not to lie near one embedding);
     any other by the nearest embedding; else the value itself."""
     if clamp_by != "auto":
@@ -148,8 +148,14 @@ def identity(loaded: Loaded, cfg: SampleConfig, precision: str, texts: list[str]
     """Everything a decode's output depends on: the checkpoint (its manifest), the sample config, the
     precision the denoiser runs in, the device and the inputs (for `pieces.fingerprint`)."""
     manifest = loaded.checkpoint.manifest
-    return [manifest.get("files"), manifest.get("step"), cfg, precision, loaded.device.type,
-            hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()]
+    return [
+        manifest.get("files"),
+        manifest.get("step"),
+        cfg,
+        precision,
+        loaded.device.type,
+        hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest(),
+    ]
 
 
 def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None = None, keep: Pieces | None = None) -> Decoded:
@@ -187,7 +193,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             seconds, truncated, done = seconds + secs, truncated + cut, done + len(stored[0][0]) * cfg.seeds
             emit("progress", {"done": min(done * world, total), "total": total})
             continue
-        ids, mask, cut = _pack_batch(dataset[b * bs:(b + 1) * bs]["src"], vocab, seq_len, ck.config.model.layout)
+        ids, mask, cut = _pack_batch(dataset[b * bs : (b + 1) * bs]["src"], vocab, seq_len, ck.config.model.layout)
         truncated += cut
         batch_seconds = 0.0
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)
@@ -201,9 +207,23 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
         for k in range(cfg.seeds):
             generator.manual_seed(batch_seed(cfg.seed + k, b))
             t0 = time.perf_counter()
-            out = generate(model, loaded.alpha_bar, sampler, cfg.steps, ids, mask, clamp=cfg.clamp, generator=generator,
-                           precision=precision, self_condition_input=cfg.self_condition_input, callback=on_step, clamp_by=clamp_by,
-                           hold=hold, banned=banned, cedi=cfg.cedi)
+            out = generate(
+                model,
+                loaded.alpha_bar,
+                sampler,
+                cfg.steps,
+                ids,
+                mask,
+                clamp=cfg.clamp,
+                generator=generator,
+                precision=precision,
+                self_condition_input=cfg.self_condition_input,
+                callback=on_step,
+                clamp_by=clamp_by,
+                hold=hold,
+                banned=banned,
+                cedi=cfg.cedi,
+            )
             out = out.cpu()  # one sync per batch
             batch_seconds += time.perf_counter() - t0
             per_seed.append(_to_text(out, mask.cpu(), vocab))
@@ -238,8 +258,14 @@ def scores(decoded: Decoded, refs: list[list[str]], seeds: int, script: str = "2
     diffuseq = diffuseq_metrics.score(decoded.hyps, first, script)
     if seeds > 1:
         diffuseq.update(diffuseq_metrics.diversity(decoded.candidates, script))
-    return {**metrics.score(decoded.hyps, refs), **decoded.diversity, **diffuseq, "diffuseq_script": script,
-            "seconds": decoded.seconds, "sentences_per_s": len(decoded.hyps) * seeds / max(decoded.seconds, 1e-9)}
+    return {
+        **metrics.score(decoded.hyps, refs),
+        **decoded.diversity,
+        **diffuseq,
+        "diffuseq_script": script,
+        "seconds": decoded.seconds,
+        "sentences_per_s": len(decoded.hyps) * seeds / max(decoded.seconds, 1e-9),
+    }
 
 
 def score_predictions(path: Path, mbr: bool = False, script: str = "2023") -> tuple[str, dict[str, Any], list[str], list[list[str]]]:
@@ -257,22 +283,34 @@ def score_predictions(path: Path, mbr: bool = False, script: str = "2023") -> tu
         files = jsonl.decoded_files(path)
         seeds = [jsonl.read_decoded(f) for f in files]
         if len({len(s) for s in seeds}) > 1:
-            raise jsonl.TaskError(f"{path}: its seed files differ in length ({', '.join(f'{f.name}: {len(s)}' for f, s in zip(files, seeds))}); "
-                                  "line k of every file must decode the same source")
+            raise jsonl.TaskError(
+                f"{path}: its seed files differ in length ({', '.join(f'{f.name}: {len(s)}' for f, s in zip(files, seeds))}); "
+                "line k of every file must decode the same source"
+            )
         candidates = [[diffuseq_metrics.clean_recover(s[k][0]) for s in seeds] for k in range(len(seeds[0]))]
         references = [diffuseq_metrics.clean_reference(r) for _, r, _ in seeds[0]]
         if mbr:
             picks = [c[diffuseq_metrics.select_best(c, script)] for c in candidates]
             result = _both(picks, references, script)
-            return (f"{path} (MBR of {len(files)} seed files, {len(picks)} sources)", {**result, "seed_files": len(files)},
-                    picks, [[r] for r in references])
+            return (
+                f"{path} (MBR of {len(files)} seed files, {len(picks)} sources)",
+                {**result, "seed_files": len(files)},
+                picks,
+                [[r] for r in references],
+            )
         per_file = [_both([c[i] for c in candidates], references, script) for i in range(len(files))]
-        result = {k: statistics.fmean(f[k] for f in per_file) for k, v in per_file[0].items()
-                  if isinstance(v, float) and k not in ("count", "diffuseq_count")}
+        result = {
+            k: statistics.fmean(f[k] for f in per_file)
+            for k, v in per_file[0].items()
+            if isinstance(v, float) and k not in ("count", "diffuseq_count")
+        }
         result = {**per_file[0], **result, **(diffuseq_metrics.diversity(candidates, script) if len(files) > 1 else {})}
-        return (f"{path} (mean of {len(files)} seed files, {len(references)} sources)",
-                {**result, "seed_files": len(files), "files": {f.name: r for f, r in zip(files, per_file)}},
-                [c[0] for c in candidates], [[r] for r in references])
+        return (
+            f"{path} (mean of {len(files)} seed files, {len(references)} sources)",
+            {**result, "seed_files": len(files), "files": {f.name: r for f, r in zip(files, per_file)}},
+            [c[0] for c in candidates],
+            [[r] for r in references],
+        )
     if jsonl.is_decoded_file(path):
         rows = jsonl.read_decoded(path)
         hyps, refs = [diffuseq_metrics.clean_recover(h) for h, _, _ in rows], [diffuseq_metrics.clean_reference(r) for _, r, _ in rows]
@@ -290,8 +328,10 @@ def _both(recovers: list[str], references: list[str], script: str) -> dict[str, 
 
 def predictions_jsonl(srcs: list[str], refs: list[list[str]], decoded: Decoded) -> str:
     """What `sample --out` writes: one {"src", "trg" | "refs", "hyp"} line per input (and its "candidates" over seeds)."""
-    rows = [{"src": s, **({"refs": r} if len(r) > 1 else {"trg": r[0]} if r else {}), "hyp": h,
-             **({"candidates": c} if len(c) > 1 else {})} for s, r, h, c in zip(srcs, refs, decoded.hyps, decoded.candidates)]
+    rows = [
+        {"src": s, **({"refs": r} if len(r) > 1 else {"trg": r[0]} if r else {}), "hyp": h, **({"candidates": c} if len(c) > 1 else {})}
+        for s, r, h, c in zip(srcs, refs, decoded.hyps, decoded.candidates)
+    ]
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
@@ -299,8 +339,13 @@ def diffuseq_seed_files(srcs: list[str], refs: list[list[str]], decoded: Decoded
     """What `sample --format diffuseq` writes: DiffuSeq's decoding output, one file per seed (seed<K>.json) of
     {"recover", "reference", "source"} lines, so that its scripts/eval_seq2seq.py (and `evaluate FOLDER`) read it."""
     seeds = len(decoded.candidates[0]) if decoded.candidates else 1
-    return {f"seed{k}.json": "".join(json.dumps({"recover": c[k], "reference": r[0] if r else "", "source": s}, ensure_ascii=False) + "\n"
-                                     for s, r, c in zip(srcs, refs, decoded.candidates)) for k in range(seeds)}
+    return {
+        f"seed{k}.json": "".join(
+            json.dumps({"recover": c[k], "reference": r[0] if r else "", "source": s}, ensure_ascii=False) + "\n"
+            for s, r, c in zip(srcs, refs, decoded.candidates)
+        )
+        for k in range(seeds)
+    }
 
 
 def _pick(candidates: list[list[str]]) -> tuple[list[str], list[list[str]], list[float], list[float]]:

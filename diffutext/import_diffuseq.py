@@ -79,8 +79,10 @@ def read_training_args(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: expected a JSON object")
     for key, ok in (("predict_xstart", True), ("learn_sigma", False), ("rescale_timesteps", True)):
         if args.get(key, ok) != ok:
-            raise CheckpointError(f"{path}: {key} = {args[key]}; diffutext imports models with predict_xstart true, learn_sigma "
-                                  "false and rescale_timesteps true (DiffuSeq's defaults)")
+            raise CheckpointError(
+                f"{path}: {key} = {args[key]}; diffutext imports models with predict_xstart true, learn_sigma "
+                "false and rescale_timesteps true (DiffuSeq's defaults)"
+            )
     schedule = args.get("noise_schedule", "sqrt")
     if schedule not in SCHEDULES:
         raise CheckpointError(f"{path}: noise_schedule {schedule!r}; diffutext has {', '.join(sorted(SCHEDULES))}")
@@ -116,11 +118,23 @@ def model_config(state: dict[str, torch.Tensor], args: dict[str, Any], vocab_siz
     if state["position_embeddings.weight"].shape[0] < seq_len:
         raise CheckpointError(f"seq_len {seq_len} is longer than the model's {state['position_embeddings.weight'].shape[0]} positions")
     if emb.shape[0] != vocab_size:
-        raise CheckpointError(f"the vocabulary has {vocab_size} entries but the model's word embedding {emb.shape[0]}; "
-                              "pass the tokenizer it was trained with (--tokenizer)")
-    return ModelConfig(vocab_size=vocab_size, hidden_dim=emb.shape[1], width=width, layers=layers, heads=_heads(width, args, heads),
-                       ffn=ffn, dropout=float(args.get("dropout", 0.1)), seq_len=seq_len, time_dim=time_dim,
-                       arch="diffuseq", layout="diffuseq")
+        raise CheckpointError(
+            f"the vocabulary has {vocab_size} entries but the model's word embedding {emb.shape[0]}; "
+            "pass the tokenizer it was trained with (--tokenizer)"
+        )
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_dim=emb.shape[1],
+        width=width,
+        layers=layers,
+        heads=_heads(width, args, heads),
+        ffn=ffn,
+        dropout=float(args.get("dropout", 0.1)),
+        seq_len=seq_len,
+        time_dim=time_dim,
+        arch="diffuseq",
+        layout="diffuseq",
+    )
 
 
 def load_vocab(folder: Path, args: dict[str, Any], given: str | None) -> tok.Vocab:
@@ -140,8 +154,9 @@ def load_vocab(folder: Path, args: dict[str, Any], given: str | None) -> tok.Voc
         return tok.load(Path(name) / "tokenizer.json" if name != "bert-base-uncased" else name)
     if (folder / "vocab.json").is_file():
         return _diffuseq_vocab(folder / "vocab.json")
-    raise CheckpointError(f"{folder}: the model used its own vocabulary ({args.get('vocab')}) and the folder has no vocab.json; "
-                          "pass it with --tokenizer")
+    raise CheckpointError(
+        f"{folder}: the model used its own vocabulary ({args.get('vocab')}) and the folder has no vocab.json; pass it with --tokenizer"
+    )
 
 
 def _diffuseq_vocab(path: Path) -> tok.Vocab:
@@ -157,21 +172,24 @@ def convert(state: dict[str, torch.Tensor], config: ModelConfig) -> tuple[dict[s
     to seq_len, the tied head's weight as the word embedding (see the module docstring), v2's mean_embed as
     mask_state. Returns it and whether lm_head.weight differed from word_embedding.weight."""
     out = {k: v.float() for k, v in state.items() if k not in ("position_ids", "lm_head.weight", "mean_embed")}
-    out["position_embeddings.weight"] = out["position_embeddings.weight"][:config.seq_len].clone()
+    out["position_embeddings.weight"] = out["position_embeddings.weight"][: config.seq_len].clone()
     head = state.get("lm_head.weight")
     differs = head is not None and not torch.equal(head, state["word_embedding.weight"])
     if head is not None:
         out["word_embedding.weight"] = head.float().clone()
     if "mean_embed" in state:
         if not hasattr(config, "absorbing"):
-            raise CheckpointError("a DiffuSeq-v2 model with a learned mean embedding needs the absorbing-state option, "
-                                  "which this version of diffutext does not have")
+            raise CheckpointError(
+                "a DiffuSeq-v2 model with a learned mean embedding needs the absorbing-state option, "
+                "which this version of diffutext does not have"
+            )
         out["mask_state"] = state["mean_embed"].float()
     return out, differs
 
 
-def import_diffuseq(source: Path, out: Path, *, task: str | None = None, tokenizer: str | None = None,
-                    heads: int | None = None) -> dict[str, Any]:
+def import_diffuseq(
+    source: Path, out: Path, *, task: str | None = None, tokenizer: str | None = None, heads: int | None = None
+) -> dict[str, Any]:
     """Write the run folder `out` from a DiffuSeq folder or .pt file; returns what was imported."""
     from .model import build_model
 
@@ -185,17 +203,26 @@ def import_diffuseq(source: Path, out: Path, *, task: str | None = None, tokeniz
     m_cfg = model_config(state, args, vocab.size, heads)
     if "mean_embed" in state and hasattr(m_cfg, "absorbing"):
         m_cfg = replace(m_cfg, absorbing=float(args.get("denoise_rate", 0.5)) if args.get("denoise") else 0.5)
-    d_cfg = DiffusionConfig(T=int(args.get("diffusion_steps", 2000)), schedule=args.get("noise_schedule", "sqrt"),
-                            timestep_sampler="lossaware" if args.get("schedule_sampler") == "lossaware" else "uniform")
+    d_cfg = DiffusionConfig(
+        T=int(args.get("diffusion_steps", 2000)),
+        schedule=args.get("noise_schedule", "sqrt"),
+        timestep_sampler="lossaware" if args.get("schedule_sampler") == "lossaware" else "uniform",
+    )
     data_dir = str(args.get("data_dir", ""))
     dataset = str(args.get("dataset", "")).lower()
     task = task or (data_dir if data_dir and Path(data_dir).is_dir() else dataset if dataset in PAPER_TASKS else data_dir or dataset)
     if not task:
         raise CheckpointError(f"{folder / 'training_args.json'}: names no data_dir or dataset; pass --task")
     clip = float(args.get("gradient_clipping", -1.0))
-    t_cfg = TrainConfig(task=task, lr=float(args.get("lr", 1e-4)), ema_decay=float(str(args.get("ema_rate", "0.9999")).split(",")[0]),
-                        weight_decay=float(args.get("weight_decay", 0.0)), grad_clip=clip if clip > 0 else 0.0,
-                        seed=int(args.get("seed", 0)) % 2**32, max_steps=int(args.get("learning_steps", 2000)) or 2000)
+    t_cfg = TrainConfig(
+        task=task,
+        lr=float(args.get("lr", 1e-4)),
+        ema_decay=float(str(args.get("ema_rate", "0.9999")).split(",")[0]),
+        weight_decay=float(args.get("weight_decay", 0.0)),
+        grad_clip=clip if clip > 0 else 0.0,
+        seed=int(args.get("seed", 0)) % 2**32,
+        max_steps=int(args.get("learning_steps", 2000)) or 2000,
+    )
     config = RunConfig(model=m_cfg, diffusion=d_cfg, train=t_cfg)
     try:
         validate(config)
@@ -206,5 +233,11 @@ def import_diffuseq(source: Path, out: Path, *, task: str | None = None, tokeniz
     step = step_of(pt)
     init_run(out, config, vocab)
     save_checkpoint(out, step, weights, weights, {"step": step, "imported_from": str(pt.resolve())})
-    return {"source": str(pt), "run_dir": str(out), "step": step, "config": config, "head_differs": differs,
-            "parameters": sum(v.numel() for v in weights.values())}
+    return {
+        "source": str(pt),
+        "run_dir": str(out),
+        "step": step,
+        "config": config,
+        "head_differs": differs,
+        "parameters": sum(v.numel() for v in weights.values()),
+    }

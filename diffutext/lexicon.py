@@ -32,8 +32,9 @@ def aligned_pairs(ids: torch.Tensor, target_mask: torch.Tensor, specials: list[i
     return src[keep], ids[keep]
 
 
-def build_lexicon(ids: torch.Tensor, target_mask: torch.Tensor, vocab_size: int, share: float, specials: list[int],
-                  min_count: int = LEXICON_MIN_COUNT) -> torch.Tensor:
+def build_lexicon(
+    ids: torch.Tensor, target_mask: torch.Tensor, vocab_size: int, share: float, specials: list[int], min_count: int = LEXICON_MIN_COUNT
+) -> torch.Tensor:
     """lex: (vocab_size,) long, lex[s] = the target token most often aligned with s (the smallest id among ties)
     when s has at least `min_count` alignments and that token at least `share` of them, else s."""
     src, trg = aligned_pairs(ids, target_mask, specials)
@@ -64,8 +65,16 @@ def _sides(ids: torch.Tensor, target_mask: torch.Tensor, specials: list[int]) ->
     return (*side(~target_mask & real), *side(target_mask & real))
 
 
-def ibm1_lexicon(ids: torch.Tensor, target_mask: torch.Tensor, vocab_size: int, share: float, specials: list[int],
-                 min_count: int = LEXICON_MIN_COUNT, iterations: int = 5, chunk: int = 4096) -> torch.Tensor:
+def ibm1_lexicon(
+    ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    vocab_size: int,
+    share: float,
+    specials: list[int],
+    min_count: int = LEXICON_MIN_COUNT,
+    iterations: int = 5,
+    chunk: int = 4096,
+) -> torch.Tensor:
     """lex from IBM Model 1 (Brown et al. 1993), the translation table fast_align and GIZA++ start from: t(e | f) by
     expectation–maximisation over the training pairs, every target token of a pair aligned to one of its source
     tokens or to none (a NULL source, [CLS] here), whatever their positions. lex[f] = argmax_e t(e | f) when f occurs
@@ -77,8 +86,8 @@ def ibm1_lexicon(ids: torch.Tensor, target_mask: torch.Tensor, vocab_size: int, 
     S_ok = torch.cat([torch.ones(len(S), 1, dtype=torch.bool), S_ok], 1)
     chunks = []
     for i in range(0, len(S), chunk):  # (rows, Lt, Ls) keys f·V + e and where both tokens are real
-        keys = S[i:i + chunk, None, :] * vocab_size + T[i:i + chunk, :, None]
-        chunks.append((keys, T_ok[i:i + chunk, :, None] & S_ok[i:i + chunk, None, :]))
+        keys = S[i : i + chunk, None, :] * vocab_size + T[i : i + chunk, :, None]
+        chunks.append((keys, T_ok[i : i + chunk, :, None] & S_ok[i : i + chunk, None, :]))
     pairs = torch.unique(torch.cat([k[ok] for k, ok in chunks]))  # sorted (f, e) keys that co-occur
     lex = torch.arange(vocab_size)
     if pairs.numel() == 0:
@@ -97,7 +106,9 @@ def ibm1_lexicon(ids: torch.Tensor, target_mask: torch.Tensor, vocab_size: int, 
     best = torch.zeros(vocab_size).scatter_reduce_(0, f_of, table, "amax")
     top = table == best[f_of]
     first = torch.full((vocab_size,), vocab_size, dtype=torch.long).scatter_reduce_(0, f_of[top], (pairs % vocab_size)[top], "amin")
-    seen = torch.zeros(vocab_size, dtype=torch.long).index_add_(0, S[:, 1:][S_ok[:, 1:]], torch.ones(int(S_ok[:, 1:].sum()), dtype=torch.long))
+    seen = torch.zeros(vocab_size, dtype=torch.long).index_add_(
+        0, S[:, 1:][S_ok[:, 1:]], torch.ones(int(S_ok[:, 1:].sum()), dtype=torch.long)
+    )
     ok = (seen >= min_count) & (best >= share) & (first < vocab_size)
     ok[torch.tensor(specials)] = False
     lex[ok] = first[ok]

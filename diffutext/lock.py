@@ -58,8 +58,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunLocked(f"{run_dir} is being written by another process ({holder(run_dir)}); "
-                            "wait for it to end or stop it (its lock is released when it exits)") from None
+            raise RunLocked(
+                f"{run_dir} is being written by another process ({holder(run_dir)}); "
+                "wait for it to end or stop it (its lock is released when it exits)"
+            ) from None
         try:
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break  # the file we locked is still the one at the path

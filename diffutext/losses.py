@@ -54,9 +54,13 @@ def dp_window(alpha_bar: torch.Tensor, delta: float, ends: str = "diffutext") ->
     return upper, lower
 
 
-def partner_timesteps(t: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor,
-                      generator: torch.Generator | None = None,
-                      uniforms: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def partner_timesteps(
+    t: torch.Tensor,
+    upper: torch.Tensor,
+    lower: torch.Tensor,
+    generator: torch.Generator | None = None,
+    uniforms: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw t′ per example: with probability ½ uniformly from [t+1, U(t)], else from [D(t), t−1].
 
     `uniforms` (two (B,) draws in [0, 1): the side, the offset) replaces the draws from `generator`.
@@ -64,8 +68,7 @@ def partner_timesteps(t: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor,
     """
     u, d = upper[t], lower[t]
     if uniforms is None:
-        uniforms = (torch.rand(t.shape, generator=generator, device=t.device),
-                    torch.rand(t.shape, generator=generator, device=t.device))
+        uniforms = (torch.rand(t.shape, generator=generator, device=t.device), torch.rand(t.shape, generator=generator, device=t.device))
     up = uniforms[0] < 0.5
     r = uniforms[1]
     size = torch.where(up, u - t, t - d)  # number of candidates on the chosen side
@@ -121,9 +124,14 @@ class Noise:
         return Noise(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device) for f in fields(self)})
 
 
-def draw_noise(shape: tuple[int, int, int], partner: bool, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None, self_condition: bool = False,
-               absorbing: bool = False) -> Noise:
+def draw_noise(
+    shape: tuple[int, int, int],
+    partner: bool,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    self_condition: bool = False,
+    absorbing: bool = False,
+) -> Noise:
     """The draws of one loss evaluation for a batch of `shape` (B, L, D), in the order
     `diffusion_loss` would make them itself; `partner` adds the Distance Penalty's draws,
     `self_condition` and `absorbing` those of the options (drawn after all the others, so that
@@ -145,9 +153,17 @@ def draw_noise(shape: tuple[int, int, int], partner: bool, generator: torch.Gene
     return noise
 
 
-def forward_noise(z0: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, eps: torch.Tensor, target_mask: torch.Tensor,
-                  factor: float = 1.0, mask_state: torch.Tensor | None = None, rate: float = 0.0,
-                  absorb: torch.Tensor | None = None) -> torch.Tensor:
+def forward_noise(
+    z0: torch.Tensor,
+    t: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    eps: torch.Tensor,
+    target_mask: torch.Tensor,
+    factor: float = 1.0,
+    mask_state: torch.Tensor | None = None,
+    rate: float = 0.0,
+    absorb: torch.Tensor | None = None,
+) -> torch.Tensor:
     """z_t of the training forward process: `q_sample` with the noise scaled by `factor` (Difformer's F).
 
     With a mask_state m (DiffuSeq-v2's soft absorbing state) the process runs around m:
@@ -167,8 +183,9 @@ def forward_noise(z0: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, ep
     return torch.where(target_mask.unsqueeze(-1), z_t, z0)
 
 
-def _self_conditioned(model, z: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None,
-                      cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _self_conditioned(
+    model, z: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None, cond: dict[str, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0_hat, h) of f(z, t) (h: what the anchor loss scores, `Denoiser.forward`'s with_head), with
     self-conditioning: the examples in `rows` (B,) bool first run a no-grad pass (fed zeros) whose x0_hat,
     detached, the trained pass also reads; the others read zeros. rows None: plain f(z, t).
@@ -259,10 +276,19 @@ def _inputs(model, ids, target_mask, t, alpha_bar, noise: Noise | None, options:
     return _Inputs(x0, z0, z_t, sc_rows, cond, mask_state, rate)
 
 
-def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
-                   dp_weight: float = 0.0, window: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   dp_partner: str = "forward", noise: Noise | None = None,
-                   options: LossOptions = LossOptions(), hold: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def diffusion_loss(
+    model,
+    ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    t: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    dp_weight: float = 0.0,
+    window: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dp_partner: str = "forward",
+    noise: Noise | None = None,
+    options: LossOptions = LossOptions(),
+    hold: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Every loss term per example, shape (B,); "loss" is the one to optimise.
 
     ids, target_mask: (B, L); t: (B,) long; alpha_bar: (T,) on the model's device.
@@ -294,22 +320,27 @@ def diffusion_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch
             terms["loss"] = terms["loss"] + options.anchor_weight * terms["anchor"]
         return terms
 
-    (x0_hat, head), (x0_hat2, head2), valid = _with_partner(model, inp, ids, target_mask, t, alpha_bar, window, dp_partner,
-                                                             noise, options)
+    (x0_hat, head), (x0_hat2, head2), valid = _with_partner(model, inp, ids, target_mask, t, alpha_bar, window, dp_partner, noise, options)
     mse = _sq_error(x0, x0_hat, w)
     mse2 = _sq_error(x0, x0_hat2, w)
     penalty = _sq_error(x0_hat2, x0_hat, w) * valid
     loss = 0.5 * (mse + mse2 + 2 * decoder_nll + 2 * tT + dp_weight * penalty)
-    terms = {"loss": loss, "mse": mse, "mse_partner": mse2, "penalty": penalty, "decoder_nll": decoder_nll, "tT": tT,
-             "partner_valid": valid.float()}
+    terms = {
+        "loss": loss,
+        "mse": mse,
+        "mse_partner": mse2,
+        "penalty": penalty,
+        "decoder_nll": decoder_nll,
+        "tT": tT,
+        "partner_valid": valid.float(),
+    }
     if anchor is not None:  # both passes, halved like their mse terms
         terms["anchor"] = 0.5 * (anchor(head) + anchor(head2))
         terms["loss"] = terms["loss"] + options.anchor_weight * terms["anchor"]
     return terms
 
 
-def _with_partner(model, inp: _Inputs, ids, target_mask, t, alpha_bar, window, dp_partner: str, noise: Noise | None,
-                  options: LossOptions):
+def _with_partner(model, inp: _Inputs, ids, target_mask, t, alpha_bar, window, dp_partner: str, noise: Noise | None, options: LossOptions):
     """The Distance Penalty's two passes (method.md §3): ((x0_hat, head), (x0_hat′, head′), valid) at t and its partner t′."""
     if window is None:
         raise ValueError("the Distance Penalty needs the partner window (losses.dp_window)")
@@ -337,8 +368,9 @@ def _with_partner(model, inp: _Inputs, ids, target_mask, t, alpha_bar, window, d
     return first, _self_conditioned(model, z_t2, t2, sc_rows, cond), valid
 
 
-def reverse_partner(z_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t2: torch.Tensor,
-                    alpha_bar: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+def reverse_partner(
+    z_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t2: torch.Tensor, alpha_bar: torch.Tensor, noise: torch.Tensor | None = None
+) -> torch.Tensor:
     """z_t′ made from z_t: for t′ < t the model's ancestral step (posterior q(z_t′ | z_t, x0_hat));
     for t′ > t the forward process q(z_t′ | z_t), which needs no model. For t′ = t, z_t itself."""
     ab_t = alpha_bar[t].view(-1, 1, 1).to(z_t.dtype)
@@ -357,6 +389,7 @@ def reverse_partner(z_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t2
 
 
 # ---- the tied head's cross-entropy, in row chunks ----
+
 
 def _exp_(x: torch.Tensor) -> torch.Tensor:
     """exp in place of arguments ≤ 0, with those below −60 raised to −60 first. Against a sum ≥ 1,
@@ -529,6 +562,7 @@ def tied_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t
 
 # ---- the classifier's objective (CDCD) ----
 
+
 def _per_example(values: torch.Tensor, rows: torch.Tensor, B: int, L: int) -> torch.Tensor:
     """The mean per example (B,) of per-row values (N,) at flat positions `rows` (row-major over (B, L))."""
     example = rows // L
@@ -537,8 +571,9 @@ def _per_example(values: torch.Tensor, rows: torch.Tensor, B: int, L: int) -> to
     return total / count.clamp(min=1)
 
 
-def _classify(model, z: torch.Tensor, t: torch.Tensor, sc_rows: torch.Tensor | None, cond: dict[str, torch.Tensor],
-              memory: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _classify(
+    model, z: torch.Tensor, t: torch.Tensor, sc_rows: torch.Tensor | None, cond: dict[str, torch.Tensor], memory: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0_hat, logits at the written rows) of a classifier, self-conditioned on a no-grad first pass for the
     examples in `sc_rows` (the others read zeros)."""
     extra = dict(cond, memory=memory) if memory is not None else dict(cond)
@@ -552,10 +587,19 @@ def _classify(model, z: torch.Tensor, t: torch.Tensor, sc_rows: torch.Tensor | N
     return model(z, t, prev, with_head=True, **extra)
 
 
-def classifier_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
-                    dp_weight: float = 0.0, window: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    dp_partner: str = "forward", noise: Noise | None = None, options: LossOptions = LossOptions(),
-                    hold: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def classifier_loss(
+    model,
+    ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    t: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    dp_weight: float = 0.0,
+    window: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dp_partner: str = "forward",
+    noise: Noise | None = None,
+    options: LossOptions = LossOptions(),
+    hold: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """CDCD's objective (Dieleman et al. 2022) per example (B,): z_t = √ᾱ_t·Ê(w) + √(1 − ᾱ_t)·ε at the written
     target positions (held ones and the source stay clean), and the cross-entropy `ce` of the classifier's logits
     against w there, averaged over them. No regression term, no rounding term: the embedding learns through the
@@ -601,8 +645,9 @@ def classifier_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torc
         if dp_partner == "forward":  # one batched pass over [z_t; z_t′]
             z_t2 = q_sample(x0, t2, alpha_bar, eps2, written)
             both = lambda v: None if v is None else torch.cat([v, v])
-            x0_both, logits_both = _classify(model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), both(sc_rows),
-                                             {k: both(v) for k, v in cond.items()}, both(memory))
+            x0_both, logits_both = _classify(
+                model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), both(sc_rows), {k: both(v) for k, v in cond.items()}, both(memory)
+            )
             x0_hat, x0_hat2 = x0_both.chunk(2)
             n = rows.numel()  # the first batch's rows come first in row-major order
             logits, logits2 = logits_both[:n], logits_both[n:]
@@ -615,8 +660,13 @@ def classifier_loss(model, ids: torch.Tensor, target_mask: torch.Tensor, t: torc
             raise ValueError(f"unknown dp_partner {dp_partner!r}; expected forward or reverse")
         ce, ce2 = ce_of(logits), ce_of(logits2)
         penalty = _sq_error(x0_hat2, x0_hat, written.float()) * valid
-        terms = {"loss": 0.5 * (ce + ce2 + dp_weight * penalty), "ce": ce, "ce_partner": ce2, "penalty": penalty,
-                 "partner_valid": valid.float()}
+        terms = {
+            "loss": 0.5 * (ce + ce2 + dp_weight * penalty),
+            "ce": ce,
+            "ce_partner": ce2,
+            "penalty": penalty,
+            "partner_valid": valid.float(),
+        }
     return _with_length(model, terms, memory, target_mask, written, options)
 
 

@@ -31,17 +31,26 @@ def masked_input(x0: torch.Tensor, masked: torch.Tensor, mask_embedding: torch.T
     return torch.where(masked.unsqueeze(-1), mask_embedding.to(x0.dtype).expand_as(x0), x0)
 
 
-def corrupt(x0: torch.Tensor, written: torch.Tensor, t: torch.Tensor, T: int, uniform: torch.Tensor,
-            mask_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def corrupt(
+    x0: torch.Tensor, written: torch.Tensor, t: torch.Tensor, T: int, uniform: torch.Tensor, mask_embedding: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(z_t, masked): each written position (B, L) masked where its uniform draw is below r(t) of its row."""
     masked = written & (uniform < mask_ratio(t, T)[:, None])
     return masked_input(x0, masked, mask_embedding), masked
 
 
 @torch.inference_mode()
-def mask_predict(model, timesteps: list[int], T: int, ids: torch.Tensor, target_mask: torch.Tensor, hold: torch.Tensor,
-                 banned: torch.Tensor | None = None, precision: str = "fp32",
-                 callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def mask_predict(
+    model,
+    timesteps: list[int],
+    T: int,
+    ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    hold: torch.Tensor,
+    banned: torch.Tensor | None = None,
+    precision: str = "fp32",
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Mask-Predict over the visited `timesteps` (descending from T − 1): token ids (B, L), the written positions
     filled, the source and held positions as in `ids`."""
     from .model import Encoded, conditioning

@@ -69,7 +69,7 @@ def rouge_l(hyps: Sequence[str], refs: Refs) -> float:
 
 def dist_n(hyps: Sequence[str], n: int = 1) -> float:
     """Distinct n-grams over all n-grams of the corpus (inter-sentence)."""
-    grams = [tuple(w[i:i + n]) for h in hyps for w in [h.split()] for i in range(len(w) - n + 1)]
+    grams = [tuple(w[i : i + n]) for h in hyps for w in [h.split()] for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -119,8 +119,7 @@ def score(hyps: Sequence[str], refs: Refs) -> dict[str, float | str]:
     }
 
 
-def bertscore(hyps: Sequence[str], refs: Refs, model_dir, num_layers: int | None = None,
-              batch_size: int = 32) -> tuple[float, str]:
+def bertscore(hyps: Sequence[str], refs: Refs, model_dir, num_layers: int | None = None, batch_size: int = 32) -> tuple[float, str]:
     """Mean BERTScore F1 (best reference each) with a local model folder, and a label naming model and layer.
 
     Offline only: the folder must hold a Hugging Face model (config.json and weights). The layer is
@@ -154,8 +153,15 @@ def bertscore(hyps: Sequence[str], refs: Refs, model_dir, num_layers: int | None
     if not hyps:
         return 0.0, f"{folder.name}, layer {num_layers}"
     try:
-        _, _, f1 = bert_score.score(list(hyps), [list(r) for r in refs], model_type=str(folder), num_layers=num_layers,
-                                    batch_size=batch_size, lang=None, verbose=False)
+        _, _, f1 = bert_score.score(
+            list(hyps),
+            [list(r) for r in refs],
+            model_type=str(folder),
+            num_layers=num_layers,
+            batch_size=batch_size,
+            lang=None,
+            verbose=False,
+        )
     except Exception as e:  # a broken model folder fails deep inside transformers: report it in one line
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise MetricError(f"--bertscore-model {folder}: could not score with it ({type(e).__name__}: {first})") from None

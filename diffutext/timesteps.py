@@ -84,9 +84,9 @@ def nearest_neighbour_var(weight: torch.Tensor, block: int = 1024) -> torch.Tens
     sq = (w * w).sum(-1)
     mins = torch.empty(w.shape[0], device=w.device)
     for i in range(0, w.shape[0], block):
-        d = torch.addmm(sq[None, :], w[i:i + block], w.t(), alpha=-2.0).add_(sq[i:i + block, None])  # (b, V)
+        d = torch.addmm(sq[None, :], w[i : i + block], w.t(), alpha=-2.0).add_(sq[i : i + block, None])  # (b, V)
         d[torch.arange(d.shape[0], device=w.device), torch.arange(i, i + d.shape[0], device=w.device)] = float("inf")
-        mins[i:i + block] = d.amin(1)
+        mins[i : i + block] = d.amin(1)
     return mins.clamp(min=0).mean() / w.shape[1]
 
 
@@ -94,7 +94,7 @@ def clip_timestep(var: float, alpha_bar: torch.Tensor, noise_factor: float = 1.0
     """The first t at which the training noise reaches the clip: F²·(1 − ᾱ_t)/ᾱ_t ≥ var, i.e. (F = 1) DiNoiSer's
     σ_t ≥ sqrt(var / (1 + var)). T − 1 if no t does."""
     ab = alpha_bar.double().cpu()
-    reached = (noise_factor ** 2) * (1 - ab) >= var * ab
+    reached = (noise_factor**2) * (1 - ab) >= var * ab
     return int(reached.nonzero()[0]) if bool(reached.any()) else len(ab) - 1
 
 
@@ -103,8 +103,15 @@ class ClippedTimesteps(UniformTimesteps):
     re-estimated from `table()` (the live word embedding) every `every` calls (the table moves slowly; every
     call costs a V × V × D product)."""
 
-    def __init__(self, T: int, device: torch.device, alpha_bar: torch.Tensor, table: Callable[[], torch.Tensor],
-                 noise_factor: float = 1.0, every: int = 10):
+    def __init__(
+        self,
+        T: int,
+        device: torch.device,
+        alpha_bar: torch.Tensor,
+        table: Callable[[], torch.Tensor],
+        noise_factor: float = 1.0,
+        every: int = 10,
+    ):
         super().__init__(T, device)
         self.alpha_bar, self.table, self.noise_factor, self.every = alpha_bar, table, noise_factor, every
         self.calls, self.t_min = 0, 0
@@ -184,13 +191,23 @@ class WarpedTimesteps:
             self.seen = state["seen"].to(self.device)
 
 
-TIMESTEP_SAMPLERS: dict[TimestepSampler, type] = {"uniform": UniformTimesteps, "lossaware": LossAwareTimesteps,
-                                                  "clipped": ClippedTimesteps, "warped": WarpedTimesteps}
+TIMESTEP_SAMPLERS: dict[TimestepSampler, type] = {
+    "uniform": UniformTimesteps,
+    "lossaware": LossAwareTimesteps,
+    "clipped": ClippedTimesteps,
+    "warped": WarpedTimesteps,
+}
 assert tuple(TIMESTEP_SAMPLERS) == choices(TimestepSampler)
 
 
-def make_timesteps(name: TimestepSampler, T: int, device: torch.device, alpha_bar: torch.Tensor | None = None,
-                   table: Callable[[], torch.Tensor] | None = None, noise_factor: float = 1.0):
+def make_timesteps(
+    name: TimestepSampler,
+    T: int,
+    device: torch.device,
+    alpha_bar: torch.Tensor | None = None,
+    table: Callable[[], torch.Tensor] | None = None,
+    noise_factor: float = 1.0,
+):
     """The timestep sampler `name`; the clipped one reads the schedule and the live word embedding (`table()`)."""
     if name not in TIMESTEP_SAMPLERS:
         raise ValueError(f"unknown timestep sampler {name!r}; expected {', '.join(TIMESTEP_SAMPLERS)}")

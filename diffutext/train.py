@@ -78,8 +78,9 @@ def _check_finite(step: int, bad_step: torch.Tensor, sums: dict[str, Any], *modu
     terms = [f"{k}={float(v):g}" for k, v in sums.items() if not math.isfinite(float(v))]
     where = f"step {first}" if first >= 0 else f"by step {step}"
     what = f"non-finite loss terms ({', '.join(terms)})" if terms else "non-finite loss or weights"
-    raise FloatingPointError(f"{where}: {what}; training stopped, no checkpoint written after it "
-                             "(try a lower --lr; --detect-anomaly finds the operation)")
+    raise FloatingPointError(
+        f"{where}: {what}; training stopped, no checkpoint written after it (try a lower --lr; --detect-anomaly finds the operation)"
+    )
 
 
 def lr_at(step: int, config: RunConfig, progress: float) -> float:
@@ -104,8 +105,10 @@ def prepare_vocab(config: RunConfig, run_dir: Path, resume: bool, train_ds) -> t
     if config.train.init_from:
         vocab = ckpt.open_run(Path(config.train.init_from)).vocab
         if config.train.tokenizer and tok.load(config.train.tokenizer).to_str() != vocab.to_str():
-            raise TrainError(f"--tokenizer {config.train.tokenizer} differs from the tokenizer of --init-from {config.train.init_from}; "
-                             "a post-trained run keeps its initial run's tokenizer (drop --tokenizer)")
+            raise TrainError(
+                f"--tokenizer {config.train.tokenizer} differs from the tokenizer of --init-from {config.train.init_from}; "
+                "a post-trained run keeps its initial run's tokenizer (drop --tokenizer)"
+            )
         return vocab
     if config.train.tokenizer:
         return tok.load(config.train.tokenizer)
@@ -149,7 +152,7 @@ class Batches:
         if (self.index + 1) * self.batch_size > len(self.data):
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._perm()
-        rows = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        rows = self._order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
         self.index += 1
         return self.data.ids[rows], self.data.target_mask[rows]
 
@@ -158,8 +161,7 @@ class Batches:
 
 
 @torch.no_grad()
-def validation_loss(model, data: Packed, config: RunConfig, alpha_bar, device, precision: str = "fp32",
-                    pad: int = 0) -> dict[str, float]:
+def validation_loss(model, data: Packed, config: RunConfig, alpha_bar, device, precision: str = "fp32", pad: int = 0) -> dict[str, float]:
     """Mean loss terms on the first eval_batches batches of valid, with fixed t and noise (comparable over time);
     `pad`: the [PAD] id (where a length head's target ends, `held_end`)."""
     t_cfg = config.train
@@ -194,19 +196,41 @@ class Objective(torch.nn.Module):
         self.denoiser = torch.compile(model) if compile else model  # same parameters; embed/logits pass through
 
     def forward(self, ids, mask, t, noise, alpha_bar, dp_weight, window, dp_partner, hold=None):
-        return diffusion_loss(self.denoiser, ids, mask, t, alpha_bar, dp_weight=dp_weight, window=window,
-                              dp_partner=dp_partner, noise=noise, options=self.options, hold=hold)
+        return diffusion_loss(
+            self.denoiser,
+            ids,
+            mask,
+            t,
+            alpha_bar,
+            dp_weight=dp_weight,
+            window=window,
+            dp_partner=dp_partner,
+            noise=noise,
+            options=self.options,
+            hold=hold,
+        )
 
 
 def option_draws(config: RunConfig) -> dict[str, bool]:
     """Which optional draws `draw_noise` makes for this model's options."""
-    return {"self_condition": config.model.self_condition > 0,
-            "absorbing": config.model.absorbing > 0 or config.diffusion.process == "mask"}  # mask: the masking draws
+    return {
+        "self_condition": config.model.self_condition > 0,
+        "absorbing": config.model.absorbing > 0 or config.diffusion.process == "mask",
+    }  # mask: the masking draws
 
 
-def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str = "auto",
-          callback: Callback | None = None, keep: int = 0, compile: bool = False,
-          should_stop: Callable[[], bool] | None = None, detect_anomaly: bool = False) -> Path:
+def train(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    callback: Callback | None = None,
+    keep: int = 0,
+    compile: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    detect_anomaly: bool = False,
+) -> Path:
     """Train (or resume) a run; `should_stop()` is polled once per step and, when true, ends the run with a
     checkpoint (the caller decides why: a signal, a deadline); `detect_anomaly` runs autograd's anomaly mode.
     On resume the stored config holds, with `config`'s step and time limits (`resumed_config`). The run folder's
@@ -214,17 +238,29 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, device: str
     writer = run_lock(run_dir) if dist.env_rank() == 0 else nullcontext()  # one writer per run folder: rank 0's lock
     with writer, torch.autograd.set_detect_anomaly(detect_anomaly):
         try:
-            return _train(config, run_dir, resume=resume, device=device, callback=callback, keep=keep,
-                          compile=compile, should_stop=should_stop)
+            return _train(
+                config, run_dir, resume=resume, device=device, callback=callback, keep=keep, compile=compile, should_stop=should_stop
+            )
         except RuntimeError as e:
             if detect_anomaly and "nan" in str(e).lower():
-                raise FloatingPointError(f"autograd anomaly: {str(e).splitlines()[0].rstrip('.')}; training stopped, "
-                                         "no checkpoint written after it (the forward trace is printed above)") from e
+                raise FloatingPointError(
+                    f"autograd anomaly: {str(e).splitlines()[0].rstrip('.')}; training stopped, "
+                    "no checkpoint written after it (the forward trace is printed above)"
+                ) from e
             raise
 
 
-def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callback: Callback | None, keep: int,
-           compile: bool, should_stop: Callable[[], bool] | None) -> Path:
+def _train(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool,
+    device: str,
+    callback: Callback | None,
+    keep: int,
+    compile: bool,
+    should_stop: Callable[[], bool] | None,
+) -> Path:
     dev = dist.setup(resolve_device(device))
     main = dist.is_main()
     run_dir = Path(dist.broadcast_object(str(run_dir)))  # rank 0's name (a default name holds the start time)
@@ -244,8 +280,13 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callb
     trainer = Trainer(config, dev, data, compile, init=prior is None, pad=vocab.pad)
     if config.train.init_plm and prior is None:
         m = config.model
-        emit("choice", {"message": f"network initialised from {config.train.init_plm} ({plm.folder(config.train.init_plm)}): "
-                                   f"{m.layers} BERT layers of width {m.width}, its word embedding as the diffusion space"})
+        emit(
+            "choice",
+            {
+                "message": f"network initialised from {config.train.init_plm} ({plm.folder(config.train.init_plm)}): "
+                f"{m.layers} BERT layers of width {m.width}, its word embedding as the diffusion space"
+            },
+        )
     if config.model.needs_ids and prior is None and not config.train.init_from:  # a resumed or post-trained run has its own
         trainer.set_lexicon(count_lexicon(data.train, vocab, config.model.copy_lexicon, emit, config.model.lexicon_model))
     if prior is not None:
@@ -256,10 +297,24 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, device: str, callb
         ckpt.init_run(run_dir, config, vocab)
         if restart:
             ckpt.truncate_log(run_dir, 0)
-    emit("start", {"run_dir": str(run_dir), "parameters": count_parameters(trainer.model), "train_examples": len(data.train),
-                   "task_source": task_source, "truncated": data.train.truncated, "vocab_size": vocab.size,
-                   "max_steps": config.train.max_steps, "step": trainer.step, "device": str(dev), "world_size": dist.world(),
-                   "grad_accum": config.train.grad_accum, "precision": trainer.precision, "config": config.to_dict()})
+    emit(
+        "start",
+        {
+            "run_dir": str(run_dir),
+            "parameters": count_parameters(trainer.model),
+            "train_examples": len(data.train),
+            "task_source": task_source,
+            "truncated": data.train.truncated,
+            "vocab_size": vocab.size,
+            "max_steps": config.train.max_steps,
+            "step": trainer.step,
+            "device": str(dev),
+            "world_size": dist.world(),
+            "grad_accum": config.train.grad_accum,
+            "precision": trainer.precision,
+            "config": config.to_dict(),
+        },
+    )
     trainer.run(run_dir, emit, keep, should_stop)
     emit("end", {"step": trainer.step, "elapsed_s": trainer.elapsed(), "run_dir": str(run_dir)})
     return run_dir
@@ -275,8 +330,10 @@ def _start(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, c
     if resume:
         prior = ckpt.open_run(run_dir)
         if "imported_from" in prior.state():
-            raise TrainError(f"--resume: {run_dir} was imported ({prior.state()['imported_from']}) and holds no training state; "
-                             f"start a new run from it with --init-from {run_dir}")
+            raise TrainError(
+                f"--resume: {run_dir} was imported ({prior.state()['imported_from']}) and holds no training state; "
+                f"start a new run from it with --init-from {run_dir}"
+            )
         return resumed_config(prior.config, {k: getattr(config.train, k) for k in LIMITS}), prior, False
 
     def check_fresh() -> None:
@@ -307,8 +364,10 @@ def _load_data(config: RunConfig, run_dir: Path, resume: bool, emit: Callback) -
         dist.barrier()
     vocab = tok.from_str(dist.main_first(lambda: prepare_vocab(config, run_dir, resume, train_ds).to_str(), TrainError))
     seq_len, layout = config.model.seq_len or choose_seq_len(train_ds, vocab), config.model.layout  # 0: follow the data (nothing cut)
-    data = Data(pack_split(train_ds, vocab, seq_len, layout=layout),
-                pack_split(valid_ds, vocab, seq_len, layout=layout) if valid_ds is not None else None)
+    data = Data(
+        pack_split(train_ds, vocab, seq_len, layout=layout),
+        pack_split(valid_ds, vocab, seq_len, layout=layout) if valid_ds is not None else None,
+    )
     return data, vocab, task_source
 
 
@@ -316,11 +375,22 @@ def resolve_copy_source(config: RunConfig, overlap: float, emit: Callback) -> Ru
     """copy_source auto: on when the training pairs' token overlap reaches COPY_OVERLAP and the model can take the
     prior (diffutext's network, x0_hat by regression); off otherwise."""
     m = config.model
-    blocked = ("model.arch diffuseq has no copy prior" if m.arch == "diffuseq" else
-               "model.x0_from classifier has no regressed x0_hat to add it to" if m.x0_from != "regression" else "")
+    blocked = (
+        "model.arch diffuseq has no copy prior"
+        if m.arch == "diffuseq"
+        else "model.x0_from classifier has no regressed x0_hat to add it to"
+        if m.x0_from != "regression"
+        else ""
+    )
     on = overlap >= COPY_OVERLAP and not blocked
     why = f"the training pairs' token overlap is {overlap:.2f} ({'at least' if overlap >= COPY_OVERLAP else 'under'} {COPY_OVERLAP})"
-    emit("choice", {"message": f"copy prior {'on' if on else 'off'} (auto): {why}" + (f", but {blocked}" if blocked and overlap >= COPY_OVERLAP else "")})
+    emit(
+        "choice",
+        {
+            "message": f"copy prior {'on' if on else 'off'} (auto): {why}"
+            + (f", but {blocked}" if blocked and overlap >= COPY_OVERLAP else "")
+        },
+    )
     return replace(config, model=replace(m, copy_source="on" if on else "off"))
 
 
@@ -333,8 +403,13 @@ def count_lexicon(train: Packed, vocab: tok.Vocab, share: float, emit: Callback,
     top = changed[:6].tolist()
     shown = ", ".join(f"{a} → {b}" for a, b in zip(vocab.decode([[i] for i in top]), vocab.decode([[int(lex[i])] for i in top])))
     rule = f"t(e|f) at least {share:g}, IBM Model 1" if model == "ibm1" else f"share at least {share:g}"
-    emit("choice", {"message": f"copy lexicon: {len(changed)} source tokens copied as another token ({rule}, "
-                               f"at least {LEXICON_MIN_COUNT} occurrences){': ' + shown + ', …' if shown else ''}"})
+    emit(
+        "choice",
+        {
+            "message": f"copy lexicon: {len(changed)} source tokens copied as another token ({rule}, "
+            f"at least {LEXICON_MIN_COUNT} occurrences){': ' + shown + ', …' if shown else ''}"
+        },
+    )
     return lex
 
 
@@ -364,8 +439,9 @@ class Trainer:
         self.objective = Objective(self.model, compile, LossOptions.from_config(config))
         self.ddp = None
         if dist.active():
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.objective, gradient_as_bucket_view=True,
-                                                                 device_ids=[dev.index] if dev.type == "cuda" else None)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.objective, gradient_as_bucket_view=True, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
         self.noise_gen = torch.Generator(device=dev).manual_seed(t_cfg.seed)  # t and noise of the global batch, every rank alike
         self.batches = Batches(data.train, t_cfg.batch_size, t_cfg.seed)
         self.step, self.elapsed_before, self.start = 0, 0.0, time.perf_counter()
@@ -387,8 +463,10 @@ class Trainer:
     @staticmethod
     def check_batch_split(t_cfg, world: int) -> None:
         if t_cfg.batch_size % (world * t_cfg.grad_accum):
-            raise TrainError(f"batch size {t_cfg.batch_size} does not split into {world} process(es) × {t_cfg.grad_accum} "
-                             f"accumulation step(s); use a multiple of {world * t_cfg.grad_accum}")
+            raise TrainError(
+                f"batch size {t_cfg.batch_size} does not split into {world} process(es) × {t_cfg.grad_accum} "
+                f"accumulation step(s); use a multiple of {world * t_cfg.grad_accum}"
+            )
 
     def _build_models(self, init_from: str, init_plm: str = "") -> tuple[Denoiser, Denoiser]:
         """The denoiser and its EMA copy, from `init_from`'s weights when given (post-training), or with the
@@ -467,8 +545,10 @@ class Trainer:
                     ckpt.append_log(run_dir, record)
                 emit("log", record)
             if main and self.data.valid is not None and t_cfg.eval_every and self.step % t_cfg.eval_every == 0:
-                record = {"step": self.step, **validation_loss(self.ema, self.data.valid, self.config, self.alpha_bar, self.dev,
-                                                               self.precision, self.pad)}
+                record = {
+                    "step": self.step,
+                    **validation_loss(self.ema, self.data.valid, self.config, self.alpha_bar, self.dev, self.precision, self.pad),
+                }
                 ckpt.append_log(run_dir, record)
                 emit("eval", record)
             if t_cfg.save_every and self.step % t_cfg.save_every == 0:
@@ -489,8 +569,9 @@ class Trainer:
         t_all, weights_all = self.timesteps.sample(ids_all.shape[0], self.noise_gen)
         learns = self.timesteps.learns
         row_losses = torch.zeros(ids_all.shape[0], device=self.dev) if learns else None  # this rank's rows filled
-        noise_all = draw_noise((*ids_all.shape, self.config.model.hidden_dim), dp_weight > 0, self.noise_gen, self.dev,
-                               **option_draws(self.config))
+        noise_all = draw_noise(
+            (*ids_all.shape, self.config.model.hidden_dim), dp_weight > 0, self.noise_gen, self.dev, **option_draws(self.config)
+        )
         self.opt.zero_grad(set_to_none=True)
         accum = t_cfg.grad_accum
         for k in range(accum):  # micro-step k of this rank: rows of chunk k·world + rank
@@ -500,8 +581,9 @@ class Trainer:
             with self.ddp.no_sync() if (self.ddp is not None and not last) else nullcontext():  # all-reduce once, on the last
                 with autocast(self.dev, self.precision):
                     hold = held_end(ids, mask, self.pad) if self.config.model.needs_hold else None
-                    terms = (self.ddp or self.objective)(ids, mask, t_all[rows], noise_all[rows], self.alpha_bar,
-                                                         dp_weight, self.window, t_cfg.dp_partner, hold)
+                    terms = (self.ddp or self.objective)(
+                        ids, mask, t_all[rows], noise_all[rows], self.alpha_bar, dp_weight, self.window, t_cfg.dp_partner, hold
+                    )
                     per_row = terms["loss"] if weights_all is None else terms["loss"] * weights_all[rows]
                     loss = per_row.mean() / accum  # DDP averages over ranks: the global-batch mean
                 self.scaler.scale(loss).backward()
@@ -531,8 +613,13 @@ class Trainer:
         names = list(self.sums)
         means = dist.all_mean(torch.stack([self.sums[k] for k in names]) / self.window_steps).tolist()  # over ranks
         tokens = self.t_cfg.batch_size * self.config.model.seq_len * self.window_steps
-        record = {"step": self.step, **dict(zip(names, means)), "lr": self.lr,
-                  "tokens_per_s": tokens / max(now - self.window_start, 1e-9), "elapsed_s": self.elapsed_before + now - self.start}
+        record = {
+            "step": self.step,
+            **dict(zip(names, means)),
+            "lr": self.lr,
+            "tokens_per_s": tokens / max(now - self.window_start, 1e-9),
+            "elapsed_s": self.elapsed_before + now - self.start,
+        }
         self.sums, self.window_start, self.window_steps = {}, now, 0
         return record
 
@@ -541,10 +628,16 @@ class Trainer:
         _check_finite(self.step, self.bad_step, self.sums, self.model, self.ema)
         rngs = dist.all_gather_object(_rng_state())
         if dist.is_main():
-            state = {"optimizer": self.opt.state_dict(), "step": self.step, "rng": rngs[0], "data": self.batches.position(),
-                     "elapsed": self.elapsed(), "noise_rng": self.noise_gen.get_state(), "timesteps": self.timesteps.state_dict(),
-                     "log_window": {"sums": {k: torch.as_tensor(v).detach().cpu() for k, v in self.sums.items()},
-                                    "steps": self.window_steps}}
+            state = {
+                "optimizer": self.opt.state_dict(),
+                "step": self.step,
+                "rng": rngs[0],
+                "data": self.batches.position(),
+                "elapsed": self.elapsed(),
+                "noise_rng": self.noise_gen.get_state(),
+                "timesteps": self.timesteps.state_dict(),
+                "log_window": {"sums": {k: torch.as_tensor(v).detach().cpu() for k, v in self.sums.items()}, "steps": self.window_steps},
+            }
             if self.world > 1:
                 state["rng_ranks"] = rngs
             if self.scaler.is_enabled():

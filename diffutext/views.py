@@ -27,8 +27,16 @@ if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 prints
 def _progress(label: str, *columns, transient: bool = False):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), *columns, TimeElapsedColumn(),
-                    console=err, disable=not err.is_terminal, transient=transient)
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *columns,
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+        transient=transient,
+    )
 
 
 class TrainView:
@@ -61,12 +69,16 @@ class TrainView:
         elif event == "choice":  # a setting the run chose from its data: a line of its own, like the warnings
             err.print(info["message"])
         elif event == "start":
-            err.print(f"run {info['run_dir']}: {info['parameters'] / 1e6:.2f}M parameters, {info['train_examples']} training pairs "
-                      f"of {info['task_source']} ({info['truncated']} truncated), vocabulary {info['vocab_size']}, device {info['device']}")
+            err.print(
+                f"run {info['run_dir']}: {info['parameters'] / 1e6:.2f}M parameters, {info['train_examples']} training pairs "
+                f"of {info['task_source']} ({info['truncated']} truncated), vocabulary {info['vocab_size']}, device {info['device']}"
+            )
             if info["truncated"]:
                 seq_len = info["config"]["model"]["seq_len"]
-                err.print(f"warning: {info['truncated']} of {info['train_examples']} training pairs are longer than seq_len {seq_len} "
-                          "tokens and were truncated (the longer side first, as DiffuSeq does)")
+                err.print(
+                    f"warning: {info['truncated']} of {info['train_examples']} training pairs are longer than seq_len {seq_len} "
+                    "tokens and were truncated (the longer side first, as DiffuSeq does)"
+                )
             self.task = self.progress.add_task("train", total=info["max_steps"], completed=info["step"], info="")
         elif event == "log" and self.task is not None:
             line = f"{loss_terms(info)}  {info['tokens_per_s']:.0f} tok/s"
@@ -123,21 +135,37 @@ class DecodeView:
 def examples(srcs, refs, hyps, show: int) -> None:
     """The first `show` source / output / reference triples."""
     for s, r, h in list(zip(srcs, refs, hyps))[:show]:
-        out.print(f"[bold]source[/]    {escape(s)}\n[bold]output[/]    {escape(h)}" + (f"\n[bold]reference[/] {escape(r[0])}" if r else "")
-                  + (f" (+{len(r) - 1} more)" if len(r) > 1 else "") + "\n", markup=True)
+        out.print(
+            f"[bold]source[/]    {escape(s)}\n[bold]output[/]    {escape(h)}"
+            + (f"\n[bold]reference[/] {escape(r[0])}" if r else "")
+            + (f" (+{len(r) - 1} more)" if len(r) > 1 else "")
+            + "\n",
+            markup=True,
+        )
 
 
-METRICS = [("sacrebleu", "sacreBLEU (corpus, 0-100)", "{:.2f}"),
-           ("sentence_bleu", "BLEU-4 (textbook sentence BLEU: nltk, method4, every reference, 0-1)", "{:.4f}"),
-           ("rouge_l", "ROUGE-L F (rouge-score, 0-1)", "{:.4f}"), ("bertscore_f1", "BERTScore F1 ({bertscore_model})", "{:.4f}"),
-           ("dist_1", "dist-1 (corpus)", "{:.4f}"), ("avg_len", "average length (words)", "{:.2f}"),
-           ("self_bleu", "self-BLEU over seeds (0-1)", "{:.4f}"), ("div_4", "div-4 over seeds", "{:.4f}"),
-           ("count", "sentences", "{}"), ("seconds", "decode seconds", "{:.1f}"), ("sentences_per_s", "sentences / s", "{:.2f}")]
+METRICS = [
+    ("sacrebleu", "sacreBLEU (corpus, 0-100)", "{:.2f}"),
+    ("sentence_bleu", "BLEU-4 (textbook sentence BLEU: nltk, method4, every reference, 0-1)", "{:.4f}"),
+    ("rouge_l", "ROUGE-L F (rouge-score, 0-1)", "{:.4f}"),
+    ("bertscore_f1", "BERTScore F1 ({bertscore_model})", "{:.4f}"),
+    ("dist_1", "dist-1 (corpus)", "{:.4f}"),
+    ("avg_len", "average length (words)", "{:.2f}"),
+    ("self_bleu", "self-BLEU over seeds (0-1)", "{:.4f}"),
+    ("div_4", "div-4 over seeds", "{:.4f}"),
+    ("count", "sentences", "{}"),
+    ("seconds", "decode seconds", "{:.1f}"),
+    ("sentences_per_s", "sentences / s", "{:.2f}"),
+]
 DIFFUSEQ = "DiffuSeq's eval_seq2seq.py ({diffuseq_script})"
-METRICS += [("diffuseq_bleu", f"BLEU-4, {DIFFUSEQ}", "{:.4f}"), ("diffuseq_rouge_l", f"ROUGE-L F, {DIFFUSEQ}", "{:.4f}"),
-            ("diffuseq_dist_1", f"dist-1 (per sentence), {DIFFUSEQ}", "{:.4f}"),
-            ("diffuseq_avg_len", f"average length (split(' ')), {DIFFUSEQ}", "{:.2f}"),
-            ("diffuseq_self_bleu", f"self-BLEU (pairs i < j), {DIFFUSEQ}", "{:.4f}"), ("diffuseq_div_4", f"div-4, {DIFFUSEQ}", "{:.4f}")]
+METRICS += [
+    ("diffuseq_bleu", f"BLEU-4, {DIFFUSEQ}", "{:.4f}"),
+    ("diffuseq_rouge_l", f"ROUGE-L F, {DIFFUSEQ}", "{:.4f}"),
+    ("diffuseq_dist_1", f"dist-1 (per sentence), {DIFFUSEQ}", "{:.4f}"),
+    ("diffuseq_avg_len", f"average length (split(' ')), {DIFFUSEQ}", "{:.2f}"),
+    ("diffuseq_self_bleu", f"self-BLEU (pairs i < j), {DIFFUSEQ}", "{:.4f}"),
+    ("diffuseq_div_4", f"div-4, {DIFFUSEQ}", "{:.4f}"),
+]
 
 
 def metrics_table(title: str, scores: dict[str, Any]) -> Table:
@@ -153,16 +181,27 @@ def metrics_table(title: str, scores: dict[str, Any]) -> Table:
 def ablation_table(rows, marks, label: str, split: str, n: int, seeds: int) -> Table:
     """One checkpoint's cells; the best value of each column (`marks`, from ablation.best) in bold."""
     from .ablation import FLOORS  # here, not at the top: --help imports no torch
+
     idx = [i for i, r in enumerate(rows) if r["checkpoint"] == label]
     step = rows[idx[0]]["step"]
     table = Table(title=f"{label} (step {step}) — {split} split, {n} sentences × {seeds} seed(s); best of each column in bold")
-    cols = [("sampler", None, "{}"), ("steps", None, "{}"), ("sacreBLEU", "sacrebleu", "{:.2f}"), ("sent. BLEU", "sentence_bleu", "{:.4f}"),
-            ("DiffuSeq BLEU", "diffuseq_bleu", "{:.4f}"),
-            ("ROUGE-L", "rouge_l", "{:.4f}"), ("dist-1", "dist_1", "{:.3f}")]
+    cols = [
+        ("sampler", None, "{}"),
+        ("steps", None, "{}"),
+        ("sacreBLEU", "sacrebleu", "{:.2f}"),
+        ("sent. BLEU", "sentence_bleu", "{:.4f}"),
+        ("DiffuSeq BLEU", "diffuseq_bleu", "{:.4f}"),
+        ("ROUGE-L", "rouge_l", "{:.4f}"),
+        ("dist-1", "dist_1", "{:.3f}"),
+    ]
     if seeds > 1:
         cols.append(("self-BLEU", "self_bleu", "{:.3f}"))
-    cols += [("length", "avg_len", "{:.1f}"), ("seconds", "seconds", "{:.1f}"), ("sent/s", "sentences_per_s", "{:.1f}"),
-             ("speed-up", "speedup", "{:.0f}×")]
+    cols += [
+        ("length", "avg_len", "{:.1f}"),
+        ("seconds", "seconds", "{:.1f}"),
+        ("sent/s", "sentences_per_s", "{:.1f}"),
+        ("speed-up", "speedup", "{:.0f}×"),
+    ]
     for head, _, _ in cols:
         table.add_column(head, justify="left" if head == "sampler" else "right")
     for i in idx:
@@ -180,10 +219,16 @@ def ablation_table(rows, marks, label: str, split: str, n: int, seeds: int) -> T
 def imported(info: dict[str, Any]) -> None:
     """What `import-diffuseq` wrote."""
     m = info["config"].model
-    err.print(f"imported {info['source']} (step {info['step']}, {info['parameters'] / 1e6:.2f}M parameters): DiffuSeq's network, "
-              f"{m.layers} layers × width {m.width}, {m.heads} heads, embedding {m.hidden_dim}, sequence {m.seq_len}, "
-              f"vocabulary {m.vocab_size}, T = {info['config'].diffusion.T} ({info['config'].diffusion.schedule})", markup=False)
+    err.print(
+        f"imported {info['source']} (step {info['step']}, {info['parameters'] / 1e6:.2f}M parameters): DiffuSeq's network, "
+        f"{m.layers} layers × width {m.width}, {m.heads} heads, embedding {m.hidden_dim}, sequence {m.seq_len}, "
+        f"vocabulary {m.vocab_size}, T = {info['config'].diffusion.T} ({info['config'].diffusion.schedule})",
+        markup=False,
+    )
     if info["head_differs"]:
-        err.print("note: the file's lm_head.weight differs from its word_embedding.weight (DiffuSeq's EMA files keep the raw "
-                  "model's head); DiffuSeq samples with lm_head.weight as the tied embedding, and so does this run", markup=False)
+        err.print(
+            "note: the file's lm_head.weight differs from its word_embedding.weight (DiffuSeq's EMA files keep the raw "
+            "model's head); DiffuSeq samples with lm_head.weight as the tied embedding, and so does this run",
+            markup=False,
+        )
     out.print(f"run folder: {info['run_dir']}")

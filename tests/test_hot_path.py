@@ -95,7 +95,9 @@ def test_the_sampling_loop_makes_no_per_step_host_sync(monkeypatch):
         calls = []
         for name in ("item", "tolist", "__bool__", "nonzero"):
             real = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name, _calls=calls, **k: _calls.append(_n) or _real(self, *a, **k))
+            monkeypatch.setattr(
+                torch.Tensor, name, lambda self, *a, _real=real, _n=name, _calls=calls, **k: _calls.append(_n) or _real(self, *a, **k)
+            )
         denoise(model, AB, make_sampler("uniform"), steps, ids, mask, generator=torch.Generator().manual_seed(0))
         monkeypatch.undo()
         counts.append(len(calls))
@@ -110,8 +112,10 @@ def test_bf16_sampling_keeps_the_chain_in_float32_and_close_to_fp32():
     ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[:, 4:] = True
-    z, ref = (denoise(model, AB, make_sampler("ads"), 5, ids, mask, clamp=False, generator=torch.Generator().manual_seed(0), precision=p)
-              for p in ("bf16", "fp32"))
+    z, ref = (
+        denoise(model, AB, make_sampler("ads"), 5, ids, mask, clamp=False, generator=torch.Generator().manual_seed(0), precision=p)
+        for p in ("bf16", "fp32")
+    )
     assert z.dtype == torch.float32 and torch.equal(z[~mask], ref[~mask])
     assert 0 < (z - ref).abs().max() < 0.02
     with pytest.raises(ValueError, match="precision"):
@@ -145,6 +149,8 @@ def test_sample_precision_option(tiny_run, tmp_path, precision):
     from helpers import invoke
 
     out = tmp_path / "m.json"
-    result = invoke("evaluate", "--checkpoint", tiny_run, "--steps", 3, "--limit", 3, "--device", "cpu", "--precision", precision, "--json", out)
+    result = invoke(
+        "evaluate", "--checkpoint", tiny_run, "--steps", 3, "--limit", 3, "--device", "cpu", "--precision", precision, "--json", out
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["precision"] in (("fp32", "bf16") if precision == "auto" else (precision,))

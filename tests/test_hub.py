@@ -21,8 +21,9 @@ def read_parquet(folder: Path, split: str):
 
 S = datasets.Value("string")
 GEM = datasets.Features({"gem_id": S, "gem_parent_id": S, "source": S, "target": S, "references": datasets.List(S)})
-GLUE_QQP = datasets.Features({"question1": S, "question2": S,
-                              "label": datasets.ClassLabel(names=["not_duplicate", "duplicate"]), "idx": datasets.Value("int32")})
+GLUE_QQP = datasets.Features(
+    {"question1": S, "question2": S, "label": datasets.ClassLabel(names=["not_duplicate", "duplicate"]), "idx": datasets.Value("int32")}
+)
 IWSLT = datasets.Features({"translation": datasets.Translation(languages=["de", "en"])})
 
 
@@ -31,19 +32,65 @@ def hub_files(tmp_path):
     """Local copies, in the hub schemas, of the splits each HubSource reads."""
     root = tmp_path / "hub"
     gem = root / "GEM/wiki_auto_asset_turk"
-    write_parquet(gem, "train", {"gem_id": ["w-train-0", "w-train-1", "w-train-2"], "gem_parent_id": ["w-train-0", "w-train-1", "w-train-2"],
-                                 "source": ["The cat, which was black, sat.", "A long complex sentence here.", ""],
-                                 "target": ["The black cat sat.", "A short sentence.", "dropped: empty source"],
-                                 "references": [[], [], []]}, GEM)
-    write_parquet(gem, "validation", {"gem_id": ["w-val-0"], "gem_parent_id": ["w-val-0"], "source": ["Validation source sentence."],
-                                      "target": ["Valid target."], "references": [["Valid target."]]}, GEM)
-    write_parquet(gem, "test_asset", {"gem_id": ["asset-0"], "gem_parent_id": ["asset-0"], "source": ["An original sentence."],
-                                      "target": [""], "references": [["Simple one.", "Simple two.", "Simple one."]]}, GEM)
+    write_parquet(
+        gem,
+        "train",
+        {
+            "gem_id": ["w-train-0", "w-train-1", "w-train-2"],
+            "gem_parent_id": ["w-train-0", "w-train-1", "w-train-2"],
+            "source": ["The cat, which was black, sat.", "A long complex sentence here.", ""],
+            "target": ["The black cat sat.", "A short sentence.", "dropped: empty source"],
+            "references": [[], [], []],
+        },
+        GEM,
+    )
+    write_parquet(
+        gem,
+        "validation",
+        {
+            "gem_id": ["w-val-0"],
+            "gem_parent_id": ["w-val-0"],
+            "source": ["Validation source sentence."],
+            "target": ["Valid target."],
+            "references": [["Valid target."]],
+        },
+        GEM,
+    )
+    write_parquet(
+        gem,
+        "test_asset",
+        {
+            "gem_id": ["asset-0"],
+            "gem_parent_id": ["asset-0"],
+            "source": ["An original sentence."],
+            "target": [""],
+            "references": [["Simple one.", "Simple two.", "Simple one."]],
+        },
+        GEM,
+    )
     glue = root / "nyu-mll/glue"
-    write_parquet(glue, "train", {"question1": ["How do I cook rice?", "Is the sky blue?"], "question2": ["What is the way to cook rice?", "Why is grass green?"],
-                                  "label": [1, 0], "idx": [0, 1]}, GLUE_QQP)
-    write_parquet(glue, "validation", {"question1": ["q even", "q odd", "q not dup"], "question2": ["p even", "p odd", "p not dup"],
-                                       "label": [1, 1, 0], "idx": [10, 11, 12]}, GLUE_QQP)
+    write_parquet(
+        glue,
+        "train",
+        {
+            "question1": ["How do I cook rice?", "Is the sky blue?"],
+            "question2": ["What is the way to cook rice?", "Why is grass green?"],
+            "label": [1, 0],
+            "idx": [0, 1],
+        },
+        GLUE_QQP,
+    )
+    write_parquet(
+        glue,
+        "validation",
+        {
+            "question1": ["q even", "q odd", "q not dup"],
+            "question2": ["p even", "p odd", "p not dup"],
+            "label": [1, 1, 0],
+            "idx": [10, 11, 12],
+        },
+        GLUE_QQP,
+    )
     iwslt = root / "bbaaaa/iwslt14-de-en"
     for split in ("train", "validation", "test"):
         write_parquet(iwslt, split, {"translation": [{"de": f"ein satz ({split})", "en": f"a sentence ({split})"}]}, IWSLT)
@@ -86,13 +133,16 @@ def test_iwslt14_conversion(hub_files):
     assert rows.src == ["ein satz (validation)"] and rows.refs == [["a sentence (validation)"]]
 
 
-@pytest.mark.parametrize("task,split,src,trg", [
-    ("wiki-auto", "train", "The cat, which was black, sat.", "The black cat sat."),
-    ("wiki-auto", "valid", "Validation source sentence.", "Valid target."),
-    ("qqp", "train", "How do I cook rice?", "What is the way to cook rice?"),
-    ("qqp", "test", "q odd", "p odd"),
-    ("iwslt14", "test", "ein satz (test)", "a sentence (test)"),
-])
+@pytest.mark.parametrize(
+    "task,split,src,trg",
+    [
+        ("wiki-auto", "train", "The cat, which was black, sat.", "The black cat sat."),
+        ("wiki-auto", "valid", "Validation source sentence.", "Valid target."),
+        ("qqp", "train", "How do I cook rice?", "What is the way to cook rice?"),
+        ("qqp", "test", "q odd", "p odd"),
+        ("iwslt14", "test", "ein satz (test)", "a sentence (test)"),
+    ],
+)
 def test_paper_tasks_load_from_the_hub_when_no_folder_exists(online_hub, task, split, src, trg):
     ds = tasks.load_split(task, split)
     assert ds.column_names == ["src", "trg"] and ds[0] == {"src": src, "trg": trg}

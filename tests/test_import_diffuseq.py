@@ -73,11 +73,18 @@ def diffuseq_folder(tmp_path_factory, small_task):
     """A DiffuSeq model folder: training_args.json, vocab.json (its own vocabulary), ema_0.9999_000100.pt whose
     lm_head.weight is the raw model's and word_embedding.weight the EMA's, as DiffuSeq's EMA files are."""
     root = tmp_path_factory.mktemp("diffuseq")
-    words = sorted({w for line in (small_task / "train.jsonl").read_text().splitlines()
-                    for side in json.loads(line).values() for w in side.split()})
+    words = sorted(
+        {w for line in (small_task / "train.jsonl").read_text().splitlines() for side in json.loads(line).values() for w in side.split()}
+    )
     vocab = {"[START]": 0, "[END]": 1, "[UNK]": 2, "[PAD]": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    bert = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                      hidden_dropout_prob=0.1)
+    bert = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.1,
+    )
     bert.save_pretrained(root / "bert-config")  # config_name: a local config folder, as DiffuSeq's --config_name takes
     torch.manual_seed(0)
     ref = Reference(len(vocab), bert)
@@ -90,11 +97,32 @@ def diffuseq_folder(tmp_path_factory, small_task):
     state["word_embedding.weight"] = state["word_embedding.weight"] + 0.05 * torch.randn_like(state["word_embedding.weight"])  # EMA
     torch.save(state, folder / "ema_0.9999_000100.pt")
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "training_args.json").write_text(json.dumps({
-        "hidden_dim": HIDDEN, "hidden_t_dim": TIME, "seq_len": SEQ, "diffusion_steps": T, "noise_schedule": "sqrt", "dropout": 0.1,
-        "vocab": str(root / "vocab.txt"), "config_name": str(root / "bert-config"), "data_dir": str(small_task), "dataset": "bible",
-        "schedule_sampler": "lossaware", "predict_xstart": True, "rescale_timesteps": True, "learn_sigma": False, "lr": 1e-4,
-        "ema_rate": "0.9999", "seed": 102, "learning_steps": 100, "gradient_clipping": -1.0, "use_plm_init": "no"}))
+    (folder / "training_args.json").write_text(
+        json.dumps(
+            {
+                "hidden_dim": HIDDEN,
+                "hidden_t_dim": TIME,
+                "seq_len": SEQ,
+                "diffusion_steps": T,
+                "noise_schedule": "sqrt",
+                "dropout": 0.1,
+                "vocab": str(root / "vocab.txt"),
+                "config_name": str(root / "bert-config"),
+                "data_dir": str(small_task),
+                "dataset": "bible",
+                "schedule_sampler": "lossaware",
+                "predict_xstart": True,
+                "rescale_timesteps": True,
+                "learn_sigma": False,
+                "lr": 1e-4,
+                "ema_rate": "0.9999",
+                "seed": 102,
+                "learning_steps": 100,
+                "gradient_clipping": -1.0,
+                "use_plm_init": "no",
+            }
+        )
+    )
     # what DiffuSeq's sampling does: load the file; lm_head.weight (the raw model's) comes last into the tied parameter
     ref.load_state_dict(torch.load(folder / "ema_0.9999_000100.pt", weights_only=True))
     assert torch.equal(ref.word_embedding.weight, torch.load(folder / "ema_0.9999_000100.pt")["lm_head.weight"])
@@ -108,8 +136,14 @@ def test_import_gives_diffuseqs_network(diffuseq_folder, tmp_path):
     assert "lm_head.weight differs" in " ".join(result.output.split())
     loaded = load_model(tmp_path / "run")
     cfg = loaded.checkpoint.config
-    assert (cfg.model.arch, cfg.model.layout, cfg.model.heads, cfg.model.layers, cfg.model.width, loaded.checkpoint.step) == \
-           ("diffuseq", "diffuseq", 2, 2, 32, 100)
+    assert (cfg.model.arch, cfg.model.layout, cfg.model.heads, cfg.model.layers, cfg.model.width, loaded.checkpoint.step) == (
+        "diffuseq",
+        "diffuseq",
+        2,
+        2,
+        32,
+        100,
+    )
     assert cfg.diffusion.T == T and cfg.diffusion.timestep_sampler == "lossaware" and cfg.model.vocab_size == len(vocab)
     assert torch.equal(loaded.model.embedding.weight, ref.word_embedding.weight)  # the tied weight DiffuSeq samples with
     g = torch.Generator().manual_seed(1)
@@ -136,15 +170,50 @@ def test_imported_run_samples_and_post_trains_from_the_command_line(diffuseq_fol
     assert result.exit_code == 0, result.output
     assert "ads-20 steps on 3 sentences" in result.output and "DiffuSeq's eval_seq2seq.py" in " ".join(result.output.split())
     grid = tmp_path / "grid"
-    result = invoke("ablate", "--checkpoint", run, "--sampler", "ddpm,uniform,skip,ddim,ads,dpm++", "--steps", 5, "--limit", 2,
-                    "--device", "cpu", "--out", grid)
+    result = invoke(
+        "ablate",
+        "--checkpoint",
+        run,
+        "--sampler",
+        "ddpm,uniform,skip,ddim,ads,dpm++",
+        "--steps",
+        5,
+        "--limit",
+        2,
+        "--device",
+        "cpu",
+        "--out",
+        grid,
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((grid / "results.json").read_text())["rows"]
-    assert [(r["sampler"], r["steps"]) for r in rows][:-1] == [("ddpm", T), ("uniform", 5), ("skip", 5), ("ddim", 5), ("ads", 5), ("dpm++", 5)]
+    assert [(r["sampler"], r["steps"]) for r in rows][:-1] == [
+        ("ddpm", T),
+        ("uniform", 5),
+        ("skip", 5),
+        ("ddim", 5),
+        ("ads", 5),
+        ("dpm++", 5),
+    ]
     assert invoke("evaluate", "--checkpoint", run, "--steps", 5, "--limit", 2, "--device", "cpu").exit_code == 0
     post = tmp_path / "post"
-    result = invoke("train", "--init-from", run, "--distance-penalty", 2, "--preset", "tiny", "--max-steps", 2, "--task", small_task,
-                    "--out", post, "--device", "cpu")
+    result = invoke(
+        "train",
+        "--init-from",
+        run,
+        "--distance-penalty",
+        2,
+        "--preset",
+        "tiny",
+        "--max-steps",
+        2,
+        "--task",
+        small_task,
+        "--out",
+        post,
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     stored = json.loads((post / "config.json").read_text())
     assert stored["model"]["arch"] == "diffuseq" and stored["diffusion"]["T"] == T and stored["train"]["distance_penalty"] == 2

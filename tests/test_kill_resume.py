@@ -33,6 +33,7 @@ def slow(test):
         test = mark(test)
     return test
 
+
 MAX_STEPS, SAVE_EVERY = 120, 7  # save_every not a multiple of log_every: resumes replay part of a log window
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TIMING = ("tokens_per_s", "elapsed_s")
@@ -49,8 +50,24 @@ def setup(tmp_path_factory):
         (task / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in embedded_pairs("bible-basic", split)[:n]))
     toml = root / "log.toml"
     toml.write_text("[train]\nlog_every = 3\neval_every = 10\n")
-    args = [sys.executable, "-m", "diffutext", "train", "--preset", "tiny", "--max-steps", str(MAX_STEPS),
-            "--save-every", str(SAVE_EVERY), "--device", "cpu", "--config", str(toml), "--task", str(task)]
+    args = [
+        sys.executable,
+        "-m",
+        "diffutext",
+        "train",
+        "--preset",
+        "tiny",
+        "--max-steps",
+        str(MAX_STEPS),
+        "--save-every",
+        str(SAVE_EVERY),
+        "--device",
+        "cpu",
+        "--config",
+        str(toml),
+        "--task",
+        str(task),
+    ]
     whole = root / "whole"
     done = subprocess.run(args + ["--out", str(whole)], env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
@@ -145,6 +162,7 @@ def test_sigterm_and_sigint_save_exit_and_print_the_resume_command(setup, sig, c
 
 
 # ---------------------------------------------------------------- the signal handler itself (in process, fast)
+
 
 def test_stop_signals_first_sets_a_flag_second_stops_at_once():
     from diffutext.interrupt import StopSignals

@@ -27,8 +27,7 @@ CLASSIFIER = dict(arch="encdec", x0_from="classifier", embedding_norm=True, targ
 
 def model_of(seed=0, **options):
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=40, hidden_dim=8, width=16, layers=2, heads=2, ffn=32, dropout=0.0, seq_len=14, time_dim=8,
-                         **options)
+    config = ModelConfig(vocab_size=40, hidden_dim=8, width=16, layers=2, heads=2, ffn=32, dropout=0.0, seq_len=14, time_dim=8, **options)
     return Denoiser(config, AB)
 
 
@@ -40,8 +39,8 @@ def packed(seed=1):
     for row, (n_src, n_trg) in enumerate([(3, 4), (5, 2), (2, 6), (4, 4)]):
         src, trg = torch.randint(3, 40, (n_src,), generator=g), torch.randint(3, 40, (n_trg,), generator=g)
         seq = torch.cat([torch.tensor([CLS]), src, torch.tensor([SEP]), trg, torch.tensor([SEP])])
-        ids[row, :len(seq)] = seq
-        mask[row, n_src + 2:] = True
+        ids[row, : len(seq)] = seq
+        mask[row, n_src + 2 :] = True
     return ids, mask, held_end(ids, mask, PAD)
 
 
@@ -56,6 +55,7 @@ def perturb(model, scale=0.5, seed=3):
 
 # ---- the classifier (CDCD) ----
 
+
 def test_classifier_logits_are_the_readout_plus_the_output_prior_and_x0_hat_their_expected_embedding():
     model = perturb(model_of(**CLASSIFIER)).eval()
     ids, mask, hold = packed()
@@ -66,7 +66,7 @@ def test_classifier_logits_are_the_readout_plus_the_output_prior_and_x0_hat_thei
     rows = written.reshape(-1).nonzero().squeeze(1)
     # by hand: the blocks' output h at the written rows, read out, plus (√ᾱ/(1 − ᾱ))·z·Êᵀ at each row's own t
     h = model.out_norm(model.encode_decode(model._inputs(z, t, None, mask, None, hold), mask, hold))
-    E = model.embedding.weight / model.embedding.weight.norm(dim=1, keepdim=True) * 8 ** 0.5
+    E = model.embedding.weight / model.embedding.weight.norm(dim=1, keepdim=True) * 8**0.5
     coef = (AB[t].sqrt() / (1 - AB[t]))[rows // 14]
     expected = model.readout(h.reshape(-1, 16)[rows]) + coef[:, None] * (z.reshape(-1, 8)[rows] @ E.t())
     assert torch.allclose(logits, expected, atol=1e-4)
@@ -126,12 +126,13 @@ def test_the_distance_penalty_on_a_classifier_halves_both_passes_and_pulls_their
 
 # ---- embeddings on a sphere ----
 
+
 def test_embedding_norm_holds_every_row_at_norm_sqrt_d_and_embed_reads_those_rows():
     model = model_of(**CLASSIFIER)
     with torch.no_grad():
         model.embedding.weight.mul_(torch.rand(40, 1) * 5)  # whatever the parameter becomes
     norms = model.table().norm(dim=1)
-    assert torch.allclose(norms, torch.full((40,), 8 ** 0.5), atol=1e-5)
+    assert torch.allclose(norms, torch.full((40,), 8**0.5), atol=1e-5)
     ids = torch.tensor([[3, 7, 9]])
     assert torch.equal(model.embed(ids), model.table()[ids])
     free = model_of(arch="encdec")
@@ -139,6 +140,7 @@ def test_embedding_norm_holds_every_row_at_norm_sqrt_d_and_embed_reads_those_row
 
 
 # ---- the true length and its head ----
+
 
 def test_held_end_is_the_targets_sep_and_its_padding_and_only_that_sep_stays_a_key():
     ids, mask, hold = packed()
@@ -192,6 +194,7 @@ def test_padding_out_of_attention_changes_nothing_the_written_rows_see():
 
 # ---- the encoder–decoder as two sequences ----
 
+
 def test_a_decoder_block_reads_the_memory_and_itself_in_one_softmax():
     torch.manual_seed(0)
     block = Block(16, 2, 32, 0.0).eval()
@@ -214,7 +217,7 @@ def test_the_source_is_encoded_once_per_chain_with_the_same_result():
     given = model(z, t, prev, target_mask=mask, hold=hold, memory=memory)
     assert torch.allclose(whole, given, atol=1e-5)
     calls = []
-    model.encode_source = (lambda f: (lambda *a: calls.append(1) or f(*a)))(model.encode_source)
+    model.encode_source = (lambda f: lambda *a: calls.append(1) or f(*a))(model.encode_source)
     denoise(model, AB, make_sampler("ads"), 10, src, mask, hold=hold, generator=torch.Generator().manual_seed(0))
     assert len(calls) == 1  # ten steps, one encoding
 
@@ -228,13 +231,23 @@ def test_a_classifier_chain_ends_on_the_embeddings_of_its_own_argmax():
         written = mask & ~hold
         distances = ((z[written][:, None] - model.table()[None]) ** 2).sum(-1)
         assert distances.min(-1).values.max() < 1e-8
-    out = generate(model, AB, make_sampler("ads"), 5, src, mask, hold=hold, generator=torch.Generator().manual_seed(0),
-                   banned=torch.tensor([PAD, CLS, SEP]))
+    out = generate(
+        model,
+        AB,
+        make_sampler("ads"),
+        5,
+        src,
+        mask,
+        hold=hold,
+        generator=torch.Generator().manual_seed(0),
+        banned=torch.tensor([PAD, CLS, SEP]),
+    )
     assert not torch.isin(out[mask & ~hold], torch.tensor([PAD, CLS, SEP])).any()
     assert torch.equal(out[~(mask & ~hold)], src[~(mask & ~hold)])
 
 
 # ---- the copied input's uniform alignment ----
+
 
 def test_uniform_copy_spreads_the_source_over_the_targets_length():
     z = torch.arange(12.0).view(1, 12, 1)
@@ -248,6 +261,7 @@ def test_uniform_copy_spreads_the_source_over_the_targets_length():
 
 
 # ---- the posterior input ----
+
 
 def test_the_posterior_input_is_the_input_embedding_under_the_priors_posterior():
     model = perturb(model_of(**CLASSIFIER, input_posterior=True)).eval()
@@ -272,6 +286,7 @@ def test_the_posterior_input_is_the_input_embedding_under_the_priors_posterior()
 
 # ---- time warping ----
 
+
 def test_time_warping_draws_where_the_loss_rises_stratified_and_uniform_until_every_bin_is_seen():
     warp = WarpedTimesteps(2000, torch.device("cpu"), bins=4, floor=0.0)
     t, weights = warp.sample(8, torch.Generator().manual_seed(0))
@@ -289,6 +304,7 @@ def test_time_warping_draws_where_the_loss_rises_stratified_and_uniform_until_ev
 
 
 # ---- the embedding's own learning rate ----
+
 
 def test_the_embedding_gets_its_own_learning_rate():
     from diffutext.train import Trainer
@@ -308,10 +324,13 @@ def test_the_embedding_gets_its_own_learning_rate():
 
 # ---- from the command line ----
 
+
 def test_a_classifier_run_trains_and_decodes_from_the_command_line(tmp_path):
     config = tmp_path / "c.toml"
-    config.write_text('[model]\narch = "encdec"\nx0_from = "classifier"\nembedding_norm = true\ntarget_length = "head"\n'
-                      'self_condition = 0.5\ncopy_input = true\ncopy_align = "uniform"\n[diffusion]\ntimestep_sampler = "warped"\n')
+    config.write_text(
+        '[model]\narch = "encdec"\nx0_from = "classifier"\nembedding_norm = true\ntarget_length = "head"\n'
+        'self_condition = 0.5\ncopy_input = true\ncopy_align = "uniform"\n[diffusion]\ntimestep_sampler = "warped"\n'
+    )
     run = tmp_path / "run"
     result = invoke("train", "--preset", "tiny", "--config", config, "--out", run, "--max-steps", 6)
     assert result.exit_code == 0, result.output
@@ -329,8 +348,7 @@ MASKED = dict(CLASSIFIER, output_prior=False)
 
 def masked_model(seed=0):
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=40, hidden_dim=8, width=16, layers=2, heads=2, ffn=32, dropout=0.0, seq_len=14, time_dim=8,
-                         **MASKED)
+    config = ModelConfig(vocab_size=40, hidden_dim=8, width=16, layers=2, heads=2, ffn=32, dropout=0.0, seq_len=14, time_dim=8, **MASKED)
     return Denoiser(config, AB, process="mask")
 
 
@@ -353,8 +371,12 @@ def test_the_masked_process_masks_at_rate_t_over_T_and_trains_on_the_masked_toke
     _, logits = model(z, t, target_mask=mask, hold=hold, with_head=True)
     ce = F.cross_entropy(logits, ids[written], reduction="none")
     picked = masked[written]
-    expected = torch.stack([c[p].mean() if p.any() else torch.tensor(0.0) for c, p in
-                            zip(ce.split(written.sum(1).tolist()), picked.split(written.sum(1).tolist()))])
+    expected = torch.stack(
+        [
+            c[p].mean() if p.any() else torch.tensor(0.0)
+            for c, p in zip(ce.split(written.sum(1).tolist()), picked.split(written.sum(1).tolist()))
+        ]
+    )
     assert torch.allclose(terms["ce"], expected, atol=1e-5)
     assert mask_ratio(torch.tensor(1999), 2000) == 1.0
 
@@ -383,6 +405,7 @@ def test_mask_predict_masks_again_the_least_confident_at_the_schedules_ratios():
 
 
 # ---- the pointer-generator's copy ----
+
 
 def test_the_copy_gate_adds_the_copied_tokens_logit_scaled_by_a_learned_gate():
     model = perturb(model_of(**CLASSIFIER, copy_input=True, copy_gate=True)).eval()

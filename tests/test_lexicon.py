@@ -29,8 +29,8 @@ def packed(rows):
     mask = torch.zeros(len(rows), L, dtype=torch.bool)
     for i, (s, t) in enumerate(rows):
         seq = [CLS, *s, SEP, *t, SEP]
-        ids[i, :len(seq)] = torch.tensor(seq)
-        mask[i, len(s) + 2:] = True
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, len(s) + 2 :] = True
     return ids, mask
 
 
@@ -43,8 +43,16 @@ def test_aligned_pairs_pair_target_token_k_with_source_token_k_while_both_last()
 def test_lexicon_keeps_the_most_aligned_token_above_the_share_and_the_count():
     # 6 keeps → 20 (4 of 10 alignments: share 0.4); 7 → 21 or 22 tie (2 of 4 each): the smaller id, 21;
     # 8 is aligned with itself most (3 of 5): stays; 9 is aligned twice only: below the count, stays.
-    rows = ([([6], [20])] * 4 + [([6], [30 + i]) for i in range(3)] + [([6], [6])] * 3
-            + [([7], [21])] * 2 + [([7], [22])] * 2 + [([8], [8])] * 3 + [([8], [23])] * 2 + [([9], [24])] * 2)
+    rows = (
+        [([6], [20])] * 4
+        + [([6], [30 + i]) for i in range(3)]
+        + [([6], [6])] * 3
+        + [([7], [21])] * 2
+        + [([7], [22])] * 2
+        + [([8], [8])] * 3
+        + [([8], [23])] * 2
+        + [([9], [24])] * 2
+    )
     ids, mask = packed(rows)
     lex = build_lexicon(ids, mask, 40, share=0.3, specials=SPECIALS, min_count=4)
     assert lex[6] == 20 and lex[7] == 21 and lex[8] == 8 and lex[9] == 9
@@ -55,8 +63,21 @@ def test_lexicon_keeps_the_most_aligned_token_above_the_share_and_the_count():
 
 def tiny(copy_lexicon=0.0):
     torch.manual_seed(0)
-    return Denoiser(ModelConfig(vocab_size=50, hidden_dim=8, width=16, layers=1, heads=2, ffn=32, dropout=0.0, seq_len=12,
-                                time_dim=8, copy_source="on", copy_lexicon=copy_lexicon)).eval()
+    return Denoiser(
+        ModelConfig(
+            vocab_size=50,
+            hidden_dim=8,
+            width=16,
+            layers=1,
+            heads=2,
+            ffn=32,
+            dropout=0.0,
+            seq_len=12,
+            time_dim=8,
+            copy_source="on",
+            copy_lexicon=copy_lexicon,
+        )
+    ).eval()
 
 
 def test_the_copy_prior_copies_each_source_token_as_its_lexicon_entry():
@@ -84,16 +105,31 @@ def test_an_untrained_lexicon_model_decodes_the_translated_source():
         model.lexicon[8] = 30
     ids = torch.tensor([[CLS, 7, 8, 9, SEP, 0, 0, 0, 0, 0, 0, 0]])
     mask = (torch.arange(12) >= 5)[None]
-    z = denoise(model, alpha_bar_table("sqrt", 2000).float(), make_sampler("ads"), 5, ids, mask,
-                generator=torch.Generator().manual_seed(0))
+    z = denoise(model, alpha_bar_table("sqrt", 2000).float(), make_sampler("ads"), 5, ids, mask, generator=torch.Generator().manual_seed(0))
     assert torch.cdist(z[0, 5:], model.embedding.weight.detach()).argmin(-1).tolist() == [7, 30, 9, SEP, SEP, SEP, SEP]
 
 
 def test_the_lexicon_is_a_share_and_is_stored_off_without_the_copy_prior(tmp_path):
     with pytest.raises(ConfigError, match="copy_lexicon"):
         resolve("tiny", {"model": {"copy_source": "on", "copy_lexicon": 1.5}})
-    r = CliRunner().invoke(app, ["train", "--preset", "tiny", "--copy-source", "off", "--copy-lexicon", "0.2", "--max-steps", "1",
-                                 "--out", str(tmp_path / "off"), "--device", "cpu"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--copy-source",
+            "off",
+            "--copy-lexicon",
+            "0.2",
+            "--max-steps",
+            "1",
+            "--out",
+            str(tmp_path / "off"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "off" / "config.json").read_text())["model"]["copy_lexicon"] == 0.0
     assert "lexicon" not in load_file(tmp_path / "off" / "checkpoints" / "step-00000001" / "ema.safetensors")
@@ -103,12 +139,15 @@ def test_training_counts_the_lexicon_from_the_split_and_stores_it_with_the_weigh
     """bible-basic: thou is copied as you; the line names the entries; model and EMA weights both hold the table;
     a resumed run keeps it; `ablate` scores the lookup beside the copy; a negative share is refused (exit 2)."""
     events = []
-    cfg = resolve("tiny", {"model": {"copy_source": "auto", "copy_lexicon": 0.15}, "train": {"max_steps": 2, "eval_every": 0, "vocab_size": 1000}})
+    cfg = resolve(
+        "tiny", {"model": {"copy_source": "auto", "copy_lexicon": 0.15}, "train": {"max_steps": 2, "eval_every": 0, "vocab_size": 1000}}
+    )
     run = train(cfg, tmp_path / "run", device="cpu", callback=lambda e, info: events.append((e, info)))
     assert json.loads((run / "config.json").read_text())["model"]["copy_lexicon"] == 0.15
     line = next(i["message"] for e, i in events if e == "choice" and "copy lexicon" in i["message"])
     assert "thou → you" in line
     from diffutext.data import tokenizer as tok
+
     vocab = tok.load(run / "tokenizer.json")
     thou, you = (vocab.encode([w])[0][0] for w in (" thou", " you"))
     for name in ("model", "ema"):
@@ -118,8 +157,10 @@ def test_training_counts_the_lexicon_from_the_split_and_stores_it_with_the_weigh
     assert r.exit_code == 0, r.output
     assert torch.equal(load_file(run / "checkpoints" / "step-00000003" / "ema.safetensors")["lexicon"], lex)
     ablate = tmp_path / "ablate"
-    r = CliRunner().invoke(app, ["ablate", "--checkpoint", str(run), "--sampler", "ads", "--steps", "3", "--limit", "20",
-                                 "--out", str(ablate), "--device", "cpu"])
+    r = CliRunner().invoke(
+        app,
+        ["ablate", "--checkpoint", str(run), "--sampler", "ads", "--steps", "3", "--limit", "20", "--out", str(ablate), "--device", "cpu"],
+    )
     assert r.exit_code == 0, r.output
     assert "lexicon lookup" in r.output
     rows = {row["sampler"]: row for row in json.loads((ablate / "results.json").read_text())["rows"]}
@@ -127,16 +168,19 @@ def test_training_counts_the_lexicon_from_the_split_and_stores_it_with_the_weigh
     looked_up = translate(list(test["src"]), vocab, lex)
     assert rows["lexicon lookup"]["sacrebleu"] == pytest.approx(metrics.score(looked_up, references(test))["sacrebleu"])
     assert looked_up != list(test["src"]) and rows["lexicon lookup"]["sacrebleu"] != rows["copy source"]["sacrebleu"]
-    r = CliRunner().invoke(app, ["train", "--preset", "tiny", "--copy-source", "on", "--copy-lexicon", "-1",
-                                 "--out", str(tmp_path / "bad")])
+    r = CliRunner().invoke(
+        app, ["train", "--preset", "tiny", "--copy-source", "on", "--copy-lexicon", "-1", "--out", str(tmp_path / "bad")]
+    )
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert not (tmp_path / "bad").exists()
 
 
 # ---- the target length of the copy: --length source ----
 
+
 def test_source_length_puts_the_sep_after_as_many_target_tokens_as_the_source_has():
     from diffutext.evaluate import source_length
+
     ids = torch.tensor([[CLS, 5, 6, SEP] + [PAD] * 9, [CLS, 5, 6, 7, 8, SEP] + [PAD] * 7])  # as decoding packs them
     mask = torch.arange(13)[None] >= torch.tensor([[4], [6]])  # the target side: after the source's [SEP]
     hold = source_length(ids, mask, SEP)
@@ -148,6 +192,7 @@ def test_source_length_puts_the_sep_after_as_many_target_tokens_as_the_source_ha
 
 def test_held_positions_stay_clean_and_the_chain_writes_only_the_free_ones():
     from diffutext.samplers import generate
+
     model = tiny(0.2)
     with torch.no_grad():
         model.down[2].weight.normal_()  # a network that writes something else than the copy
@@ -168,22 +213,54 @@ def test_sample_with_length_source_writes_no_more_tokens_than_the_source(tmp_pat
     cfg = resolve("tiny", {"model": {"copy_source": "on", "copy_lexicon": 0.15}, "train": {"max_steps": 2, "eval_every": 0}})
     run = train(cfg, tmp_path / "run", device="cpu")
     from diffutext.data import tokenizer as tok
+
     vocab = tok.load(run / "tokenizer.json")
-    r = CliRunner().invoke(app, ["sample", "--checkpoint", str(run), "--steps", "3", "--limit", "6", "--length", "source",
-                                 "--out", str(tmp_path / "out.jsonl"), "--device", "cpu"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            "--checkpoint",
+            str(run),
+            "--steps",
+            "3",
+            "--limit",
+            "6",
+            "--length",
+            "source",
+            "--out",
+            str(tmp_path / "out.jsonl"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     for row in rows:
         n_src = min(len(vocab.encode([row["src"]])[0]), (48 - 3) // 2)
         assert len(vocab.encode([row["hyp"]])[0]) <= n_src
-    r = CliRunner().invoke(app, ["sample", "--checkpoint", str(run), "--steps", "3", "--limit", "6",  # auto: a copy-prior run
-                                 "--out", str(tmp_path / "auto.jsonl"), "--device", "cpu"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            "--checkpoint",
+            str(run),
+            "--steps",
+            "3",
+            "--limit",
+            "6",  # auto: a copy-prior run
+            "--out",
+            str(tmp_path / "auto.jsonl"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "auto.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
 
 
 def test_length_auto_follows_the_copy_prior():
     from diffutext.evaluate import resolve_length
+
     on = resolve("tiny", {"model": {"copy_source": "on"}})
     assert resolve_length("auto", on) == "source" and resolve_length("auto", resolve("tiny")) == "free"
     assert resolve_length("free", on) == "free" and resolve_length("source", resolve("tiny")) == "source"
@@ -191,6 +268,7 @@ def test_length_auto_follows_the_copy_prior():
 
 def test_banned_tokens_are_never_picked_by_either_clamp():
     from diffutext.samplers import generate, head_indices
+
     model = tiny()
     rows = model.embedding.weight.detach()[[SEP, PAD, 7]] + 0.01
     banned = torch.tensor([PAD, CLS, SEP])
@@ -202,11 +280,30 @@ def test_banned_tokens_are_never_picked_by_either_clamp():
     with torch.no_grad():  # a network that writes [SEP] everywhere
         model.down[2].bias.copy_(model.embedding.weight[SEP] * 5)
     for by in ("nearest", "head"):
-        out = generate(model, alpha_bar_table("sqrt", 2000).float(), make_sampler("ads"), 5, ids, mask,
-                       generator=torch.Generator().manual_seed(0), hold=hold, banned=banned, clamp_by=by)
+        out = generate(
+            model,
+            alpha_bar_table("sqrt", 2000).float(),
+            make_sampler("ads"),
+            5,
+            ids,
+            mask,
+            generator=torch.Generator().manual_seed(0),
+            hold=hold,
+            banned=banned,
+            clamp_by=by,
+        )
         assert not set(out[0, 5:8].tolist()) & {PAD, CLS, SEP} and out[0, 8] == SEP
-        free = generate(model, alpha_bar_table("sqrt", 2000).float(), make_sampler("ads"), 5, ids, mask,
-                        generator=torch.Generator().manual_seed(0), hold=hold, clamp_by=by)
+        free = generate(
+            model,
+            alpha_bar_table("sqrt", 2000).float(),
+            make_sampler("ads"),
+            5,
+            ids,
+            mask,
+            generator=torch.Generator().manual_seed(0),
+            hold=hold,
+            clamp_by=by,
+        )
         assert SEP in free[0, 5:8].tolist()
 
 

@@ -41,10 +41,13 @@ def wait_for(predicate, timeout: float = 300.0, what: str = "") -> None:
 
 # ---------------------------------------------------------------- the lock, in process
 
+
 def hold_lock(run: Path) -> subprocess.Popen:
     """Another process that takes the run's lock and keeps it until killed."""
-    code = ("import sys, time; from diffutext.lock import run_lock\n"
-            "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)")
+    code = (
+        "import sys, time; from diffutext.lock import run_lock\n"
+        "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(run)], env=ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -88,6 +91,7 @@ def test_a_locked_run_refuses_train_resume_and_overwrite_with_one_line(tiny_run,
 
 # ---------------------------------------------------------------- real processes
 
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> Path:
     from diffutext.data.tasks import embedded_pairs
@@ -115,8 +119,13 @@ def test_two_trains_on_one_folder_the_second_exits_2_naming_the_holder(task, tmp
             assert_one_line_error(invoke(*args, *extra), f"PID {first.pid}")
         # readers are allowed while it trains: they read the newest complete checkpoint
         wait_for(lambda: any((run / "checkpoints").glob("step-*/manifest.json")), what="a first checkpoint")
-        reader = subprocess.run(cli("sample", "--checkpoint", run, "--steps", 4, "--limit", 4, "--show", 0, "--device", "cpu"),
-                                env=ENV, capture_output=True, text=True, timeout=300)
+        reader = subprocess.run(
+            cli("sample", "--checkpoint", run, "--steps", 4, "--limit", 4, "--show", 0, "--device", "cpu"),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert reader.returncode == 0, reader.stderr
         assert first.wait(timeout=900) == 0, first.stderr.read()
     finally:
@@ -132,13 +141,20 @@ def test_a_sigkilled_holder_leaves_no_stale_lock(task, tmp_path):
     run = tmp_path / "run"
     args = ["train", "--preset", "tiny", "--task", task, "--max-steps", 400, "--save-every", 10, "--out", run, "--device", "cpu"]
     first = subprocess.Popen(cli(*args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: any((run / "checkpoints").glob("step-*/manifest.json")) if (run / "checkpoints").is_dir() else False,
-             what="a first checkpoint")
+    wait_for(
+        lambda: any((run / "checkpoints").glob("step-*/manifest.json")) if (run / "checkpoints").is_dir() else False,
+        what="a first checkpoint",
+    )
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert f"PID {first.pid}" in holder(run)  # the file is left naming the dead holder, but nobody holds the lock
-    resumed = subprocess.run(cli(*args[:5], "--max-steps", 40, "--save-every", 10, "--out", run, "--resume", "--device", "cpu"),
-                             env=ENV, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(
+        cli(*args[:5], "--max-steps", 40, "--save-every", 10, "--out", run, "--resume", "--device", "cpu"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert resumed.returncode == 0, resumed.stderr
 
 
@@ -166,8 +182,21 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_killed_ablate_keeps_its_finished_cells_and_the_rerun_reuses_them(trained, tmp_path):
-    args = ["ablate", "--checkpoint", trained, "--sampler", "uniform,ddim,ads", "--steps", "8,4", "--limit", 24,
-            "--batch-size", 8, "--device", "cpu"]
+    args = [
+        "ablate",
+        "--checkpoint",
+        trained,
+        "--sampler",
+        "uniform,ddim,ads",
+        "--steps",
+        "8,4",
+        "--limit",
+        24,
+        "--batch-size",
+        8,
+        "--device",
+        "cpu",
+    ]
     whole = subprocess.run(cli(*args, "--out", tmp_path / "whole"), env=ENV, capture_output=True, text=True, timeout=900)
     assert whole.returncode == 0, whole.stderr
     cut = tmp_path / "cut"
@@ -183,8 +212,23 @@ def test_a_killed_ablate_keeps_its_finished_cells_and_the_rerun_reuses_them(trai
 
 @pytest.mark.slow
 def test_a_killed_sample_with_seeds_keeps_its_batches_and_writes_the_same_file(trained, tmp_path):
-    args = ["sample", "--checkpoint", trained, "--split", "test", "--steps", 10, "--seeds", 3, "--batch-size", 4,
-            "--show", 0, "--device", "cpu"]
+    args = [
+        "sample",
+        "--checkpoint",
+        trained,
+        "--split",
+        "test",
+        "--steps",
+        10,
+        "--seeds",
+        3,
+        "--batch-size",
+        4,
+        "--show",
+        0,
+        "--device",
+        "cpu",
+    ]
     whole = subprocess.run(cli(*args, "--out", tmp_path / "whole.jsonl"), env=ENV, capture_output=True, text=True, timeout=900)
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "cut.jsonl"
@@ -197,6 +241,7 @@ def test_a_killed_sample_with_seeds_keeps_its_batches_and_writes_the_same_file(t
 
 
 # ---------------------------------------------------------------- the stores, in process
+
 
 def test_a_decode_reuses_only_batches_of_the_same_checkpoint_config_and_inputs(trained, tmp_path):
     from dataclasses import replace

@@ -195,10 +195,15 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("path,spread", [  # spread: the target near the top logit (a trained head), or far below it
-    ("unit", 0.3), ("unit", 3.0), ("weighted", 0.3),
-    ("weighted", 3.0),  # the recompute path normalises by its own exponentials' sum (it used forward's: 3.8-5.0% off)
-])
+@pytest.mark.parametrize(
+    "path,spread",
+    [  # spread: the target near the top logit (a trained head), or far below it
+        ("unit", 0.3),
+        ("unit", 3.0),
+        ("weighted", 0.3),
+        ("weighted", 3.0),  # the recompute path normalises by its own exponentials' sum (it used forward's: 3.8-5.0% off)
+    ],
+)
 def test_tied_nll_gradients_under_bf16_autocast_are_as_close_as_plain_autocast_cross_entropy(path, spread, monkeypatch):
     """Values and the gradients of x, E and b under bf16 autocast, against float64, within 1.5× the error
     of F.cross_entropy on the same autocast logits (plus a 1e-3 floor). A mean-reduced loss (the same

@@ -43,8 +43,11 @@ def bert_folder(tmp_path_factory, small_task):
     cfg = resolve("tiny", {"model": {"arch": "diffuseq", "hidden_dim": 16, "width": 16, "ffn": 32, "seq_len": 64}})
     torch.manual_seed(7)
     state = bert_names(DiffuSeqDenoiser(with_vocab(cfg, vocab.size).model).state_dict())
-    state |= {"embeddings.token_type_embeddings.weight": torch.randn(2, 16), "pooler.dense.weight": torch.randn(16, 16),
-              "embeddings.position_ids": torch.arange(64)[None]}
+    state |= {
+        "embeddings.token_type_embeddings.weight": torch.randn(2, 16),
+        "pooler.dense.weight": torch.randn(16, 16),
+        "embeddings.position_ids": torch.arange(64)[None],
+    }
     save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
     return folder
 
@@ -69,7 +72,7 @@ def test_the_plm_tensors_start_the_network_and_the_rest_keep_their_initialisatio
     assert torch.equal(own["input_transformers.layer.1.attention.self.query.weight"], file["encoder.layer.1.attention.self.query.weight"])
     assert torch.equal(own["input_transformers.layer.0.output.LayerNorm.bias"], file["encoder.layer.0.output.LayerNorm.bias"])
     assert torch.equal(own["word_embedding.weight"], file["embeddings.word_embeddings.weight"])
-    assert torch.equal(own["position_embeddings.weight"], file["embeddings.position_embeddings.weight"][:cfg.model.seq_len])
+    assert torch.equal(own["position_embeddings.weight"], file["embeddings.position_embeddings.weight"][: cfg.model.seq_len])
     assert torch.equal(own["LayerNorm.weight"], file["embeddings.LayerNorm.weight"])
     for key in ("time_embed.0.weight", "lm_head.bias"):  # not in a BERT: as a fresh network has them
         assert torch.equal(own[key], fresh.state_dict()[key])
@@ -77,8 +80,23 @@ def test_the_plm_tensors_start_the_network_and_the_rest_keep_their_initialisatio
 
 
 def test_a_run_from_the_command_line_trains_from_the_plm(bert_folder, small_task, tmp_path):
-    result = invoke("train", "--preset", "tiny", "--task", small_task, "--arch", "diffuseq", "--init-plm", bert_folder,
-                    "--max-steps", 2, "--lr", 1e-9, "--out", tmp_path / "run")
+    result = invoke(
+        "train",
+        "--preset",
+        "tiny",
+        "--task",
+        small_task,
+        "--arch",
+        "diffuseq",
+        "--init-plm",
+        bert_folder,
+        "--max-steps",
+        2,
+        "--lr",
+        1e-9,
+        "--out",
+        tmp_path / "run",
+    )
     assert result.exit_code == 0, result.output
     assert f"network initialised from {bert_folder}" in result.output and "2 BERT layers of width 16" in result.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -94,15 +112,20 @@ def test_a_run_from_the_command_line_trains_from_the_plm(bert_folder, small_task
 def test_bad_plm_input_is_one_line(bert_folder, small_task, tmp_path):
     base = ["train", "--preset", "tiny", "--task", small_task, "--max-steps", 1]
     assert_one_line_error(invoke(*base, "--init-plm", bert_folder, "--out", tmp_path / "a"), "needs model.arch diffuseq")
-    assert_one_line_error(invoke(*base, "--arch", "diffuseq", "--init-plm", tmp_path / "none", "--out", tmp_path / "b"),
-                          "config.json not found", alone=False)
+    assert_one_line_error(
+        invoke(*base, "--arch", "diffuseq", "--init-plm", tmp_path / "none", "--out", tmp_path / "b"), "config.json not found", alone=False
+    )
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     for name in ("tokenizer.json", "model.safetensors"):
         (wrong / name).write_bytes((bert_folder / name).read_bytes())
     (wrong / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 200, **SIZES, "num_hidden_layers": 3}))
-    assert_one_line_error(invoke(*base, "--arch", "diffuseq", "--init-plm", wrong, "--out", tmp_path / "c"),
-                          "do not fit the network", "input_transformers.layer.2", alone=False)
+    assert_one_line_error(
+        invoke(*base, "--arch", "diffuseq", "--init-plm", wrong, "--out", tmp_path / "c"),
+        "do not fit the network",
+        "input_transformers.layer.2",
+        alone=False,
+    )
 
 
 def test_minilm_without_its_package_says_what_to_install(monkeypatch):

@@ -25,8 +25,9 @@ WINDOW = dp_window(alpha_bar_table("sqrt", 2000), 0.05)
 
 def tiny_model(seed=0, **options):
     torch.manual_seed(seed)
-    return Denoiser(ModelConfig(vocab_size=50, hidden_dim=8, width=16, layers=1, heads=2, ffn=32, dropout=0.0, seq_len=12,
-                                time_dim=8, **options))
+    return Denoiser(
+        ModelConfig(vocab_size=50, hidden_dim=8, width=16, layers=1, heads=2, ffn=32, dropout=0.0, seq_len=12, time_dim=8, **options)
+    )
 
 
 def batch(seed=1):
@@ -56,6 +57,7 @@ def masked_mean(x, mask):  # (B, L) over the target positions
 
 
 # ---- loss over target positions only ----
+
 
 def test_target_positions_average_every_term_over_the_target_only():
     model, (ids, mask, t) = tiny_model(), batch()
@@ -89,6 +91,7 @@ def test_target_positions_ignore_what_the_model_predicts_on_the_source():
 
 # ---- anchor loss ----
 
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_anchor_loss_is_the_head_cross_entropy_on_x0_hat_at_target_positions(smoothing):
     model, (ids, mask, t) = tiny_model(), batch()
@@ -111,8 +114,9 @@ def test_anchor_loss_gradient_matches_autograd_of_the_plain_cross_entropy():
     for fast in (True, False):
         model = tiny_model()
         if fast:
-            loss = diffusion_loss(model, ids, mask, t, AB, noise=noise,
-                                  options=LossOptions(anchor_weight=1.0, anchor_smoothing=0.1))["anchor"].mean()
+            loss = diffusion_loss(model, ids, mask, t, AB, noise=noise, options=LossOptions(anchor_weight=1.0, anchor_smoothing=0.1))[
+                "anchor"
+            ].mean()
         else:
             x0_hat = by_hand(model, ids, mask, t, noise)[3]
             ce = F.cross_entropy(model.logits(x0_hat).transpose(1, 2), ids, reduction="none", label_smoothing=0.1)
@@ -125,6 +129,7 @@ def test_anchor_loss_gradient_matches_autograd_of_the_plain_cross_entropy():
 
 
 # ---- self-conditioning ----
+
 
 class Recorder(nn.Module):
     """Wraps a denoiser and records every call's inputs."""
@@ -213,8 +218,9 @@ def test_samplers_feed_the_previous_steps_x0_hat(which):
     model = Snap()
     ids = torch.tensor([[0, 1, 2, 3, 4, 5]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1]], dtype=torch.bool)
-    denoise(model, AB, make_sampler("ads"), 5, ids, mask, clamp=True, generator=torch.Generator().manual_seed(0),
-            self_condition_input=which)
+    denoise(
+        model, AB, make_sampler("ads"), 5, ids, mask, clamp=True, generator=torch.Generator().manual_seed(0), self_condition_input=which
+    )
     assert len(model.fed) == 5 and torch.equal(model.fed[0], torch.zeros_like(model.fed[0]))
     w = model.embedding.weight.detach()
     for i in range(1, 5):
@@ -246,10 +252,14 @@ def test_auto_clamping_follows_the_anchor_loss():
 
     assert resolve_clamp_by("auto", resolve("tiny")) == "nearest"
     assert resolve_clamp_by("auto", resolve("tiny", {"train": {"anchor_weight": 0.5}})) == "head"
-    assert resolve_clamp_by("head", resolve("tiny")) == "head" and resolve_clamp_by("nearest", resolve("tiny", {"train": {"anchor_weight": 1.0}})) == "nearest"
+    assert (
+        resolve_clamp_by("head", resolve("tiny")) == "head"
+        and resolve_clamp_by("nearest", resolve("tiny", {"train": {"anchor_weight": 1.0}})) == "nearest"
+    )
 
 
 # ---- a sequence length that follows the data ----
+
 
 class Vocab:
     cls, sep, pad = 1, 2, 0
@@ -284,6 +294,7 @@ def test_training_with_seq_len_zero_stores_the_chosen_length_and_cuts_nothing(tm
 
 # ---- Difformer's noise factor ----
 
+
 def test_noise_factor_scales_the_training_noise_only():
     model, (ids, mask, t) = tiny_model(), batch()
     noise = noise_for(ids)
@@ -296,6 +307,7 @@ def test_noise_factor_scales_the_training_noise_only():
 
 
 # ---- DiNoiSer's clipped minimum noise ----
+
 
 def test_nearest_neighbour_variance_and_the_clip_follow_dinoisers_formula():
     w = torch.tensor([[0.0, 0.0], [3.0, 0.0], [3.0, 4.0], [10.0, 10.0]])
@@ -325,6 +337,7 @@ def test_clipped_timesteps_never_train_below_the_clip_and_move_with_the_embeddin
 
 
 # ---- DiffuSeq-v2's soft absorbing state ----
+
 
 def test_absorbing_forward_process_runs_around_m_and_replaces_tokens_by_m():
     model, (ids, mask, t) = tiny_model(absorbing=0.5), batch()
@@ -378,6 +391,7 @@ def test_sampling_starts_from_noise_plus_m_and_updates_around_m():
 
 # ---- the Distance Penalty for the last part of the budget ----
 
+
 def test_dp_from_turns_the_penalty_on_for_the_last_part_only(tmp_path):
     cfg = resolve("tiny", {"train": {"max_steps": 8, "distance_penalty": 2.0, "dp_from": 0.5, "log_every": 1, "eval_every": 0}})
     train(cfg, tmp_path / "run", device="cpu")
@@ -395,6 +409,7 @@ def test_options_off_draw_exactly_the_base_noise():
 
 
 # ---- segment positions ----
+
 
 def test_segment_positions_count_each_side_from_its_start():
     model = tiny_model(positions="segment")
@@ -502,9 +517,11 @@ def test_copied_input_feeds_the_aligned_source_beside_z_t():
 
 # ---- the copy prior's auto setting ----
 
+
 def test_source_overlap_is_the_token_dice_of_the_packed_pairs():
     """2·|src ∩ trg| / (|src| + |trg|) with multiset intersections per pair, specials left out."""
     from diffutext.data.batches import CompactIds, Packed, source_overlap
+
     class V:  # the special ids of a vocabulary
         pad, cls, sep = 0, 2, 3
 
@@ -531,8 +548,10 @@ def test_copy_source_auto_follows_the_training_pairs_and_is_stored_resolved(tmp_
     folder = tmp_path / "unrelated"
     folder.mkdir()
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
-    lines = [json.dumps({"src": f"{words[i % 3]} {words[(i + 1) % 3]}", "trg": f"{words[3 + i % 3]} {words[3 + (i + 2) % 3]}"})
-             for i in range(40)]
+    lines = [
+        json.dumps({"src": f"{words[i % 3]} {words[(i + 1) % 3]}", "trg": f"{words[3 + i % 3]} {words[3 + (i + 2) % 3]}"})
+        for i in range(40)
+    ]
     for split in ("train", "valid"):
         (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     cfg = resolve("tiny", {"model": {"copy_source": "auto"}, "train": {"task": str(folder), "max_steps": 1, "eval_every": 0}})
@@ -542,6 +561,7 @@ def test_copy_source_auto_follows_the_training_pairs_and_is_stored_resolved(tmp_
 
 def test_copy_source_auto_is_never_built_and_old_boolean_configs_still_load():
     from diffutext.config import RunConfig
+
     with pytest.raises(ValueError, match="resolved"):
         tiny_model(copy_source="auto")
     old = resolve("tiny").to_dict()
@@ -554,15 +574,22 @@ def test_copy_source_auto_is_never_built_and_old_boolean_configs_still_load():
 def test_copy_source_auto_says_when_the_model_cannot_take_the_prior():
     """Overlapping pairs but x0 read through the head: off, and the line says why rather than only the overlap."""
     from diffutext.train import resolve_copy_source
+
     events = []
     cfg = resolve("tiny", {"model": {"copy_source": "auto", "x0_from": "classifier"}})
     out = resolve_copy_source(cfg, 0.6, lambda e, info: events.append(info["message"]))
     assert out.model.copy_source == "off"
-    assert events == ["copy prior off (auto): the training pairs' token overlap is 0.60 (at least 0.4), "
-                      "but model.x0_from classifier has no regressed x0_hat to add it to"]
+    assert events == [
+        "copy prior off (auto): the training pairs' token overlap is 0.60 (at least 0.4), "
+        "but model.x0_from classifier has no regressed x0_hat to add it to"
+    ]
     events.clear()
-    assert resolve_copy_source(resolve("tiny", {"model": {"copy_source": "auto"}}), 0.6,
-                               lambda e, info: events.append(info["message"])).model.copy_source == "on"
+    assert (
+        resolve_copy_source(
+            resolve("tiny", {"model": {"copy_source": "auto"}}), 0.6, lambda e, info: events.append(info["message"])
+        ).model.copy_source
+        == "on"
+    )
     assert events == ["copy prior on (auto): the training pairs' token overlap is 0.60 (at least 0.4)"]
 
 
@@ -592,7 +619,9 @@ def test_encdec_encodes_the_clean_source_once_and_the_decoder_reads_it():
 
 
 def test_encdec_trains_and_samples(tmp_path, small_task):
-    run = train(resolve("tiny", {"model": {"arch": "encdec"}, "train": {"task": str(small_task), "max_steps": 4}}), tmp_path / "run", device="cpu")
+    run = train(
+        resolve("tiny", {"model": {"arch": "encdec"}, "train": {"task": str(small_task), "max_steps": 4}}), tmp_path / "run", device="cpu"
+    )
     config = json.loads((run / "config.json").read_text())
     assert config.get("config", config)["model"]["arch"] == "encdec"
     result = invoke("sample", "--checkpoint", run, "--steps", 5, "--limit", 3, "--out", tmp_path / "out.jsonl")

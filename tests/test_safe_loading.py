@@ -92,11 +92,13 @@ def test_a_bad_manifest_exits_2(run, fault):
     folder = newest_folder(run)
     path = folder / "manifest.json"
     manifest = json.loads(path.read_text())
-    text = {"not-json": '{"step": 20, "files": {',
-            "not-an-object": "[1, 2, 3]",
-            "no-files": json.dumps({"step": 20}),
-            "wrong-step": json.dumps({**manifest, "step": 10}),
-            "bool-step": json.dumps({**manifest, "step": True})}[fault]
+    text = {
+        "not-json": '{"step": 20, "files": {',
+        "not-an-object": "[1, 2, 3]",
+        "no-files": json.dumps({"step": 20}),
+        "wrong-step": json.dumps({**manifest, "step": 10}),
+        "bool-step": json.dumps({**manifest, "step": True}),
+    }[fault]
     path.write_text(text)
     assert_one_line_error(sample(run), "manifest.json")
 

@@ -38,10 +38,20 @@ def test_registry_names():
     assert set(hub.HUB) <= set(tasks.PAPER_TASKS)
 
 
-@pytest.mark.parametrize("task,folder", [
-    ("wiki-auto", "wiki-auto"), ("wiki-auto", "WA"), ("qqp", "QQP"), ("quasar-t", "Quasar-T"), ("quasar-t", "quasar_t"),
-    ("roc", "ROCstory"), ("ccd", "CommonsenseConversation"), ("iwslt14", "iwslt14"), ("iwslt14", "IWSLT14"),
-])
+@pytest.mark.parametrize(
+    "task,folder",
+    [
+        ("wiki-auto", "wiki-auto"),
+        ("wiki-auto", "WA"),
+        ("qqp", "QQP"),
+        ("quasar-t", "Quasar-T"),
+        ("quasar-t", "quasar_t"),
+        ("roc", "ROCstory"),
+        ("ccd", "CommonsenseConversation"),
+        ("iwslt14", "iwslt14"),
+        ("iwslt14", "IWSLT14"),
+    ],
+)
 def test_paper_task_finds_our_name_or_diffuseqs_folder(offline, tmp_path, task, folder):
     diffuseq_folder(tmp_path / folder)
     source = tasks.resolve(task, tmp_path)
@@ -113,6 +123,7 @@ def test_embedded_task_in_both_shapes():
 
 
 # ---- the real sets in ../shared/data ----
+
 
 def test_shared_multi30k(shared_data):
     folder = str(shared_data / "multi30k" / "de2en")

@@ -17,7 +17,9 @@ TIMING = ("tokens_per_s", "elapsed_s")
 
 def tiny(task, model=None, diffusion=None, **train_fields):
     """The tiny preset on `task` without validation passes, with these [train] fields."""
-    return resolve("tiny", {"model": model or {}, "diffusion": diffusion or {}, "train": {"task": str(task), "eval_every": 0, **train_fields}})
+    return resolve(
+        "tiny", {"model": model or {}, "diffusion": diffusion or {}, "train": {"task": str(task), "eval_every": 0, **train_fields}}
+    )
 
 
 def records(run):
@@ -33,6 +35,7 @@ def kill_at(event: str, step: int):
     def callback(name, info):
         if name == event and info["step"] == step:
             raise Killed
+
     return callback
 
 

@@ -83,12 +83,15 @@ def truncate_arrays(n_src: np.ndarray, n_trg: np.ndarray, budget: int) -> tuple[
     keep_long = np.where(room, budget - short, budget // 2)
     src_longer = n_src > n_trg
     fits = n_src + n_trg <= budget
-    return (np.where(fits, n_src, np.where(src_longer, keep_long, keep_short)),
-            np.where(fits, n_trg, np.where(src_longer, keep_short, keep_long)))
+    return (
+        np.where(fits, n_src, np.where(src_longer, keep_long, keep_short)),
+        np.where(fits, n_trg, np.where(src_longer, keep_short, keep_long)),
+    )
 
 
-def diffuseq_lists(src: list[list[int]], trg: list[list[int]] | None, seq_len: int,
-                   vocab: Vocab) -> tuple[list[list[int]], list[list[int]] | None, list[bool]]:
+def diffuseq_lists(
+    src: list[list[int]], trg: list[list[int]] | None, seq_len: int, vocab: Vocab
+) -> tuple[list[list[int]], list[list[int]] | None, list[bool]]:
     """DiffuSeq's layout `[CLS] src [SEP] [SEP] [CLS] trg [SEP]` (its text_datasets.merge_and_mask) as the inputs of
     ours: src + [SEP] and [CLS] + trg, truncated here as DiffuSeq truncates ([CLS] src and [CLS] trg, the longer
     side first, to seq_len − 3 together), so that our packer cuts nothing more. The target mask then starts at
@@ -98,13 +101,12 @@ def diffuseq_lists(src: list[list[int]], trg: list[list[int]] | None, seq_len: i
         keep = [truncate_lengths(len(s) + 1, len(s) + 1, budget)[0] - 1 for s in src]
         return [s[:k] + [vocab.sep] for s, k in zip(src, keep)], None, [k != len(s) for s, k in zip(src, keep)]
     kept = [truncate_lengths(len(s) + 1, len(t) + 1, budget) for s, t in zip(src, trg)]
-    new_src = [s[:a - 1] + [vocab.sep] for s, (a, _) in zip(src, kept)]
-    new_trg = [[vocab.cls] + t[:b - 1] for t, (_, b) in zip(trg, kept)]
+    new_src = [s[: a - 1] + [vocab.sep] for s, (a, _) in zip(src, kept)]
+    new_trg = [[vocab.cls] + t[: b - 1] for t, (_, b) in zip(trg, kept)]
     return new_src, new_trg, [(a - 1, b - 1) != (len(s), len(t)) for s, t, (a, b) in zip(src, trg, kept)]
 
 
-def pack_one(src: list[int], trg: list[int] | None, seq_len: int, vocab: Vocab,
-             layout: str = "diffutext") -> tuple[list[int], int, bool]:
+def pack_one(src: list[int], trg: list[int] | None, seq_len: int, vocab: Vocab, layout: str = "diffutext") -> tuple[list[int], int, bool]:
     """One packed sequence (unpadded), the index of the [SEP] that ends the source side, and whether it was truncated.
 
     With trg None (decoding new inputs) the source is truncated as if the target were as long as
@@ -137,8 +139,15 @@ def _place(ids: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, keep: np.nd
     ids[row[kept], col[kept]] = tokens[kept]
 
 
-def pack_arrays(src: list[list[int]], trg: list[list[int]] | None, seq_len: int, vocab: Vocab,
-                ids_out: np.ndarray, mask_out: np.ndarray, layout: str = "diffutext") -> int:
+def pack_arrays(
+    src: list[list[int]],
+    trg: list[list[int]] | None,
+    seq_len: int,
+    vocab: Vocab,
+    ids_out: np.ndarray,
+    mask_out: np.ndarray,
+    layout: str = "diffutext",
+) -> int:
     """Pack tokenized rows into ids_out / mask_out (each (n, seq_len)); return how many were truncated.
 
     Row for row the same as `pack_one` (trg None: the inference layout, an empty target side).
@@ -196,7 +205,7 @@ def _open_packed(folder: Path, n: int, seq_len: int) -> Packed | None:
 def _fill(dataset, vocab: Vocab, with_target: bool, ids: np.ndarray, mask: np.ndarray, layout: str = "diffutext") -> int:
     truncated = 0
     for start in range(0, len(dataset), CHUNK):
-        batch = dataset[start:start + CHUNK]
+        batch = dataset[start : start + CHUNK]
         stop = start + len(batch["src"])
         trg = vocab.encode(batch["trg"]) if with_target else None
         truncated += pack_arrays(vocab.encode(batch["src"]), trg, ids.shape[1], vocab, ids[start:stop], mask[start:stop], layout)
@@ -219,8 +228,9 @@ def _pack_cached(dataset, vocab: Vocab, seq_len: int, with_target: bool, folder:
         ids.flush()
         mask.flush()
         del ids, mask
-        (tmp / "meta.json").write_text(json.dumps({"format": PACK_FORMAT, "rows": n, "seq_len": seq_len, "truncated": truncated,
-                                                   "with_target": with_target}))
+        (tmp / "meta.json").write_text(
+            json.dumps({"format": PACK_FORMAT, "rows": n, "seq_len": seq_len, "truncated": truncated, "with_target": with_target})
+        )
         for name in ("ids.npy", "target_mask.npy", "meta.json"):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
@@ -242,7 +252,7 @@ def choose_seq_len(dataset, vocab: Vocab, multiple: int = 8, chunk: int = 65_536
     (seq_len − 3) // 2 source tokens, so 2·|src| + 3). Tokenizes the split once more, chunk by chunk."""
     need = 8
     for i in range(0, len(dataset), chunk):
-        rows = dataset[i:i + chunk]
+        rows = dataset[i : i + chunk]
         n_src, n_trg = (np.fromiter(map(len, vocab.encode(rows[k])), np.int64) for k in ("src", "trg"))
         need = max(need, int(np.maximum(n_src + n_trg + 3, 2 * n_src + 3).max(initial=8)))
     return -(-need // multiple) * multiple

@@ -60,6 +60,7 @@ def _add(rows: Rows, src, candidates) -> None:
 # Our test split is ASSET: its `references` become the references. DiffuSeq's own Wiki-Auto
 # release (677k pairs) is a different cut of the same corpus.
 
+
 def convert_wiki_auto(ds, split: str) -> Rows:
     rows = Rows()
     for source, target, references in zip(ds["source"], ds["target"], ds["references"]):
@@ -74,6 +75,7 @@ def convert_wiki_auto(ds, split: str) -> Rows:
 # paraphrases: label == 1 is kept. GLUE's test labels are hidden, so our valid and test splits
 # are the even and odd `idx` halves of GLUE's validation split. DiffuSeq's QQP (144k train,
 # 2,048 valid, 2,500 test) is another sample of the same duplicates.
+
 
 def convert_qqp(ds, split: str) -> Rows:
     rows = Rows()
@@ -90,6 +92,7 @@ def convert_qqp(ds, split: str) -> Rows:
 # hub's translation sets); splits train (~160k), validation (~7.3k), test (~6.8k). Raw, cased
 # text; DiffuSeq-v2's copy is lowercased and Moses-tokenised.
 
+
 def convert_iwslt14(ds, split: str) -> Rows:
     rows = Rows()
     for pair in ds["translation"]:
@@ -98,13 +101,29 @@ def convert_iwslt14(ds, split: str) -> Rows:
 
 
 HUB: dict[str, HubSource] = {
-    "wiki-auto": HubSource("GEM/wiki_auto_asset_turk", "wiki_auto_asset_turk",
-                           {"train": "train", "valid": "validation", "test": "test_asset"},
-                           convert_wiki_auto, "source, target, references"),
-    "qqp": HubSource("nyu-mll/glue", "qqp", {"train": "train", "valid": "validation", "test": "validation"},
-                     convert_qqp, "question1, question2, label, idx"),
-    "iwslt14": HubSource("bbaaaa/iwslt14-de-en", None, {"train": "train", "valid": "validation", "test": "test"},
-                         convert_iwslt14, "translation {de, en}", revision="refs/convert/parquet", data_dir="de-en"),
+    "wiki-auto": HubSource(
+        "GEM/wiki_auto_asset_turk",
+        "wiki_auto_asset_turk",
+        {"train": "train", "valid": "validation", "test": "test_asset"},
+        convert_wiki_auto,
+        "source, target, references",
+    ),
+    "qqp": HubSource(
+        "nyu-mll/glue",
+        "qqp",
+        {"train": "train", "valid": "validation", "test": "validation"},
+        convert_qqp,
+        "question1, question2, label, idx",
+    ),
+    "iwslt14": HubSource(
+        "bbaaaa/iwslt14-de-en",
+        None,
+        {"train": "train", "valid": "validation", "test": "test"},
+        convert_iwslt14,
+        "translation {de, en}",
+        revision="refs/convert/parquet",
+        data_dir="de-en",
+    ),
 }
 
 
@@ -140,8 +159,7 @@ def _load_dataset(source: HubSource, hub_split: str):
     import datasets
 
     datasets.disable_progress_bars()
-    return datasets.load_dataset(source.path, source.config, split=hub_split, revision=source.revision,
-                                 data_dir=source.data_dir)
+    return datasets.load_dataset(source.path, source.config, split=hub_split, revision=source.revision, data_dir=source.data_dir)
 
 
 def load(source: HubSource, split: str) -> Rows:
@@ -160,8 +178,9 @@ def load(source: HubSource, split: str) -> Rows:
         rows = source.convert(ds, split)
     except (KeyError, TypeError, ValueError) as e:
         columns = ", ".join(getattr(ds, "column_names", []) or [])
-        raise TaskError(f"hub dataset {source.path} split {hub_split!r} has columns [{columns}], expected {source.schema} "
-                        f"({type(e).__name__}: {e})") from None
+        raise TaskError(
+            f"hub dataset {source.path} split {hub_split!r} has columns [{columns}], expected {source.schema} ({type(e).__name__}: {e})"
+        ) from None
     if not rows.src:
         raise TaskError(f"hub dataset {source.path} split {hub_split!r} gave no usable (src, trg) pairs")
     return rows

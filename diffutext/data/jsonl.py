@@ -174,7 +174,7 @@ def read_predictions(path: Path) -> tuple[list[str], list[list[str]]]:
     refs: list[list[str]] = []
     for where, obj in objects(path, read_bytes(path), PREDICTION):
         if not isinstance(obj, dict):
-            raise TaskError(f"{where}: expected a JSON object with \"hyp\" and \"trg\" (or \"refs\")")
+            raise TaskError(f'{where}: expected a JSON object with "hyp" and "trg" (or "refs")')
         hyp = obj.get("hyp")
         if not isinstance(hyp, str):
             raise TaskError(f"{where}: missing string field 'hyp' (expected {PREDICTION})")

