@@ -30,7 +30,6 @@ from .samplers import make_sampler
 
 Callback = Callable[[str, dict[str, Any]], None]
 
-SAMPLER_ORDER = ("ddpm", "skip", "uniform", "ddim", "ads", "dpm++")
 FLOORS = ("copy source", "lexicon lookup")  # rows scored beside the samplers, not decoded
 # column -> whether higher is better (None: no "best")
 COLUMNS = {

@@ -43,10 +43,6 @@ def clean_reference(text: str) -> str:
     return text.strip().replace(EOS, "").replace(SOS, "").replace(SEP, "")
 
 
-def clean_source(text: str) -> str:
-    return text.strip().replace(EOS, "").replace(SOS, "")
-
-
 @lru_cache(maxsize=1)
 def _smoothing():
     from nltk.translate.bleu_score import SmoothingFunction

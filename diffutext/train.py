@@ -326,7 +326,8 @@ def _start(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, c
     if resume and not ckpt.list_checkpoints(run_dir):
         if not (run_dir / "config.json").is_file():
             raise TrainError(f"--resume: {run_dir} is not a run folder (no config.json); nothing to resume")
-        return config, None, True  # killed before its first checkpoint: start it over in place
+        stored = resumed_config(ckpt.read_config(run_dir), {k: getattr(config.train, k) for k in LIMITS})
+        return stored, None, True  # killed before its first checkpoint: start it over in place, with its stored config
     if resume:
         prior = ckpt.open_run(run_dir)
         if "imported_from" in prior.state():
@@ -420,8 +421,7 @@ class Trainer:
         """`init`: start from `init_from`'s weights when the config names a run (a resumed run has its own)."""
         t_cfg = self.t_cfg = config.train
         self.config, self.dev, self.data = config, dev, data
-        self.rank, self.world = dist.rank(), dist.world()
-        self.check_batch_split(t_cfg, self.world)
+        self.rank, self.world = dist.rank(), dist.world()  # the batch split was checked by train() before any data loaded
         self.micro = t_cfg.batch_size // (self.world * t_cfg.grad_accum)
         self.pad = pad  # the [PAD] id: where a length head's target ends (`held_end`)
         self.model, self.ema = self._build_models(t_cfg.init_from if init else "", t_cfg.init_plm if init else "")

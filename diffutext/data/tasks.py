@@ -52,7 +52,6 @@ EMBEDDED = {
     "bible-basic": EmbeddedTask("bible-basic", "BBE", "King James → Bible in Basic English (simplification)"),
     "bible-modern": EmbeddedTask("bible-modern", "WEB", "King James → World English Bible (modernisation)"),
 }
-DEFAULT_TASK = "bible-basic"
 
 
 @dataclass(frozen=True)
