@@ -253,7 +253,10 @@ def test_overwrite_replaces_a_run_after_the_new_one_has_a_checkpoint(tiny_run, s
     result = invoke("train", "--task", small_task, "--preset", "tiny", "--max-steps", 3, "--out", run, "--overwrite", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert [p.name for p in list_checkpoints(run)] == ["step-00000003"]
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the set-aside old run is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".run.lock",
+        "run",
+    ]  # the set-aside old run is gone (the unlocked lock file stays)
 
 
 def test_overwrite_puts_the_old_run_back_when_the_new_one_fails(tiny_run, small_task, tmp_path):
@@ -278,7 +281,7 @@ def test_overwrite_puts_the_old_run_back_when_the_new_one_fails(tiny_run, small_
         "cpu",
     )
     assert_one_line_error(result, "tok.json", alone=False)  # after the line saying where the old run was moved
-    assert _snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run", "tok.json"]
+    assert _snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == [".run.lock", "run", "tok.json"]
 
 
 def test_overwrite_refuses_a_folder_that_is_not_a_run(small_task, tmp_path):

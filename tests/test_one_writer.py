@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from diffutext.lock import RunLocked, holder, lock_path, run_lock
+from diffutext.lock import RunLocked, holder, holder_path, lock_path, run_lock
 from diffutext.pieces import Pieces, fingerprint
 from helpers import assert_one_line_error, invoke
 
@@ -59,9 +59,10 @@ def test_the_lock_names_its_holder_is_reentrant_and_is_released(tmp_path):
         assert f"PID {os.getpid()}" in holder(run) and lock_path(run) == tmp_path / ".run.lock"
         with run_lock(run):  # the CLI holds it, the engine takes it again
             pass
+        assert f"PID {os.getpid()}" in holder(run)  # the inner release keeps the lock and its sidecar
     other = hold_lock(run)
     try:
-        with pytest.raises(RunLocked, match=f"PID {other.pid} on host"):
+        with pytest.raises(RunLocked, match=f"PID {other.pid} on host .*: -c "):
             with run_lock(run):
                 pass
     finally:
@@ -69,7 +70,7 @@ def test_the_lock_names_its_holder_is_reentrant_and_is_released(tmp_path):
         other.wait()
     with run_lock(run):  # released by the holder's death: taken again at once
         pass
-    assert not lock_path(run).exists()  # a holder that ends normally leaves no file
+    assert not holder_path(run).exists()  # a holder that ends normally leaves no sidecar (the lock file itself is unlocked)
 
 
 def test_a_locked_run_refuses_train_resume_and_overwrite_with_one_line(tiny_run, tmp_path):
