@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from diffutext import samplers
 from diffutext.diffusion import alpha_bar_table
-from diffutext.losses import tied_nll
 from diffutext.samplers import denoise, make_sampler, nearest_indices
+from diffutext.tied_nll import tied_nll
 
 AB = alpha_bar_table("sqrt", 2000).float()
 

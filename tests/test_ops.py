@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from diffutext import ops
 from diffutext.allocator import limit_heap_fragmentation
-from diffutext.losses import tied_nll
 from diffutext.model import Block
+from diffutext.tied_nll import tied_nll
 
 
 def grads(out, inputs, seed=0):
@@ -209,7 +209,7 @@ def test_tied_nll_gradients_under_bf16_autocast_are_as_close_as_plain_autocast_c
     of F.cross_entropy on the same autocast logits (plus a 1e-3 floor). A mean-reduced loss (the same
     upstream gradient on every row) takes the gradient computed ahead in forward; a weighted loss takes
     the recompute path, which builds the augmented operands a second time (counted)."""
-    from diffutext import losses
+    from diffutext import tied_nll as losses
 
     g = torch.Generator().manual_seed(0)
     V, N, D = 3000, 400, 32
