@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 from .config import SampleConfig
 from .data.tasks import references
 from .device import resolve_precision

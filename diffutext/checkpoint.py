@@ -38,6 +38,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
+from .atomic import atomic_write, fsync_dir
 from .config import ConfigError, RunConfig, Weights, choices, validate
 from .data.tokenizer import TokenizerError, Vocab, from_str
 
@@ -51,36 +52,6 @@ class CheckpointError(ValueError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (full disk, I/O error); the previous checkpoints are untouched."""
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to path so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256(data: bytes) -> str:
@@ -121,7 +92,7 @@ def save_checkpoint(
         if folder.exists():  # a step written again after a resume: retire the old folder out of sight first
             _retire(folder)
         os.rename(partial, folder)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException as e:
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
@@ -140,7 +111,7 @@ def _retire(folder: Path) -> None:
     """Remove a checkpoint folder so that it is never seen half deleted: rename it hidden, then delete."""
     hidden = folder.with_name(f".{folder.name}.{os.getpid()}.{time.monotonic_ns()}.old")
     os.rename(folder, hidden)
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     shutil.rmtree(hidden, ignore_errors=True)
 
 

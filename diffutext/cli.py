@@ -302,7 +302,7 @@ def _label(cfg, decoded, n: int) -> str:
 
 def _write(path: Path, text: str) -> None:
     """Write an output file atomically (a failed write keeps the previous file); its path in any error."""
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
 
     def write() -> None:
         try:

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 
 
 def fingerprint(*parts: Any) -> str:
