@@ -49,7 +49,7 @@ from diffutext.diffusion import alpha_bar_table  # noqa: E402
 from diffutext.losses import draw_noise  # noqa: E402
 from diffutext.model import Denoiser, conditioning  # noqa: E402
 from diffutext.samplers import Sampler, ddpm_update, denoise, make_sampler  # noqa: E402
-from diffutext.train import Objective, ema_update  # noqa: E402
+from diffutext.trainer import Objective, ema_update  # noqa: E402
 
 BERT_VOCAB = 30522
 REFERENCE_PEAK = 190.0  # GFLOP/s, fp32, of the machine DiffuSeq was timed on

@@ -307,7 +307,7 @@ def test_time_warping_draws_where_the_loss_rises_stratified_and_uniform_until_ev
 
 
 def test_the_embedding_gets_its_own_learning_rate():
-    from diffutext.train import Trainer
+    from diffutext.trainer import Trainer
 
     class Stub:
         pass
