@@ -288,6 +288,12 @@ TRAIN_FIELDS = [
     Field("diffusion", "schedule", "Noise schedule."),
     Field(
         "diffusion",
+        "process",
+        "gaussian: the paper's continuous process; mask: the masked (absorbing) process of CMLM/MDLM, trained by "
+        "cross-entropy on the masked target tokens and decoded by mask-predict (sample --update mask).",
+    ),
+    Field(
+        "diffusion",
         "timestep_sampler",
         "How training draws t: uniform, DiffuSeq's loss-aware importance sampler, DiNoiSer's "
         "clipped minimum noise, or CDCD's time warping (warped: where the loss rises).",

@@ -424,3 +424,17 @@ def test_the_copy_gate_adds_the_copied_tokens_logit_scaled_by_a_learned_gate():
     assert torch.allclose(F.softplus(fresh.copy_gate.bias), torch.tensor(F.softplus(torch.tensor(-4.0)).item()))
     with pytest.raises(Exception, match="copy_gate"):
         resolve("tiny", {"model": {"x0_from": "classifier", "copy_gate": True}})
+
+
+def test_the_masked_process_from_the_command_line(small_task, tmp_path):
+    """`train --process mask` with what it needs, then mask-predict decoding; the Gaussian samplers' update refused."""
+    from helpers import assert_one_line_error
+
+    net = ["--preset", "tiny", "--task", small_task, "--x0-from", "classifier", "--arch", "encdec", "--target-length", "head"]
+    assert_one_line_error(invoke("train", *net, "--process", "mask", "--self-condition", 0.5, "--out", tmp_path / "x"), "process mask")
+    result = invoke("train", *net, "--process", "mask", "--max-steps", 2, "--out", tmp_path / "run", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "o.jsonl"
+    result = invoke("sample", "--checkpoint", tmp_path / "run", "--update", "mask", "--steps", 3, "--limit", 2, "--out", out, "--show", 0)
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 2
