@@ -297,7 +297,8 @@ def _partial(path: Optional[Path]):
 
 
 def _label(cfg, decoded, n: int) -> str:
-    return f"{cfg.sampler}-{decoded.steps} steps" + (f", MBR of {cfg.seeds}" if cfg.seeds > 1 else "") + f" on {n} sentences"
+    cedi = f", CEDI {decoded.cedi:g}" if decoded.cedi is not None else ""
+    return f"{cfg.sampler}-{decoded.steps} steps{cedi}" + (f", MBR of {cfg.seeds}" if cfg.seeds > 1 else "") + f" on {n} sentences"
 
 
 def _write(path: Path, text: str) -> None:
@@ -395,6 +396,7 @@ def evaluate(opts: dict[str, Any] = None) -> None:
             "steps": decoded.steps,
             "seeds": cfg.seeds,
             "precision": decoded.precision,
+            "cedi": decoded.cedi,
         }
     if bertscore_model is not None:
         from .metrics import bertscore

@@ -278,8 +278,9 @@ class SampleConfig:
     clamp_by: ClampBy = "auto"
     length: Length = "auto"
     # DINOISER's condition-enhanced denoiser: the denoiser is told timesteps from T − 1 down to this share of T (0.99
-    # there) while the sample follows the schedule; None: off (the denoiser is told the sample's own t)
-    cedi: float | None = None
+    # there) while the sample follows the schedule; None: off (the denoiser is told the sample's own t); "auto": 0.99
+    # for a run with the classifier readout on the Gaussian process (evaluate.resolve_cedi), off otherwise
+    cedi: float | Literal["auto"] | None = "auto"
     self_condition_input: SelfConditionInput = (
         "clamped"  # a self-conditioned model is fed the previous x0_hat: clamped | raw (before snapping)
     )

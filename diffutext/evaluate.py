@@ -67,6 +67,7 @@ class Decoded:
     diversity: dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"  # the denoiser's precision, "auto" resolved
     truncated: int = 0  # sources cut to fit the model's sequence length
+    cedi: float | None = None  # the condition-enhanced denoiser's share, "auto" resolved (None: off)
 
 
 def _pack_batch(srcs: list[str], vocab, seq_len: int, layout: str = "diffutext") -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -137,6 +138,18 @@ def resolve_clamp_by(clamp_by: str, run_config) -> str:
         return clamp_by
     by_head = run_config.train.anchor_weight > 0
     return "head" if by_head else "nearest"
+
+
+CEDI_AUTO = 0.99  # DINOISER's --denoise-end
+
+
+def resolve_cedi(cedi, run_config) -> float | None:
+    """ "auto": DINOISER's 0.99 for a run with the classifier readout on the Gaussian process (chosen on Multi30k valid,
+    README "Options beyond the paper"), off (None) for DiffuSeq's regression; else the value itself."""
+    if cedi != "auto":
+        return cedi
+    m = run_config.model
+    return CEDI_AUTO if m.x0_from == "classifier" and run_config.diffusion.process == "gaussian" else None
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -222,7 +235,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
                 clamp_by=clamp_by,
                 hold=hold,
                 banned=banned,
-                cedi=cfg.cedi,
+                cedi=resolve_cedi(cfg.cedi, loaded.checkpoint.config),
             )
             out = out.cpu()  # one sync per batch
             batch_seconds += time.perf_counter() - t0
@@ -248,7 +261,8 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
         sb += parts[b][2]
         d4 += parts[b][3]
     diversity = {"self_bleu": sum(sb) / len(sb), "div_4": sum(d4) / len(d4)} if cfg.seeds > 1 and sb else {}
-    return Decoded(hyps, candidates, seconds, len(timesteps), timesteps, diversity, precision, all_truncated)
+    cedi = resolve_cedi(cfg.cedi, loaded.checkpoint.config)
+    return Decoded(hyps, candidates, seconds, len(timesteps), timesteps, diversity, precision, all_truncated, cedi)
 
 
 def scores(decoded: Decoded, refs: list[list[str]], seeds: int, script: str = "2023") -> dict[str, Any]:

@@ -10,6 +10,7 @@ types of config.py; defaults from its dataclasses. Torch is not imported here: `
 from __future__ import annotations
 
 import functools
+import math
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -68,6 +69,21 @@ def _comma_list(option_name: str, convert: Callable[[str], Any], ok: Callable[[A
     return parse
 
 
+def _cedi(value: str | None):
+    """--cedi auto | off | a share of T in [0, 1]."""
+    if value is None or value == "auto":
+        return value
+    if value == "off":
+        return None
+    try:
+        share = float(value)
+    except ValueError:
+        share = math.nan
+    if not 0 <= share <= 1:
+        raise typer.BadParameter(f"takes auto, off or a share of T in [0, 1]; got {value!r}", param_hint="--cedi")
+    return share
+
+
 def _shares(value: str | None):
     items = _comma_list("--ads-shares", float, lambda x: x >= 0, "three non-negative comma-separated numbers")(value)
     if items is not None and len(items) != 3:
@@ -92,12 +108,14 @@ SAMPLING = [  # how the chain runs: every field of SampleConfig but the sampler 
         "length",
         "Target length: free (the model places its [SEP], DiffuSeq), source (as many tokens as the source: the [SEP] and padding after them held fixed, no special token before) or auto (source for a run with the copy prior, else free).",
     ),
-    _sample_option(
+    option(
         "cedi",
+        str,
+        "auto",
         "Condition-enhanced denoiser (DINOISER): tell the denoiser timesteps from T−1 down to this "
-        "share of T (DINOISER: 0.99) while the sample follows the schedule.",
-        min=0,
-        max=1,
+        "share of T (DINOISER: 0.99) while the sample follows the schedule; off: the sample's own t; auto: 0.99 for a "
+        "classifier run, off for DiffuSeq's regression.",
+        callback=_cedi,
         show_default=False,
     ),
     _sample_option("self_condition_input", "What a self-conditioned model is fed: the previous x0_hat after snapping, or raw."),

@@ -438,3 +438,42 @@ def test_the_masked_process_from_the_command_line(small_task, tmp_path):
     result = invoke("sample", "--checkpoint", tmp_path / "run", "--update", "mask", "--steps", 3, "--limit", 2, "--out", out, "--show", 0)
     assert result.exit_code == 0, result.output
     assert len(out.read_text().splitlines()) == 2
+
+
+# ---- DINOISER's condition-enhanced denoiser ----
+
+
+def test_cedi_tells_the_denoiser_high_noise_while_the_sample_follows_its_schedule(monkeypatch):
+    from diffutext.samplers import cedi_timesteps
+
+    assert cedi_timesteps(2000, 5, 0.99) == [1999, 1994, 1989, 1984, 1979]  # T−1 down to 0.99·(T−1), evenly
+    assert cedi_timesteps(2000, 1, 0.99) == [1999]
+    model = perturb(model_of(**CLASSIFIER)).eval()  # a trained-looking model: its output depends on t
+    ids, mask, hold = packed()
+    told = []
+    real = Denoiser.forward
+    monkeypatch.setattr(Denoiser, "forward", lambda self, z, t, *a, **k: told.append(int(t[0])) or real(self, z, t, *a, **k))
+    g = torch.Generator().manual_seed(0)
+    plain = generate(model, AB, make_sampler("ads"), 5, ids, mask, hold=hold, generator=g)
+    schedule, told[:] = list(told), []
+    g.manual_seed(0)
+    enhanced = generate(model, AB, make_sampler("ads"), 5, ids, mask, hold=hold, generator=g, cedi=0.99)
+    assert schedule == [t for t, _, _ in make_sampler("ads").triples(AB, 5)] and told == cedi_timesteps(2000, 5, 0.99)
+    assert not torch.equal(plain, enhanced)
+
+
+def test_cedi_auto_is_on_for_a_classifier_run_alone_and_the_flag_takes_auto_off_or_a_share(tiny_run):
+    from diffutext.evaluate import resolve_cedi
+
+    classifier, regression = resolve("small"), resolve("tiny")
+    assert resolve_cedi("auto", classifier) == 0.99 and resolve_cedi("auto", regression) is None
+    assert resolve_cedi(None, classifier) is None and resolve_cedi(0.5, regression) == 0.5
+    masked = resolve("small", {"model": {"self_condition": 0.0}, "diffusion": {"process": "mask"}})
+    assert resolve_cedi("auto", masked) is None
+    args = ("sample", "--checkpoint", tiny_run, "--limit", 2, "--steps", 4, "--show", 0, "--device", "cpu")
+    for value in ("auto", "off", "0.9"):
+        assert invoke(*args, "--cedi", value).exit_code == 0, value
+    from helpers import assert_one_line_error
+
+    for bad in ("1.5", "x", "nan"):
+        assert_one_line_error(invoke(*args, "--cedi", bad), "--cedi", code=2)
