@@ -10,8 +10,8 @@ types of config.py; defaults from its dataclasses. Torch is not imported here: `
 from __future__ import annotations
 
 import functools
-import math
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
