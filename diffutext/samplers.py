@@ -386,19 +386,17 @@ def generate(
     steps: int,
     ids: torch.Tensor,
     target_mask: torch.Tensor,
-    clamp: bool = True,
-    generator: torch.Generator | None = None,
-    callback: Callable[[int, int], None] | None = None,
-    precision: str = "fp32",
-    self_condition_input: str = "clamped",
-    clamp_by: str = "nearest",
+    *,
     hold: torch.Tensor | None = None,
     banned: torch.Tensor | None = None,
-    cedi: float | None = None,
+    precision: str = "fp32",
+    callback: Callable[[int, int], None] | None = None,
+    **chain,
 ) -> torch.Tensor:
     """Decode one batch to token ids (B, L): the tied head's argmax (never a `banned` id) on the final sample at target
     positions, computed in row blocks (never the whole (B·L × V) logits); source (and held) positions keep ids.
-    A model of the masked process decodes by Mask-Predict over the sampler's timesteps (its update must be mask)."""
+    A model of the masked process decodes by Mask-Predict over the sampler's timesteps (its update must be mask).
+    `chain`: the rest of `denoise`'s options (clamp, generator, self_condition_input, clamp_by, cedi)."""
     masked = getattr(model, "process", "gaussian") == "mask"
     if masked != (sampler.update is mask_update):
         raise SamplerError(
@@ -413,21 +411,7 @@ def generate(
             model, sampler.timesteps(len(alpha_bar), steps).tolist(), len(alpha_bar), ids, target_mask, hold, banned, precision, callback
         )
     z = denoise(
-        model,
-        alpha_bar,
-        sampler,
-        steps,
-        ids,
-        target_mask,
-        clamp,
-        generator,
-        callback,
-        precision,
-        self_condition_input,
-        clamp_by,
-        hold,
-        banned,
-        cedi,
+        model, alpha_bar, sampler, steps, ids, target_mask, hold=hold, banned=banned, precision=precision, callback=callback, **chain
     )
     rows = written(target_mask, hold).reshape(-1).nonzero().squeeze(1)
     picked = head_indices(model, z.reshape(-1, z.shape[-1]).index_select(0, rows), banned)
