@@ -411,7 +411,7 @@ def evaluate(opts: dict[str, Any] = None) -> None:
 
 
 @app.command()
-@o.command(o.ABLATE, [o.SPLIT], o.SAMPLING, [o.DEVICE])
+@o.command(o.ABLATE, [o.SPLIT, o.INPUT], o.SAMPLING, [o.DEVICE])
 def ablate(opts: dict[str, Any] = None) -> None:
     """Checkpoints × samplers × steps: quality and wall time side by side, saved as CSV, JSON and PNG plots."""
     from . import ablation
@@ -421,6 +421,8 @@ def ablate(opts: dict[str, Any] = None) -> None:
     from .views import ablation_table
 
     _check_sampling(opts, opts["samplers"])
+    if opts["input_file"] is not None and "split" in opts[o.GIVEN]:
+        fail("give --split (of the run's task) or --input FILE, not both")
     base = o.sample_config(opts)
     opened = [
         (str(c) if c is not None else None, _open(c, base.weights, opts["device"], opts["step"])) for c in (opts["checkpoints"] or [None])
@@ -430,9 +432,10 @@ def ablate(opts: dict[str, Any] = None) -> None:
     T = first.checkpoint.config.diffusion.T
     if any(run.checkpoint.config.diffusion.T != T for _, run in opened):
         fail("all checkpoints of one ablation must share the diffusion T")
-    ds = _inputs(first, {**opts, "input_file": None})
+    ds = _inputs(first, opts)
     if not all(references(ds)):
-        fail("this split has no references to score against")
+        fail(f"{opts['input_file'] or 'this split'} has no references ('trg') to score against")
+    where = str(opts["input_file"]) if opts["input_file"] is not None else opts["split"]
     cells = run_guarded(ablation.grid, opts["samplers"], opts["step_counts"], T, base)
     labels = [label for label, _ in opened]
     folder = opts["out_dir"] or (
@@ -453,8 +456,8 @@ def ablate(opts: dict[str, Any] = None) -> None:
         return
     marks = ablation.best(rows)
     for label in labels:
-        out.print(ablation_table(rows, marks, label, opts["split"], len(ds), base.seeds))
-    meta = {"split": opts["split"], "sentences": len(ds), "seeds": base.seeds, "T": T, "sample_config": base.__dict__}
+        out.print(ablation_table(rows, marks, label, where, len(ds), base.seeds))
+    meta = {"split": where, "sentences": len(ds), "seeds": base.seeds, "T": T, "sample_config": base.__dict__}
     paths = run_guarded(ablation.write, folder, rows, sigma(first.alpha_bar.cpu()).tolist(), meta)
     keep.clear()
     err.print("wrote " + ", ".join(str(p) for p in paths))

@@ -146,6 +146,22 @@ def test_ablate_writes_tables_csv_json_and_plots(cli_run, tmp_path):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_ablate_takes_an_input_file_with_references(cli_run, tmp_path):
+    """`ablate --input FILE`: the file's pairs are decoded and scored (a task whose test split is held out); a file
+    without references, or --split beside --input, is refused with one line."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"src": "In the beginning", "trg": "At the first"}\n{"src": "And the evening", "trg": "And it was evening"}\n')
+    args = ("ablate", "--checkpoint", cli_run, "--sampler", "ads", "--steps", "4", "--device", "cpu")
+    result = invoke(*args, "--input", pairs, "--out", tmp_path / "g")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert data["split"] == str(pairs) and data["sentences"] == 2
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text('{"src": "In the beginning"}\n')
+    assert_one_line_error(invoke(*args, "--input", bare, "--out", tmp_path / "h"), "has no references")
+    assert_one_line_error(invoke(*args, "--input", pairs, "--split", "valid"), "not both")
+
+
 def test_ablate_refuses_impossible_cells_before_decoding(cli_run, tmp_path):
     result = invoke("ablate", "--checkpoint", cli_run, "--sampler", "ads", "--steps", "2", "--device", "cpu", "--out", tmp_path / "g")
     assert_one_line_error(result, "no step for the noisiest third")
