@@ -279,6 +279,103 @@ def cedi_timesteps(T: int, n: int, end: float) -> list[int]:
     return [top] if n == 1 else [round(top - i * top * (1 - end) / (n - 1)) for i in range(n)]
 
 
+class Predictor:
+    """The denoiser as a chain sees it (k-diffusion's wrapper pattern): a sample z_t and a timestep in, x0_hat out,
+    snapped to word embeddings. It holds what stays fixed over one chain, so that `denoise` is a short loop: the clean
+    source and the held positions (re-imposed after every update by `impose`), the conditioning (an encoder–decoder's
+    source, encoded once), the embedding table that snapping reads, and what one step hands the next (the
+    self-conditioning input, zeros at the first step).
+
+    hold (B, L) bool: target positions kept at the clean embedding of their ids throughout, as the source is (a fixed
+    length's [SEP] and padding); the model still reads the whole target side as such (its target_mask). banned: token
+    ids that snapping never picks (the special tokens, where the length is fixed). `precision` bf16/fp16 runs the
+    denoiser under autocast; the chain itself (z, the updates, the snapping) stays in float32.
+
+    A classifier (x0_from classifier) snaps by its own logits' argmax, and always at the last step, so that the final
+    sample is the embedding of the tokens it chose. Options of the model (method.md §7): a self-conditioned model
+    (config.self_condition > 0) is fed the previous step's x0_hat, after snapping ("clamped", Difformer) or before it
+    ("raw", SeqDiffuSeq, Plaid). clamp_by "head" snaps x0_hat to the embedding of the tied head's argmax (Difformer)
+    instead of the nearest embedding in L2 (DiffuSeq, "nearest"). A model with an absorbing state m (`mask_state`)
+    starts from z_T = ε + m and every update runs around m (`shift`), as its forward process does.
+    """
+
+    def __init__(
+        self,
+        model,
+        ids: torch.Tensor,
+        target_mask: torch.Tensor,
+        *,
+        hold: torch.Tensor | None = None,
+        banned: torch.Tensor | None = None,
+        clamp: bool = True,
+        clamp_by: str = "nearest",
+        self_condition_input: str = "clamped",
+        precision: str = "fp32",
+    ):
+        if self_condition_input not in choices(SelfConditionInput):
+            raise SamplerError(f"unknown self_condition_input {self_condition_input!r}; expected {', '.join(choices(SelfConditionInput))}")
+        if clamp_by not in ("nearest", "head"):  # "auto" is resolved against the run's config before decoding
+            raise SamplerError(f"unknown clamp_by {clamp_by!r}; expected nearest or head")
+        config = getattr(model, "config", None)
+        self.model, self.banned, self.clamp, self.clamp_by, self.sc_input = model, banned, clamp, clamp_by, self_condition_input
+        self.device, self.precision = ids.device, precision
+        self.self_cond = getattr(config, "self_condition", 0.0) > 0
+        self.classifier = getattr(config, "x0_from", "regression") == "classifier"
+        self.extra = conditioning(model, ids, target_mask, hold)
+        if self.classifier:
+            self.extra["with_head"] = True  # (x0_hat, its logits at the written rows)
+        m = getattr(model, "mask_state", None)
+        self.shift = m.detach().float() if m is not None else None
+        self.weight = (model.table() if hasattr(model, "table") else model.embedding.weight).float()
+        self.weight_t = self.weight.t().contiguous()  # (D, V)
+        self.neg_half_sq_norm = -0.5 * (self.weight * self.weight).sum(-1)
+        if banned is not None:
+            self.neg_half_sq_norm.index_fill_(0, banned, float("-inf"))
+        self.x_src = model.embed(ids).float()  # (B, L, D)
+        free = written(target_mask, hold)
+        self.mask = free.unsqueeze(-1)
+        self.target_rows = free.reshape(-1).nonzero().squeeze(1)  # once per chain, not per step
+        self.prev = torch.zeros_like(self.x_src) if self.self_cond else None
+        self.t_vec = torch.empty(ids.shape[0], dtype=torch.long, device=ids.device)
+        if getattr(config, "arch", "") == "encdec":  # the encoded source is the same at every step: encode it once
+            with autocast(ids.device, precision):
+                self.extra["memory"] = Encoded(model.encode(self.x_src, target_mask, ids))
+
+    def start(self, generator: torch.Generator | None) -> torch.Tensor:
+        """z_T: noise at the written target positions (around the absorbing state, if any), the clean source elsewhere."""
+        z = _noise(self.x_src, generator)
+        return self.impose(z if self.shift is None else z + self.shift)
+
+    def impose(self, z: torch.Tensor) -> torch.Tensor:
+        """The source and held positions put back at their clean embeddings."""
+        return torch.where(self.mask, z, self.x_src)
+
+    def __call__(self, z: torch.Tensor, t: int, last: bool = False) -> torch.Tensor:
+        """x0_hat (B, L, D) in float32, snapped at the target rows where clamping is on (and a classifier's at `last`)."""
+        with autocast(self.device, self.precision):
+            t_vec = self.t_vec.fill_(t)
+            out = self.model(z, t_vec, self.prev, **self.extra) if self.self_cond else self.model(z, t_vec, **self.extra)
+        x0_hat, logits = out if self.classifier else (out, None)
+        x0_hat = x0_hat.float()
+        if self.self_cond and (self.sc_input == "raw" or not self.clamp):
+            self.prev = x0_hat.clone()
+        if self.clamp or (self.classifier and last):  # the target rows only: the source rows are re-imposed anyway
+            flat = x0_hat.reshape(-1, x0_hat.shape[-1])
+            if self.classifier:  # the classifier's own argmax (its logits are those of the written rows, in order)
+                banned = self.banned
+                picked = (logits if banned is None else logits.index_fill(-1, banned, float("-inf"))).argmax(-1)
+            else:
+                rows = flat.index_select(0, self.target_rows)
+                if self.clamp_by == "nearest":
+                    picked = nearest_indices(rows, self.weight_t, self.neg_half_sq_norm)
+                else:
+                    picked = head_indices(self.model, rows, self.banned)
+            flat.index_copy_(0, self.target_rows, self.weight.index_select(0, picked))
+            if self.self_cond and self.sc_input == "clamped":
+                self.prev = x0_hat
+        return x0_hat
+
+
 @torch.inference_mode()
 def denoise(
     model,
@@ -287,92 +384,33 @@ def denoise(
     steps: int,
     ids: torch.Tensor,
     target_mask: torch.Tensor,
-    clamp: bool = True,
+    *,
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
-    precision: str = "fp32",
-    self_condition_input: str = "clamped",
-    clamp_by: str = "nearest",
-    hold: torch.Tensor | None = None,
-    banned: torch.Tensor | None = None,
     cedi: float | None = None,
+    **options,
 ) -> torch.Tensor:
     """Run the reverse chain on one batch and return the final continuous sample z (B, L, D).
 
-    hold (B, L) bool: target positions kept at the clean embedding of their ids throughout, as the source is (a fixed
-    length's [SEP] and padding); the model still reads the whole target side as such (its target_mask). banned: token
-    ids that clamping never snaps to (the special tokens, where the length is fixed). cedi: DINOISER's
-    condition-enhanced denoiser (Ye et al. 2023, its `--solver cedi --denoise-end 0.99`): the denoiser is told
-    timesteps from T − 1 down to cedi·(T − 1) evenly over the visited steps, high noise throughout, so that it leans on
-    the source, while the sample itself follows the sampler's schedule (None: the denoiser is told the sample's own t).
-
-    ids/target_mask (B, L) carry the source; target positions start from z_T ~ N(0, I), source
-    positions hold the clean source embedding throughout. `precision` bf16/fp16 runs the denoiser
-    under autocast; the chain itself (z, the updates, the snapping) stays in float32.
-
-    A classifier (x0_from classifier) snaps by its own logits' argmax, and always at the last step, so that the final
-    sample is the embedding of the tokens it chose. An encoder–decoder encodes the source once per chain.
-
-    Options of the model (method.md §7): a self-conditioned model (config.self_condition > 0) is fed the
-    previous step's x0_hat, after snapping ("clamped", Difformer) or before it ("raw", SeqDiffuSeq, Plaid),
-    zeros at the first step. clamp_by "head" snaps x0_hat to the embedding of the tied head's argmax (Difformer)
-    instead of the nearest embedding in L2 (DiffuSeq, "nearest"). A model with an absorbing state m (`mask_state`) starts from z_T = ε + m and
-    every update runs around m (on z − m and x0_hat − m), as its forward process does.
+    ids/target_mask (B, L) carry the source; target positions start from z_T ~ N(0, I), source (and held) positions
+    keep their clean embeddings throughout. `options` are the `Predictor`'s (hold, banned, clamp, clamp_by,
+    self_condition_input, precision). cedi: DINOISER's condition-enhanced denoiser (Ye et al. 2023, its
+    `--solver cedi --denoise-end 0.99`): the denoiser is told timesteps from T − 1 down to cedi·(T − 1) evenly over
+    the visited steps, high noise throughout, so that it leans on the source, while the sample itself follows the
+    sampler's schedule (None: the denoiser is told the sample's own t).
     """
-    if self_condition_input not in choices(SelfConditionInput):
-        raise SamplerError(f"unknown self_condition_input {self_condition_input!r}; expected {', '.join(choices(SelfConditionInput))}")
-    if clamp_by not in ("nearest", "head"):  # "auto" is resolved against the run's config before decoding
-        raise SamplerError(f"unknown clamp_by {clamp_by!r}; expected nearest or head")
-    config = getattr(model, "config", None)
-    self_cond = getattr(config, "self_condition", 0.0) > 0
-    classifier = getattr(config, "x0_from", "regression") == "classifier"
-    extra = conditioning(model, ids, target_mask, hold)
-    if classifier:
-        extra["with_head"] = True  # (x0_hat, its logits at the written rows)
-    m = getattr(model, "mask_state", None)
-    m = m.detach().float() if m is not None else None
-    weight = (model.table() if hasattr(model, "table") else model.embedding.weight).float()
-    weight_t = weight.t().contiguous()  # (D, V)
-    neg_half_sq_norm = -0.5 * (weight * weight).sum(-1)
-    if banned is not None:
-        neg_half_sq_norm.index_fill_(0, banned, float("-inf"))
-    x_src = model.embed(ids).float()  # (B, L, D)
-    free = written(target_mask, hold)
-    mask = free.unsqueeze(-1)
-    target_rows = free.reshape(-1).nonzero().squeeze(1)  # once per batch, not per step
-    z = torch.where(mask, _noise(x_src, generator), x_src)
-    if m is not None:
-        z = torch.where(mask, z + m, x_src)
-    prev = torch.zeros_like(x_src) if self_cond else None
-    t_vec = torch.empty(ids.shape[0], dtype=torch.long, device=ids.device)
-    state = ChainState()  # what a multistep update (dpm++) keeps between steps
-    if getattr(config, "arch", "") == "encdec":  # the encoded source is the same at every step: encode it once
-        with autocast(ids.device, precision):
-            extra["memory"] = Encoded(model.encode(x_src, target_mask, ids))
+    x0 = Predictor(model, ids, target_mask, **options)
+    z = x0.start(generator)
     triples = sampler.triples(alpha_bar, steps)
     told = [t for t, _, _ in triples] if cedi is None else cedi_timesteps(len(alpha_bar), len(triples), cedi)
+    state = ChainState()  # what a multistep update (dpm++) keeps between steps
+    m = x0.shift
     for i, (t, abar_t, abar_prev) in enumerate(triples):
-        with autocast(ids.device, precision):
-            out = model(z, t_vec.fill_(told[i]), prev, **extra) if self_cond else model(z, t_vec.fill_(told[i]), **extra)
-        x0_hat, logits = out if classifier else (out, None)
-        x0_hat = x0_hat.float()
-        if self_cond and (self_condition_input == "raw" or not clamp):
-            prev = x0_hat.clone()
-        last = i == len(triples) - 1
-        if clamp or (classifier and last):  # snap the target rows only: the source rows are replaced by x_src below
-            flat = x0_hat.reshape(-1, x0_hat.shape[-1])
-            if classifier:  # the classifier's own argmax (its logits are those of the written rows, in order)
-                picked = (logits if banned is None else logits.index_fill(-1, banned, float("-inf"))).argmax(-1)
-            else:
-                rows = flat.index_select(0, target_rows)
-                picked = nearest_indices(rows, weight_t, neg_half_sq_norm) if clamp_by == "nearest" else head_indices(model, rows, banned)
-            flat.index_copy_(0, target_rows, weight.index_select(0, picked))
-            if self_cond and self_condition_input == "clamped":
-                prev = x0_hat
+        x0_hat = x0(z, told[i], last=i == len(triples) - 1)
         if m is None:
-            z = torch.where(mask, sampler.update(z, x0_hat, abar_t, abar_prev, generator, state=state), x_src)
-        else:
-            z = torch.where(mask, sampler.update(z - m, x0_hat - m, abar_t, abar_prev, generator, state=state) + m, x_src)
+            z = x0.impose(sampler.update(z, x0_hat, abar_t, abar_prev, generator, state=state))
+        else:  # around the absorbing state
+            z = x0.impose(sampler.update(z - m, x0_hat - m, abar_t, abar_prev, generator, state=state) + m)
         if callback is not None:
             callback(i, t)
     return z

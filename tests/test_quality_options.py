@@ -568,7 +568,7 @@ def test_copy_source_auto_is_never_built_and_old_boolean_configs_still_load():
     for stored, read in ((True, "on"), (False, "off")):
         old["model"]["copy_source"] = stored
         assert RunConfig.from_dict(old).model.copy_source == read
-    assert resolve("small").model.copy_source == "auto"
+    assert resolve("small").model.copy_source == "off" and resolve("small").model.copy_input  # the copy feeds the input only
 
 
 def test_copy_source_auto_says_when_the_model_cannot_take_the_prior():
