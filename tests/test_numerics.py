@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from diffutext import train as train_mod
+from diffutext import trainer as train_mod  # where the training step calls diffusion_loss
 from diffutext.checkpoint import list_checkpoints, open_run
 from diffutext.config import resolve
-from diffutext.train import _check_finite, train
+from diffutext.train import train
+from diffutext.trainer import _check_finite
 from helpers import assert_one_line_error, invoke
 
 
