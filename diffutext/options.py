@@ -325,7 +325,7 @@ TRAIN_FIELDS = [
     Field("train", "grad_accum", "Micro-steps per optimizer step (the batch size stays the global batch).", min=1),
     Field("train", "seed", "Seed of the initialisation, the data order and the noise."),
     Field("train", "save_every", "Checkpoint every N steps (0: only at the end).", min=0),
-    # beyond DiffuSeq (README, "Quality options"; each from the paper named)
+    # beyond DiffuSeq (docs/guide.md, "Quality options"; each from the paper named)
     Field(
         "model",
         "arch",
