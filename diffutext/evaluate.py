@@ -191,6 +191,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
     n_steps = len(timesteps)
     on_step = lambda i, t: emit("step", {"done": i + 1, "total": n_steps, "t": t})  # host numbers: no device sync
     clamp_by = resolve_clamp_by(cfg.clamp_by, ck.config)
+    cedi = resolve_cedi(cfg.cedi, ck.config)
     length = resolve_length(cfg.length, ck.config)
     if length == "source" and ck.config.model.layout != "diffutext":
         raise SamplerError("--length source needs the [CLS] src [SEP] trg layout; this model was imported with DiffuSeq's")
@@ -235,7 +236,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
                 clamp_by=clamp_by,
                 hold=hold,
                 banned=banned,
-                cedi=resolve_cedi(cfg.cedi, loaded.checkpoint.config),
+                cedi=cedi,
             )
             out = out.cpu()  # one sync per batch
             batch_seconds += time.perf_counter() - t0
@@ -261,7 +262,6 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
         sb += parts[b][2]
         d4 += parts[b][3]
     diversity = {"self_bleu": sum(sb) / len(sb), "div_4": sum(d4) / len(d4)} if cfg.seeds > 1 and sb else {}
-    cedi = resolve_cedi(cfg.cedi, loaded.checkpoint.config)
     return Decoded(hyps, candidates, seconds, len(timesteps), timesteps, diversity, precision, all_truncated, cedi)
 
 
