@@ -154,6 +154,12 @@ class ModelConfig:
     # token, g·c·Êᵀ added to the logits for the copied embedding c and a gate g = softplus(w·h + b) ≥ 0 the network
     # sets per position: it learns where to copy and where to write. False: off.
     copy_gate: bool = False
+    # With the classifier: the pointer-generator's copy by attention (See et al. 2017). One attention head from each
+    # written position over the source's tokens gives a copy distribution over them, each weight shared between s
+    # itself and its lexicon copy lex(s) by a share the network sets per position; the token distribution is (1 − π)·softmax(readout) + π·copy with a switch π = sigmoid(w·h + b)
+    # per position (0.5 at the start), and the output prior is added to its log. Unlike the copy gate, which reads the
+    # one aligned token, it copies from any source position. False: off.
+    copy_attention: bool = False
 
     @property
     def needs_target_mask(self) -> bool:
@@ -165,6 +171,7 @@ class ModelConfig:
             or self.copy_input
             or self.arch == "encdec"
             or self.x0_from == "classifier"
+            or self.copy_attention
         )
 
     @property
@@ -174,8 +181,9 @@ class ModelConfig:
 
     @property
     def needs_ids(self) -> bool:
-        """Whether the denoiser reads the token ids (the lexicon of the copy prior or the copied input)."""
-        return self.copy_lexicon > 0 and (self.copy_source == "on" or self.copy_input)
+        """Whether the denoiser reads the token ids (the lexicon of the copy prior or the copied input, or the source's
+        tokens the copy attention copies)."""
+        return self.copy_attention or (self.copy_lexicon > 0 and (self.copy_source == "on" or self.copy_input))
 
 
 @dataclass(frozen=True)
@@ -479,6 +487,10 @@ def validate(config: RunConfig) -> None:
         (
             not m.copy_gate or (m.x0_from == "classifier" and (m.copy_input or m.copy_source == "on")),
             "model.copy_gate adds the copied token to the classifier's logits: it needs model.x0_from classifier and model.copy_input",
+        ),
+        (
+            not m.copy_attention or m.x0_from == "classifier",
+            "model.copy_attention mixes a copy distribution into the classifier's: it needs model.x0_from classifier",
         ),
         (
             m.copy_align == "index" or m.target_length == "head",

@@ -142,6 +142,12 @@ class Denoiser(nn.Module):
             self.copy_gate = nn.Linear(c.width, 1)
             nn.init.zeros_(self.copy_gate.weight)
             nn.init.constant_(self.copy_gate.bias, -4.0)
+        if c.copy_attention:  # the pointer's one attention head over the source's tokens, and its switch (π = 0.5 at first)
+            self.pointer_query = nn.Linear(c.width, POINTER_DIM, bias=False)
+            self.pointer_key = nn.Linear(c.width, POINTER_DIM, bias=False)
+            self.pointer_switch = nn.Linear(c.width, 2)  # π, and the share β of the copy that takes s itself
+            nn.init.zeros_(self.pointer_switch.weight)
+            nn.init.zeros_(self.pointer_switch.bias)
         if c.input_posterior:  # a full-width input embedding, read through the token posterior of z_t
             self.input_embedding = nn.Embedding(c.vocab_size, c.width)
             nn.init.normal_(self.input_embedding.weight, std=c.width**-0.5)
@@ -233,7 +239,7 @@ class Denoiser(nn.Module):
             h = self.encode_decode(h, target_mask, hold) if c.arch == "encdec" else self.run_blocks(h, self.keys(target_mask, hold))
         h = self.out_norm(h)
         if c.x0_from == "classifier":
-            x0_hat, logits = self.classify(h, z_t, t, target_mask if hold is None else target_mask & ~hold, copied)
+            x0_hat, logits = self.classify(h, z_t, t, target_mask if hold is None else target_mask & ~hold, copied, ids)
             return (x0_hat, logits) if with_head else x0_hat
         x0_hat = h = self.down(h)
         if c.copy_source == "on":
@@ -381,12 +387,20 @@ class Denoiser(nn.Module):
         return x.new_zeros(B * L, W).index_copy(0, rows, values.to(x.dtype)).view(B, L, W)
 
     def classify(
-        self, h: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, rows_mask: torch.Tensor, copied: torch.Tensor | None = None
+        self,
+        h: torch.Tensor,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        rows_mask: torch.Tensor,
+        copied: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier (CDCD): logits at the written positions `rows_mask` (B, L), in row-major order (N, V) =
         readout(h) + the output prior (√ᾱ_t/(1 − ᾱ_t))·z_t·Êᵀ, and x0_hat = softmax(logits)·Ê there (the
         expected embedding), z_t elsewhere. With `copy_gate`, also g·c·Êᵀ for the copied input c (B, L, D) and a
-        gate g = softplus(w·h + b) of each row. The prior, the gate's term and the softmax run in float32."""
+        gate g = softplus(w·h + b) of each row. With `copy_attention`, the readout's (and the gate's) distribution is
+        first mixed with the pointer's copy distribution (`pointer`): the logits are log((1 − π)·softmax + π·copy) plus
+        the output prior. The prior, the copy's terms and the softmax run in float32."""
         B, L, D = z_t.shape
         rows = rows_mask.reshape(-1).nonzero().squeeze(1)
         hr = h.reshape(B * L, -1).index_select(0, rows)
@@ -395,18 +409,48 @@ class Denoiser(nn.Module):
             logits = logits.float()
             table = self.table().float()
             zr = z_t.reshape(B * L, D).index_select(0, rows).float()
-            point = None  # the (N, D) point whose product with Êᵀ adds to the logits: one product for both terms
-            if self.config.output_prior and self.process == "gaussian":
-                point = self.prior_scale * self.prior_coef(t, L, rows)[:, None] * zr
+            terms = []  # (N, D) points whose products with Êᵀ add to the logits: one product for all of them
             if self.config.copy_gate:  # pointer-generator's copy (See et al. 2017), of the aligned copied token
                 gate = F.softplus(self.copy_gate(hr).float())  # (N, 1)
-                copy = gate * copied.reshape(B * L, D).index_select(0, rows).float()
-                point = copy if point is None else point + copy
-            if point is not None:  # in place: no second copy of the (N, V) logits
-                logits = logits.addmm_(point, table.t()) if logits.dtype == torch.float32 else torch.addmm(logits, point, table.t())
+                terms.append(gate * copied.reshape(B * L, D).index_select(0, rows).float())
+            if self.config.copy_attention:  # the gate's term belongs to the readout's distribution: added before
+                if terms:
+                    logits = logits + terms.pop() @ table.t()
+                copy, switch = self.pointer(h, hr, rows, ids, rows_mask)
+                mixed = (1 - switch) * torch.softmax(logits, -1) + switch * copy
+                logits = mixed.clamp(min=1e-30).log()
+            if self.config.output_prior and self.process == "gaussian":
+                terms.append(self.prior_scale * self.prior_coef(t, L, rows)[:, None] * zr)
+            if terms:  # in place: no second copy of the (N, V) logits
+                logits = logits.addmm_(sum(terms), table.t())
             x0 = torch.softmax(logits, -1) @ table
             x0_hat = z_t.float().reshape(B * L, D).index_copy(0, rows, x0).view(B, L, D)
         return x0_hat, logits
+
+    def pointer(
+        self, h: torch.Tensor, hr: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, rows_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pointer-generator's copy by attention (See et al. 2017): for the written rows `rows` (N,) of the
+        blocks' output h (B, L, W) (hr: those rows, (N, W)), one attention head over the source's tokens s in `ids`
+        (B, L) (the positions between [CLS] and the [SEP] before the first written row of `rows_mask` (B, L)), its
+        weights summed onto the tokens they copy: a share β of each onto s itself, 1 − β onto its lexicon copy lex(s)
+        (all onto s without the lexicon), with β = sigmoid(w′·h + b′) per row. The copy distribution (N, V) and the
+        switch π = sigmoid(w·h + b) (N, 1), float32."""
+        B, L, _ = h.shape
+        batch = rows // L
+        idx = torch.arange(L, device=h.device)
+        start = rows_mask.int().argmax(1, keepdim=True)  # the first target position (after [CLS] src [SEP])
+        source = (idx >= 1) & (idx < start - 1)  # (B, L)
+        keys = self.pointer_key(h).float()  # (B, L, P)
+        query = self.pointer_query(hr).float()  # (N, P)
+        scores = torch.einsum("np,nlp->nl", query, keys.index_select(0, batch)) * POINTER_DIM**-0.5
+        weights = torch.softmax(scores.masked_fill(~source.index_select(0, batch), -1e4), -1)  # (N, L)
+        switch, share = torch.sigmoid(self.pointer_switch(hr).float()).unbind(-1)  # (N,) each
+        source_ids = ids.index_select(0, batch)  # (N, L)
+        copy = weights.new_zeros(len(rows), self.config.vocab_size)
+        copy.scatter_add_(1, source_ids, weights * share[:, None])
+        copy.scatter_add_(1, self.lexicon[source_ids], weights * (1 - share[:, None]))
+        return copy, switch[:, None]
 
     def length_logits(self, memory: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """The length head: logits (B, 2K + 1) over the target's length minus the source's, −K..K
@@ -469,6 +513,7 @@ def conditioning(
     return out
 
 
+POINTER_DIM = 64  # the copy attention's query and key width
 POSTERIOR_TOP = 16  # the posterior input's tokens read one by one (the rest of the mass reads the mean embedding)
 
 

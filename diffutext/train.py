@@ -151,7 +151,7 @@ def _train(
                 f"{m.layers} BERT layers of width {m.width}, its word embedding as the diffusion space"
             },
         )
-    if config.model.needs_ids and prior is None and not config.train.init_from:  # a resumed or post-trained run has its own
+    if config.model.copy_lexicon > 0 and prior is None and not config.train.init_from:  # a resumed or post-trained run has its own
         trainer.set_lexicon(count_lexicon(data.train, vocab, config.model.copy_lexicon, emit, config.model.lexicon_model))
     if prior is not None:
         trainer.restore(prior)

@@ -426,6 +426,48 @@ def test_the_copy_gate_adds_the_copied_tokens_logit_scaled_by_a_learned_gate():
         resolve("tiny", {"model": {"x0_from": "classifier", "copy_gate": True}})
 
 
+def test_the_copy_attention_mixes_the_readout_with_an_attention_over_the_source_tokens_copies():
+    model = perturb(model_of(**CLASSIFIER, copy_attention=True)).eval()
+    ids, mask, hold = packed()
+    z, t = torch.randn(4, 14, 8), torch.tensor([0, 400, 900, 1999])
+    written = mask & ~hold
+    rows = written.reshape(-1).nonzero().squeeze(1)
+    h = model.out_norm(model.encode_decode(model._inputs(z, t, None, mask, None, hold), mask, hold))
+    hr = h.reshape(-1, 16)[rows]
+    lexicon = (torch.arange(40) + 1) % 40  # each token's lexicon copy is the next one
+    model.lexicon.copy_(lexicon)
+    x0_hat, logits = model(z, t, target_mask=mask, hold=hold, with_head=True, ids=ids)
+    # by hand, row by row: attention over the source's own tokens (between [CLS] and its [SEP]), a share β of each
+    # weight onto the token itself and 1 − β onto its lexicon copy
+    switch, share = torch.sigmoid(model.pointer_switch(hr)).unbind(-1)
+    copy = torch.zeros(len(rows), 40)
+    for n, r in enumerate(rows.tolist()):
+        b, m = r // 14, int(mask[r // 14].int().argmax()) - 2  # row b's source holds m tokens, at 1..m
+        attention = torch.softmax(model.pointer_query(hr[n]) @ model.pointer_key(h[b, 1 : m + 1]).t() / 8.0, -1)
+        copy[n].index_add_(0, ids[b, 1 : m + 1], share[n] * attention)
+        copy[n].index_add_(0, lexicon[ids[b, 1 : m + 1]], (1 - share[n]) * attention)
+    switch = switch[:, None]
+    mixed = (1 - switch) * torch.softmax(model.readout(hr), -1) + switch * copy
+    expected = mixed.log() + model.prior_logits(z.reshape(-1, 8)[rows], t, 14, rows)
+    assert torch.allclose(logits, expected, atol=1e-4)
+    assert torch.allclose(x0_hat.reshape(-1, 8)[rows], torch.softmax(expected, -1) @ model.table(), atol=1e-5)
+    # a switch held open, all of it on s itself, copies only source tokens: every other token's probability
+    # vanishes without the prior
+    with torch.no_grad():
+        model.pointer_switch.bias.fill_(30.0)
+    model.config = replace(model.config, output_prior=False)
+    _, logits = model(z, t, target_mask=mask, hold=hold, with_head=True, ids=ids)
+    probs = torch.softmax(logits, -1)
+    for n, r in enumerate(rows.tolist()):
+        b, m = r // 14, int(mask[r // 14].int().argmax()) - 2
+        assert probs[n, ids[b, 1 : m + 1].unique()].sum() > 0.999
+    fresh = model_of(**CLASSIFIER, copy_attention=True)
+    assert torch.equal(torch.sigmoid(fresh.pointer_switch.bias), torch.tensor([0.5, 0.5]))
+    assert not hasattr(model_of(**CLASSIFIER), "pointer_switch")
+    with pytest.raises(Exception, match="copy_attention"):
+        resolve("tiny", {"model": {"copy_attention": True}})
+
+
 def test_the_masked_process_from_the_command_line(small_task, tmp_path):
     """`train --process mask` with what it needs, then mask-predict decoding; the Gaussian samplers' update refused."""
     from helpers import assert_one_line_error
