@@ -416,9 +416,7 @@ class Denoiser(nn.Module):
             if self.config.copy_attention:  # the gate's term belongs to the readout's distribution: added before
                 if terms:
                     logits = logits + terms.pop() @ table.t()
-                copy, switch = self.pointer(h, hr, rows, ids, rows_mask)
-                mixed = (1 - switch) * torch.softmax(logits, -1) + switch * copy
-                logits = mixed.clamp(min=1e-30).log()
+                logits = mix_copies(logits, *self.pointer(h, hr, rows, ids, rows_mask))
             if self.config.output_prior and self.process == "gaussian":
                 terms.append(self.prior_scale * self.prior_coef(t, L, rows)[:, None] * zr)
             if terms:  # in place: no second copy of the (N, V) logits
@@ -429,13 +427,14 @@ class Denoiser(nn.Module):
 
     def pointer(
         self, h: torch.Tensor, hr: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, rows_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pointer-generator's copy by attention (See et al. 2017): for the written rows `rows` (N,) of the
         blocks' output h (B, L, W) (hr: those rows, (N, W)), one attention head over the source's tokens s in `ids`
         (B, L) (the positions between [CLS] and the [SEP] before the first written row of `rows_mask` (B, L)), its
-        weights summed onto the tokens they copy: a share β of each onto s itself, 1 − β onto its lexicon copy lex(s)
-        (all onto s without the lexicon), with β = sigmoid(w′·h + b′) per row. The copy distribution (N, V) and the
-        switch π = sigmoid(w·h + b) (N, 1), float32."""
+        weights shared between the tokens they copy: β of each onto s itself, 1 − β onto its lexicon copy lex(s)
+        (the same token without the lexicon), with β = sigmoid(w′·h + b′) per row; and the switch π = sigmoid(w·h + b).
+        For `mix_copies`, float32: π's logit (N, 1), the copied tokens (N, 2L) and their weights (N, 2L), 0 outside
+        the source."""
         B, L, _ = h.shape
         batch = rows // L
         idx = torch.arange(L, device=h.device)
@@ -445,12 +444,11 @@ class Denoiser(nn.Module):
         query = self.pointer_query(hr).float()  # (N, P)
         scores = torch.einsum("np,nlp->nl", query, keys.index_select(0, batch)) * POINTER_DIM**-0.5
         weights = torch.softmax(scores.masked_fill(~source.index_select(0, batch), -1e4), -1)  # (N, L)
-        switch, share = torch.sigmoid(self.pointer_switch(hr).float()).unbind(-1)  # (N,) each
+        switch, share = self.pointer_switch(hr).float().split(1, -1)  # (N, 1) each: logits of π and β
+        share = torch.sigmoid(share)
         source_ids = ids.index_select(0, batch)  # (N, L)
-        copy = weights.new_zeros(len(rows), self.config.vocab_size)
-        copy.scatter_add_(1, source_ids, weights * share[:, None])
-        copy.scatter_add_(1, self.lexicon[source_ids], weights * (1 - share[:, None]))
-        return copy, switch[:, None]
+        tokens = torch.cat([source_ids, self.lexicon[source_ids]], 1)
+        return switch, tokens, torch.cat([weights * share, weights * (1 - share)], 1)
 
     def length_logits(self, memory: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """The length head: logits (B, 2K + 1) over the target's length minus the source's, −K..K
@@ -492,6 +490,22 @@ class Denoiser(nn.Module):
             along = torch.where(idx - start < n, along, start - 1)
         aligned = torch.where(target_mask, torch.minimum(along, start - 1), idx)
         return z_t.gather(1, aligned[..., None].expand(B, L, D))
+
+
+def mix_copies(logits: torch.Tensor, switch: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """log((1 − π)·softmax(logits) + π·c): (N, V), with π = sigmoid(switch) (N, 1) and the copy distribution c putting
+    `weights` (N, K) on `tokens` (N, K) (a token's weights add up). In log space, as a dense log-softmax and a
+    correction at the K copied tokens alone: log(1 − π) and log π never reach −∞, and no (N, V) mixture is built."""
+    out = logits - (logits.logsumexp(-1, keepdim=True) - F.logsigmoid(-switch))
+    mass = torch.zeros_like(logits).scatter_add(1, tokens, weights).gather(1, tokens)  # each token's whole weight
+    copied = weights > 0
+    key, order = torch.where(copied, tokens, -1).sort(-1)  # a token's first entry carries its correction
+    first = torch.ones_like(copied)
+    first[:, 1:] = key[:, 1:] != key[:, :-1]
+    first = torch.empty_like(first).scatter(1, order, first) & copied
+    at = out.gather(1, tokens)
+    correction = torch.logaddexp(at, F.logsigmoid(switch) + mass.clamp(min=1e-30).log()) - at
+    return out.scatter_add(1, tokens, correction * first)
 
 
 def conditioning(

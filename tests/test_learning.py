@@ -15,7 +15,7 @@ from diffutext.data.batches import held_end
 from diffutext.diffusion import alpha_bar_table, q_sample
 from diffutext.evaluate import fixed_length, predicted_lengths
 from diffutext.losses import classifier_loss, dp_window, draw_noise
-from diffutext.model import Block, Denoiser, length_range
+from diffutext.model import Block, Denoiser, length_range, mix_copies
 from diffutext.samplers import denoise, generate, make_sampler
 from diffutext.timesteps import WarpedTimesteps
 from helpers import invoke
@@ -439,7 +439,7 @@ def test_the_copy_attention_mixes_the_readout_with_an_attention_over_the_source_
     x0_hat, logits = model(z, t, target_mask=mask, hold=hold, with_head=True, ids=ids)
     # by hand, row by row: attention over the source's own tokens (between [CLS] and its [SEP]), a share β of each
     # weight onto the token itself and 1 − β onto its lexicon copy
-    switch, share = torch.sigmoid(model.pointer_switch(hr)).unbind(-1)
+    switch, share = torch.sigmoid(model.pointer_switch(hr)).unbind(-1)  # π and β
     copy = torch.zeros(len(rows), 40)
     for n, r in enumerate(rows.tolist()):
         b, m = r // 14, int(mask[r // 14].int().argmax()) - 2  # row b's source holds m tokens, at 1..m
@@ -466,6 +466,27 @@ def test_the_copy_attention_mixes_the_readout_with_an_attention_over_the_source_
     assert not hasattr(model_of(**CLASSIFIER), "pointer_switch")
     with pytest.raises(Exception, match="copy_attention"):
         resolve("tiny", {"model": {"copy_attention": True}})
+
+
+def test_the_copies_mix_in_log_space_as_the_dense_mixture_does_repeated_tokens_adding_up():
+    g = torch.Generator().manual_seed(0)
+    logits, switch = 4 * torch.randn(5, 30, generator=g), 3 * torch.randn(5, 1, generator=g)
+    tokens = torch.randint(0, 8, (5, 12), generator=g)  # many repeats among 8 tokens
+    weights = torch.rand(5, 12, generator=g) * (torch.rand(5, 12, generator=g) > 0.3)  # some entries copy nothing
+    weights = weights / weights.sum(1, keepdim=True)
+    logits.requires_grad_(True)
+    weights.requires_grad_(True)
+    got = mix_copies(logits, switch, tokens, weights)
+    pi = torch.sigmoid(switch)
+    dense = ((1 - pi) * torch.softmax(logits, -1) + pi * torch.zeros(5, 30).scatter_add(1, tokens, weights)).log()
+    assert torch.allclose(got, dense, atol=1e-5)
+    probe = torch.randn(5, 30, generator=g)  # the gradients agree too: no repeated token counted twice
+    assert all(
+        torch.allclose(a, b, atol=1e-5)
+        for a, b in zip(
+            torch.autograd.grad((got * probe).sum(), [logits, weights]), torch.autograd.grad((dense * probe).sum(), [logits, weights])
+        )
+    )
 
 
 def test_the_masked_process_from_the_command_line(small_task, tmp_path):
