@@ -340,7 +340,8 @@ PRESETS: dict[str, RunConfig] = {
     # beyond the paper"; docs/screens.md): a 6-layer encoder–decoder (source encoded once per decode) in a 32-wide
     # √d-norm embedding space, CDCD's classifier readout with its output prior, CDCD's time warping, a length head,
     # self-conditioning, the source copied into the target's input with a lexicon counted by IBM Model 1 (share 0.2),
-    # and a pointer-generator gate through which the network may copy that token where it learns to; EMA 0.99 and
+    # a pointer-generator gate through which the network may copy that token where it learns to, and the
+    # pointer-generator's copy by attention from any source position; EMA 0.99 and
     # fp32 (bf16 autocast is slower on these CPUs). Training stops at 14 minutes of wall time (the learning rate decays to 0 by then) or
     # 6,000 steps, whichever comes first: about 2,200 steps on 2 CPU cores.
     "small": RunConfig(
@@ -364,6 +365,7 @@ PRESETS: dict[str, RunConfig] = {
             copy_lexicon=0.2,
             lexicon_model="ibm1",
             copy_gate=True,
+            copy_attention=True,
         ),
         diffusion=DiffusionConfig(timestep_sampler="warped"),
         train=TrainConfig(
