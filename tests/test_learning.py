@@ -472,21 +472,22 @@ def test_the_copies_mix_in_log_space_as_the_dense_mixture_does_repeated_tokens_a
     g = torch.Generator().manual_seed(0)
     logits, switch = 4 * torch.randn(5, 30, generator=g), 3 * torch.randn(5, 1, generator=g)
     tokens = torch.randint(0, 8, (5, 12), generator=g)  # many repeats among 8 tokens
-    weights = torch.rand(5, 12, generator=g) * (torch.rand(5, 12, generator=g) > 0.3)  # some entries copy nothing
+    weights = torch.rand(5, 12, generator=g) + 0.01
     weights = weights / weights.sum(1, keepdim=True)
+
+    def dense(logits, weights):
+        pi = torch.sigmoid(switch)
+        return ((1 - pi) * torch.softmax(logits, -1) + pi * torch.zeros(5, 30).scatter_add(1, tokens, weights)).log()
+
+    silent = weights * (torch.rand(5, 12, generator=g) > 0.3)  # entries that copy nothing (outside the source)
+    assert torch.allclose(mix_copies(logits, switch, tokens, silent), dense(logits, silent), atol=1e-5)
     logits.requires_grad_(True)
     weights.requires_grad_(True)
-    got = mix_copies(logits, switch, tokens, weights)
-    pi = torch.sigmoid(switch)
-    dense = ((1 - pi) * torch.softmax(logits, -1) + pi * torch.zeros(5, 30).scatter_add(1, tokens, weights)).log()
-    assert torch.allclose(got, dense, atol=1e-5)
+    got, want = mix_copies(logits, switch, tokens, weights), dense(logits, weights)
+    assert torch.allclose(got, want, atol=1e-5)
     probe = torch.randn(5, 30, generator=g)  # the gradients agree too: no repeated token counted twice
-    assert all(
-        torch.allclose(a, b, atol=1e-5)
-        for a, b in zip(
-            torch.autograd.grad((got * probe).sum(), [logits, weights]), torch.autograd.grad((dense * probe).sum(), [logits, weights])
-        )
-    )
+    grads = [torch.autograd.grad((out * probe).sum(), [logits, weights]) for out in (got, want)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
 
 
 def test_the_masked_process_from_the_command_line(small_task, tmp_path):
