@@ -298,6 +298,7 @@ def _partial(path: Optional[Path]):
 
 def _label(cfg, decoded, n: int) -> str:
     cedi = f", CEDI {decoded.cedi:g}" if decoded.cedi is not None else ""
+    cedi += ", repeats dropped" if cfg.dedup else ""
     return f"{cfg.sampler}-{decoded.steps} steps{cedi}" + (f", MBR of {cfg.seeds}" if cfg.seeds > 1 else "") + f" on {n} sentences"
 
 
@@ -397,6 +398,7 @@ def evaluate(opts: dict[str, Any] = None) -> None:
             "seeds": cfg.seeds,
             "precision": decoded.precision,
             "cedi": decoded.cedi,
+            "dedup": cfg.dedup,
         }
     if bertscore_model is not None:
         from .metrics import bertscore

@@ -293,6 +293,9 @@ class SampleConfig:
         "clamped"  # a self-conditioned model is fed the previous x0_hat: clamped | raw (before snapping)
     )
     ads_shares: tuple[float, float, float] | None = None
+    # drop every target token equal to the one before it: the usual post-processing of non-autoregressive decoders,
+    # whose parallel positions can write the same token twice ("and and and"); False keeps the model's text as it is
+    dedup: bool = False
     batch_size: int = 128
     seed: int = 0
     seeds: int = 1  # decode K times and keep the MBR pick

@@ -240,7 +240,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
             )
             out = out.cpu()  # one sync per batch
             batch_seconds += time.perf_counter() - t0
-            per_seed.append(_to_text(out, mask.cpu(), vocab))
+            per_seed.append(_to_text(out, mask.cpu(), vocab, cfg.dedup))
             done += ids.shape[0]
             emit("progress", {"done": min(done * world, total), "total": total})
         seconds += batch_seconds
@@ -373,7 +373,11 @@ def _pick(candidates: list[list[str]]) -> tuple[list[str], list[list[str]], list
     return hyps, candidates, sb, d4
 
 
-def _to_text(ids: torch.Tensor, target_mask: torch.Tensor, vocab) -> list[str]:
+def _to_text(ids: torch.Tensor, target_mask: torch.Tensor, vocab, dedup: bool = False) -> list[str]:
     """The target side of each row with every special token ([SEP], [PAD], ...) dropped, as DiffuSeq's
-    evaluation does (not cut at the first [SEP]: a stray [SEP] mid-sentence must not end the output)."""
+    evaluation does (not cut at the first [SEP]: a stray [SEP] mid-sentence must not end the output). `dedup`:
+    also every target token equal to the target token before it."""
+    if dedup:
+        target_mask = target_mask.clone()
+        target_mask[:, 1:] &= (ids[:, 1:] != ids[:, :-1]) | ~target_mask[:, :-1]
     return vocab.decode([[tok for tok, keep in zip(row, m) if keep] for row, m in zip(ids.tolist(), target_mask.tolist())])

@@ -120,6 +120,7 @@ SAMPLING = [  # how the chain runs: every field of SampleConfig but the sampler 
     ),
     _sample_option("self_condition_input", "What a self-conditioned model is fed: the previous x0_hat after snapping, or raw."),
     option("ads_shares", Optional[str], None, "ADS step shares of the three thirds, e.g. 0.1,0.4,0.5.", callback=_shares),
+    _sample_option("dedup", "Drop every output token that repeats the one before it (non-autoregressive post-processing)."),
     _sample_option("seeds", "Decode K times and keep the per-source MBR pick.", min=1),
     _sample_option("seed", "Seed of the first decode.", min=0, max=2**32 - 1),
     _sample_option("batch_size", "Sentences decoded at once.", min=1),
