@@ -440,10 +440,9 @@ class Denoiser(nn.Module):
         idx = torch.arange(L, device=h.device)
         start = rows_mask.int().argmax(1, keepdim=True)  # the first target position (after [CLS] src [SEP])
         source = (idx >= 1) & (idx < start - 1)  # (B, L)
-        keys = self.pointer_key(h).float()  # (B, L, P)
-        query = self.pointer_query(hr).float()  # (N, P)
-        scores = torch.einsum("np,nlp->nl", query, keys.index_select(0, batch)) * POINTER_DIM**-0.5
-        weights = torch.softmax(scores.masked_fill(~source.index_select(0, batch), -1e4), -1)  # (N, L)
+        keys, query = self.pointer_key(h).float(), self.pointer_query(h).float()  # (B, L, P) each
+        scores = (torch.bmm(query, keys.transpose(1, 2)) * POINTER_DIM**-0.5).masked_fill(~source[:, None], -1e4)
+        weights = torch.softmax(scores.view(B * L, L).index_select(0, rows), -1)  # (N, L): the written rows' alone
         switch, share = self.pointer_switch(hr).float().split(1, -1)  # (N, 1) each: logits of π and β
         share = torch.sigmoid(share)
         source_ids = ids.index_select(0, batch)  # (N, L)
