@@ -414,8 +414,8 @@ class Denoiser(nn.Module):
                 gate = F.softplus(self.copy_gate(hr).float())  # (N, 1)
                 terms.append(gate * copied.reshape(B * L, D).index_select(0, rows).float())
             if self.config.copy_attention:  # the gate's term belongs to the readout's distribution: added before
-                if terms:
-                    logits = logits + terms.pop() @ table.t()
+                if terms:  # in place (logits is float32 here): the readout's backward does not read its output
+                    logits = logits.addmm_(terms.pop(), table.t())
                 logits = mix_copies(logits, *self.pointer(h, hr, rows, ids, rows_mask))
             if self.config.output_prior and self.process == "gaussian":
                 terms.append(self.prior_scale * self.prior_coef(t, L, rows)[:, None] * zr)
@@ -494,17 +494,22 @@ class Denoiser(nn.Module):
 def mix_copies(logits: torch.Tensor, switch: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """log((1 − π)·softmax(logits) + π·c): (N, V), with π = sigmoid(switch) (N, 1) and the copy distribution c putting
     `weights` (N, K) on `tokens` (N, K) (a token's weights add up). In log space, as a dense log-softmax and a
-    correction at the K copied tokens alone: log(1 − π) and log π never reach −∞, and no (N, V) mixture is built."""
-    out = logits - (logits.logsumexp(-1, keepdim=True) - F.logsigmoid(-switch))
-    mass = torch.zeros_like(logits).scatter_add(1, tokens, weights).gather(1, tokens)  # each token's whole weight
+    correction at the K copied tokens alone: log(1 − π) and log π never reach −∞, and nothing but the log-softmax
+    touches the (N, V) logits (in place when no gradient is recorded: `logits` is then consumed)."""
     copied = weights > 0
-    key, order = torch.where(copied, tokens, -1).sort(-1)  # a token's first entry carries its correction
-    first = torch.ones_like(copied)
-    first[:, 1:] = key[:, 1:] != key[:, :-1]
-    first = torch.empty_like(first).scatter(1, order, first) & copied
+    key, order = torch.where(copied, tokens, -1).sort(-1)  # each row's entries grouped by token
+    first_sorted = torch.ones_like(copied)
+    first_sorted[:, 1:] = key[:, 1:] != key[:, :-1]
+    group = first_sorted.cumsum(1) - 1  # (N, K): the sorted entries' token, numbered within the row
+    totals = torch.zeros_like(weights).scatter_add(1, group, weights.gather(1, order))
+    mass = torch.empty_like(weights).scatter(1, order, totals.gather(1, group))  # each entry's token's whole weight
+    first = torch.empty_like(copied).scatter(1, order, first_sorted) & copied  # a token's first entry corrects it
+    shift = logits.logsumexp(-1, keepdim=True) - F.logsigmoid(-switch)
+    inplace = not torch.is_grad_enabled()
+    out = logits.sub_(shift) if inplace else logits - shift
     at = out.gather(1, tokens)
-    correction = torch.logaddexp(at, F.logsigmoid(switch) + mass.clamp(min=1e-30).log()) - at
-    return out.scatter_add(1, tokens, correction * first)
+    correction = (torch.logaddexp(at, F.logsigmoid(switch) + mass.clamp(min=1e-30).log()) - at) * first
+    return out.scatter_add_(1, tokens, correction) if inplace else out.scatter_add(1, tokens, correction)
 
 
 def conditioning(

@@ -481,6 +481,8 @@ def test_the_copies_mix_in_log_space_as_the_dense_mixture_does_repeated_tokens_a
 
     silent = weights * (torch.rand(5, 12, generator=g) > 0.3)  # entries that copy nothing (outside the source)
     assert torch.allclose(mix_copies(logits, switch, tokens, silent), dense(logits, silent), atol=1e-5)
+    with torch.no_grad():  # in place when nothing is recorded: the same values
+        assert torch.allclose(mix_copies(logits.clone(), switch, tokens, silent), dense(logits, silent), atol=1e-5)
     logits.requires_grad_(True)
     weights.requires_grad_(True)
     got, want = mix_copies(logits, switch, tokens, weights), dense(logits, weights)
