@@ -156,9 +156,10 @@ class ModelConfig:
     copy_gate: bool = False
     # With the classifier: the pointer-generator's copy by attention (See et al. 2017). One attention head from each
     # written position over the source's tokens gives a copy distribution over them, each weight shared between s
-    # itself and its lexicon copy lex(s) by a share the network sets per position; the token distribution is (1 − π)·softmax(readout) + π·copy with a switch π = sigmoid(w·h + b)
-    # per position (0.5 at the start), and the output prior is added to its log. Unlike the copy gate, which reads the
-    # one aligned token, it copies from any source position. False: off.
+    # itself and its lexicon copy lex(s) by a share the network sets per position; the token distribution is
+    # (1 − π)·softmax(readout) + π·copy with a switch π = sigmoid(w·h + b) per position (0.5 at the start), and the
+    # output prior is added to its log. Unlike the copy gate, which reads the one aligned token, it copies from any
+    # source position. False: off.
     copy_attention: bool = False
 
     @property
@@ -339,14 +340,14 @@ PRESETS: dict[str, RunConfig] = {
             vocab_size=300,
         ),
     ),
-    # The CPU default, chosen on Multi30k de→en valid (where the network must write the text) and bible-basic valid (README, "Options
-    # beyond the paper"; docs/screens.md): a 6-layer encoder–decoder (source encoded once per decode) in a 32-wide
+    # The CPU default, chosen on Multi30k de→en valid (where the network must write the text) and bible-basic valid
+    # (README, "Options beyond the paper"; docs/screens.md): a 6-layer encoder–decoder (source encoded once per decode) in a 32-wide
     # √d-norm embedding space, CDCD's classifier readout with its output prior, CDCD's time warping, a length head,
     # self-conditioning, the source copied into the target's input with a lexicon counted by IBM Model 1 (share 0.2),
     # a pointer-generator gate through which the network may copy that token where it learns to, and the
-    # pointer-generator's copy by attention from any source position; EMA 0.99 and
-    # fp32 (bf16 autocast is slower on these CPUs). Training stops at 14 minutes of wall time (the learning rate decays to 0 by then) or
-    # 6,000 steps, whichever comes first: about 2,200 steps on 2 CPU cores.
+    # pointer-generator's copy by attention from any source position; EMA 0.99 and fp32 (bf16 autocast is slower on
+    # these CPUs). Training stops at 14 minutes of wall time (the learning rate decays to 0 by then) or 6,000 steps,
+    # whichever comes first: about 2,100 steps on 2 CPU cores.
     "small": RunConfig(
         model=ModelConfig(
             hidden_dim=32,
