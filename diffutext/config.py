@@ -161,11 +161,6 @@ class ModelConfig:
     # output prior is added to its log. Unlike the copy gate, which reads the one aligned token, it copies from any
     # source position. False: off.
     copy_attention: bool = False
-    # With the copy attention: a learned bias on its scores for each offset d = j − k between source token j and
-    # target token k (clipped to ±POINTER_OFFSETS; a relative-position bias as in Shaw et al. 2018), started as a
-    # preference for the diagonal, −|d|/4 (fast_align's diagonal tension, Dyer et al. 2013): neighbouring target
-    # positions point at neighbouring source tokens from the first step instead of at the same one. False: off.
-    pointer_offset: bool = False
 
     @property
     def needs_target_mask(self) -> bool:
@@ -502,10 +497,6 @@ def validate(config: RunConfig) -> None:
         (
             not m.copy_attention or m.x0_from == "classifier",
             "model.copy_attention mixes a copy distribution into the classifier's: it needs model.x0_from classifier",
-        ),
-        (
-            not m.pointer_offset or m.copy_attention,
-            "model.pointer_offset biases the copy attention's scores: it needs model.copy_attention",
         ),
         (
             m.copy_align == "index" or m.target_length == "head",

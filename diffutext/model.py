@@ -148,9 +148,6 @@ class Denoiser(nn.Module):
             self.pointer_switch = nn.Linear(c.width, 2)  # π, and the share β of the copy that takes s itself
             nn.init.zeros_(self.pointer_switch.weight)
             nn.init.zeros_(self.pointer_switch.bias)
-        if c.pointer_offset:  # a bias per offset j − k of source token j from target token k, −|d|/4 at first
-            offsets = torch.arange(-POINTER_OFFSETS, POINTER_OFFSETS + 1).abs().float()
-            self.pointer_offset = nn.Parameter(-offsets / 4)
         if c.input_posterior:  # a full-width input embedding, read through the token posterior of z_t
             self.input_embedding = nn.Embedding(c.vocab_size, c.width)
             nn.init.normal_(self.input_embedding.weight, std=c.width**-0.5)
@@ -444,11 +441,7 @@ class Denoiser(nn.Module):
         start = rows_mask.int().argmax(1, keepdim=True)  # the first target position (after [CLS] src [SEP])
         source = (idx >= 1) & (idx < start - 1)  # (B, L)
         keys, query = self.pointer_key(h).float(), self.pointer_query(h).float()  # (B, L, P) each
-        scores = torch.bmm(query, keys.transpose(1, 2)) * POINTER_DIM**-0.5  # (B, L, L)
-        if self.config.pointer_offset:  # row i is target token i − start + 1, column j source token j
-            d = idx.view(1, 1, L) - idx.view(1, L, 1) + (start - 1).view(B, 1, 1)
-            scores = scores + self.pointer_offset[(d.clamp(-POINTER_OFFSETS, POINTER_OFFSETS) + POINTER_OFFSETS)]
-        scores = scores.masked_fill(~source[:, None], -1e4)
+        scores = (torch.bmm(query, keys.transpose(1, 2)) * POINTER_DIM**-0.5).masked_fill(~source[:, None], -1e4)
         weights = torch.softmax(scores.view(B * L, L).index_select(0, rows), -1)  # (N, L): the written rows' alone
         switch, share = self.pointer_switch(hr).float().split(1, -1)  # (N, 1) each: logits of π and β
         share = torch.sigmoid(share)
@@ -539,7 +532,6 @@ def conditioning(
 
 
 POINTER_DIM = 64  # the copy attention's query and key width
-POINTER_OFFSETS = 16  # model.pointer_offset: a bias for each offset from −16 to 16 (further ones share the last)
 POSTERIOR_TOP = 16  # the posterior input's tokens read one by one (the rest of the mass reads the mean embedding)
 
 

@@ -373,12 +373,6 @@ TRAIN_FIELDS = [
         "Pointer-generator copy by attention (See et al. 2017): the classifier's distribution mixed with "
         "an attention over the source's tokens (their lexicon copies) by a switch the network sets per position.",
     ),
-    Field(
-        "model",
-        "pointer_offset",
-        "With --copy-attention: a learned bias on its scores per offset between source and target token, "
-        "started as a diagonal preference (relative positions, Shaw et al. 2018; fast_align's diagonal, Dyer et al. 2013).",
-    ),
     Field("model", "input_posterior", "Also read a full-width input embedding under the token posterior of z_t (diffutext's own)."),
     Field("model", "embedding_norm", "Hold the word embedding's rows at norm √hidden_dim (CDCD, Plaid)."),
     Field("model", "output_prior", "With the classifier: add the output prior (√ᾱ/(1−ᾱ))·z_t·Eᵀ to its logits (CDCD)."),

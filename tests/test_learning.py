@@ -468,33 +468,6 @@ def test_the_copy_attention_mixes_the_readout_with_an_attention_over_the_source_
         resolve("tiny", {"model": {"copy_attention": True}})
 
 
-def test_the_pointer_offset_adds_a_learned_bias_per_source_target_offset_to_the_copy_attentions_scores():
-    from diffutext.model import POINTER_OFFSETS
-
-    model = perturb(model_of(**CLASSIFIER, copy_attention=True, pointer_offset=True)).eval()
-    ids, mask, hold = packed()
-    z, t = torch.randn(4, 14, 8), torch.tensor([0, 400, 900, 1999])
-    written = mask & ~hold
-    rows = written.reshape(-1).nonzero().squeeze(1)
-    h = model.out_norm(model.encode_decode(model._inputs(z, t, None, mask, None, hold), mask, hold))
-    hr = h.reshape(-1, 16)[rows]
-    _, tokens, weights = model.pointer(h, hr, rows, ids, mask)
-    share = torch.sigmoid(model.pointer_switch(hr))[:, 1]
-    for n, r in enumerate(rows.tolist()):
-        b, start = r // 14, int(mask[r // 14].int().argmax())
-        m, k = start - 2, r % 14 - start + 1  # row b's source holds m tokens, at 1..m; row r writes target token k
-        d = torch.arange(1, m + 1) - k  # source token j's offset from target token k
-        bias = model.pointer_offset[d.clamp(-POINTER_OFFSETS, POINTER_OFFSETS) + POINTER_OFFSETS]
-        scores = model.pointer_query(hr[n]) @ model.pointer_key(h[b, 1 : m + 1]).t() / 8.0 + bias
-        assert torch.allclose(weights[n, 1 : m + 1], share[n] * torch.softmax(scores, -1), atol=1e-5)
-    # it starts as a preference for the diagonal, −|d|/4, and off it is absent
-    fresh = model_of(**CLASSIFIER, copy_attention=True, pointer_offset=True).pointer_offset
-    assert fresh.argmax() == POINTER_OFFSETS and torch.allclose(fresh[POINTER_OFFSETS + 4], torch.tensor(-1.0))
-    assert not hasattr(model_of(**CLASSIFIER, copy_attention=True), "pointer_offset")
-    with pytest.raises(Exception, match="pointer_offset"):
-        resolve("tiny", {"model": {"x0_from": "classifier", "arch": "encdec", "pointer_offset": True}})
-
-
 def test_the_copies_mix_in_log_space_as_the_dense_mixture_does_repeated_tokens_adding_up():
     g = torch.Generator().manual_seed(0)
     logits, switch = 4 * torch.randn(5, 30, generator=g), 3 * torch.randn(5, 1, generator=g)
