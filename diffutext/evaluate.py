@@ -199,6 +199,10 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
         raise SamplerError("--length predicted needs a model trained with a length head (model.target_length head)")
     if length == "free" and ck.config.model.target_length == "head":
         raise SamplerError("--length free: this model was trained on true lengths and never wrote padding; use predicted or source")
+    if cfg.copy_diagonal is not None and not ck.config.model.copy_attention:
+        raise SamplerError("--copy-diagonal is the copy attention's prior: this model has no copy attention (model.copy_attention)")
+    if ck.config.model.copy_attention:  # the run's diagonal prior, or the one this decode asks for
+        model.copy_diagonal = ck.config.model.copy_diagonal if cfg.copy_diagonal is None else cfg.copy_diagonal
     for b in range(rank, -(-n // bs), world):
         key = fingerprint(whole, b) if keep is not None else ""
         stored = keep.get(key) if keep is not None else None

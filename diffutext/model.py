@@ -148,6 +148,7 @@ class Denoiser(nn.Module):
             self.pointer_switch = nn.Linear(c.width, 2)  # π, and the share β of the copy that takes s itself
             nn.init.zeros_(self.pointer_switch.weight)
             nn.init.zeros_(self.pointer_switch.bias)
+        self.copy_diagonal = c.copy_diagonal  # the copy attention's diagonal prior λ (decoding may set another)
         if c.input_posterior:  # a full-width input embedding, read through the token posterior of z_t
             self.input_embedding = nn.Embedding(c.vocab_size, c.width)
             nn.init.normal_(self.input_embedding.weight, std=c.width**-0.5)
@@ -433,6 +434,7 @@ class Denoiser(nn.Module):
         (B, L) (the positions between [CLS] and the [SEP] before the first written row of `rows_mask` (B, L)), its
         weights shared between the tokens they copy: β of each onto s itself, 1 − β onto its lexicon copy lex(s)
         (the same token without the lexicon), with β = sigmoid(w′·h + b′) per row; and the switch π = sigmoid(w·h + b).
+        With the diagonal prior λ (`copy_diagonal`), −λ·|j − k| is added to the score of source token j at target token k.
         For `mix_copies`, float32: π's logit (N, 1), the copied tokens (N, 2L) and their weights (N, 2L), 0 outside
         the source."""
         B, L, _ = h.shape
@@ -441,7 +443,11 @@ class Denoiser(nn.Module):
         start = rows_mask.int().argmax(1, keepdim=True)  # the first target position (after [CLS] src [SEP])
         source = (idx >= 1) & (idx < start - 1)  # (B, L)
         keys, query = self.pointer_key(h).float(), self.pointer_query(h).float()  # (B, L, P) each
-        scores = (torch.bmm(query, keys.transpose(1, 2)) * POINTER_DIM**-0.5).masked_fill(~source[:, None], -1e4)
+        scores = torch.bmm(query, keys.transpose(1, 2)) * POINTER_DIM**-0.5  # (B, L, L)
+        if self.copy_diagonal > 0:  # row i writes target token i − start + 1; column j holds source token j
+            offset = idx.view(1, 1, L) - idx.view(1, L, 1) + (start - 1).view(B, 1, 1)
+            scores = scores - self.copy_diagonal * offset.abs()
+        scores = scores.masked_fill(~source[:, None], -1e4)
         weights = torch.softmax(scores.view(B * L, L).index_select(0, rows), -1)  # (N, L): the written rows' alone
         switch, share = self.pointer_switch(hr).float().split(1, -1)  # (N, 1) each: logits of π and β
         share = torch.sigmoid(share)

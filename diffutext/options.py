@@ -121,6 +121,15 @@ SAMPLING = [  # how the chain runs: every field of SampleConfig but the sampler 
     _sample_option("self_condition_input", "What a self-conditioned model is fed: the previous x0_hat after snapping, or raw."),
     option("ads_shares", Optional[str], None, "ADS step shares of the three thirds, e.g. 0.1,0.4,0.5.", callback=_shares),
     _sample_option("dedup", "Drop every output token that repeats the one before it (non-autoregressive post-processing)."),
+    option(
+        "copy_diagonal",
+        Optional[float],
+        None,
+        "The copy attention's diagonal prior λ at decoding (−λ·|offset| on its scores; fast_align's diagonal): "
+        "default the run's own (model.copy_diagonal).",
+        min=0,
+        show_default=False,
+    ),
     _sample_option("seeds", "Decode K times and keep the per-source MBR pick.", min=1),
     _sample_option("seed", "Seed of the first decode.", min=0, max=2**32 - 1),
     _sample_option("batch_size", "Sentences decoded at once.", min=1),
@@ -372,6 +381,13 @@ TRAIN_FIELDS = [
         "copy_attention",
         "Pointer-generator copy by attention (See et al. 2017): the classifier's distribution mixed with "
         "an attention over the source's tokens (their lexicon copies) by a switch the network sets per position.",
+    ),
+    Field(
+        "model",
+        "copy_diagonal",
+        "With --copy-attention: its diagonal prior λ, −λ·|j − k| on the score of source token j at target token k "
+        "(fast_align's diagonal tension, Dyer et al. 2013); 0: off.",
+        min=0,
     ),
     Field("model", "input_posterior", "Also read a full-width input embedding under the token posterior of z_t (diffutext's own)."),
     Field("model", "embedding_norm", "Hold the word embedding's rows at norm √hidden_dim (CDCD, Plaid)."),
