@@ -299,6 +299,7 @@ def _partial(path: Optional[Path]):
 def _label(cfg, decoded, n: int) -> str:
     cedi = f", CEDI {decoded.cedi:g}" if decoded.cedi is not None else ""
     cedi += ", repeats dropped" if cfg.dedup else ""
+    cedi += f", copy diagonal {decoded.copy_diagonal:g}" if decoded.copy_diagonal else ""
     return f"{cfg.sampler}-{decoded.steps} steps{cedi}" + (f", MBR of {cfg.seeds}" if cfg.seeds > 1 else "") + f" on {n} sentences"
 
 
@@ -399,6 +400,7 @@ def evaluate(opts: dict[str, Any] = None) -> None:
             "precision": decoded.precision,
             "cedi": decoded.cedi,
             "dedup": cfg.dedup,
+            "copy_diagonal": decoded.copy_diagonal,
         }
     if bertscore_model is not None:
         from .metrics import bertscore

@@ -68,6 +68,7 @@ class Decoded:
     precision: str = "fp32"  # the denoiser's precision, "auto" resolved
     truncated: int = 0  # sources cut to fit the model's sequence length
     cedi: float | None = None  # the condition-enhanced denoiser's share, "auto" resolved (None: off)
+    copy_diagonal: float | None = None  # the copy attention's diagonal prior λ (None: no copy attention)
 
 
 def _pack_batch(srcs: list[str], vocab, seq_len: int, layout: str = "diffutext") -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -201,8 +202,9 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
         raise SamplerError("--length free: this model was trained on true lengths and never wrote padding; use predicted or source")
     if cfg.copy_diagonal is not None and not ck.config.model.copy_attention:
         raise SamplerError("--copy-diagonal is the copy attention's prior: this model has no copy attention (model.copy_attention)")
+    diagonal = None
     if ck.config.model.copy_attention:  # the run's diagonal prior, or the one this decode asks for
-        model.copy_diagonal = ck.config.model.copy_diagonal if cfg.copy_diagonal is None else cfg.copy_diagonal
+        diagonal = model.copy_diagonal = ck.config.model.copy_diagonal if cfg.copy_diagonal is None else cfg.copy_diagonal
     for b in range(rank, -(-n // bs), world):
         key = fingerprint(whole, b) if keep is not None else ""
         stored = keep.get(key) if keep is not None else None
@@ -266,7 +268,7 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
         sb += parts[b][2]
         d4 += parts[b][3]
     diversity = {"self_bleu": sum(sb) / len(sb), "div_4": sum(d4) / len(d4)} if cfg.seeds > 1 and sb else {}
-    return Decoded(hyps, candidates, seconds, len(timesteps), timesteps, diversity, precision, all_truncated, cedi)
+    return Decoded(hyps, candidates, seconds, len(timesteps), timesteps, diversity, precision, all_truncated, cedi, diagonal)
 
 
 def scores(decoded: Decoded, refs: list[list[str]], seeds: int, script: str = "2023") -> dict[str, Any]:

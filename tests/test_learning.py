@@ -468,6 +468,39 @@ def test_the_copy_attention_mixes_the_readout_with_an_attention_over_the_source_
         resolve("tiny", {"model": {"copy_attention": True}})
 
 
+def test_the_copy_diagonal_adds_minus_lambda_times_the_offset_to_the_copy_attentions_scores():
+    model = perturb(model_of(**CLASSIFIER, copy_attention=True, copy_diagonal=1.5)).eval()
+    ids, mask, hold = packed()
+    z, t = torch.randn(4, 14, 8), torch.tensor([0, 400, 900, 1999])
+    written = mask & ~hold
+    rows = written.reshape(-1).nonzero().squeeze(1)
+    h = model.out_norm(model.encode_decode(model._inputs(z, t, None, mask, None, hold), mask, hold))
+    hr = h.reshape(-1, 16)[rows]
+    share = torch.sigmoid(model.pointer_switch(hr))[:, 1]
+
+    def by_hand(n, r, lam):
+        b, start = r // 14, int(mask[r // 14].int().argmax())
+        m, k = start - 2, r % 14 - start + 1  # row b's source holds m tokens, at 1..m; row r writes target token k
+        scores = model.pointer_query(hr[n]) @ model.pointer_key(h[b, 1 : m + 1]).t() / 8.0
+        return share[n] * torch.softmax(scores - lam * (torch.arange(1, m + 1) - k).abs(), -1)
+
+    for lam in (1.5, 0.0, 40.0):  # the run's own, then what a decode may set instead
+        model.copy_diagonal = lam
+        _, _, weights = model.pointer(h, hr, rows, ids, mask)
+        for n, r in enumerate(rows.tolist()):
+            m = int(mask[r // 14].int().argmax()) - 2
+            assert torch.allclose(weights[n, 1 : m + 1], by_hand(n, r, lam), atol=1e-5)
+    # a steep prior copies the aligned source token: target token k takes source token k (the last one past the end)
+    for n, r in enumerate(rows.tolist()):
+        start = int(mask[r // 14].int().argmax())
+        k = min(r % 14 - start + 1, start - 2)
+        assert weights[n, k] > 0.99 * share[n]
+    assert model_of(**CLASSIFIER, copy_attention=True).copy_diagonal == 0.0
+    for bad, message in (({"copy_diagonal": 1.0}, "copy_attention"), ({"copy_attention": True, "copy_diagonal": -1.0}, "copy_diagonal")):
+        with pytest.raises(Exception, match=message):
+            resolve("tiny", {"model": {"x0_from": "classifier", "arch": "encdec", "target_length": "head", **bad}})
+
+
 def test_the_copies_mix_in_log_space_as_the_dense_mixture_does_repeated_tokens_adding_up():
     g = torch.Generator().manual_seed(0)
     logits, switch = 4 * torch.randn(5, 30, generator=g), 3 * torch.randn(5, 1, generator=g)
@@ -504,6 +537,29 @@ def test_the_masked_process_from_the_command_line(small_task, tmp_path):
     result = invoke("sample", "--checkpoint", tmp_path / "run", "--update", "mask", "--steps", 3, "--limit", 2, "--out", out, "--show", 0)
     assert result.exit_code == 0, result.output
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_the_copy_diagonal_from_the_command_line_trained_with_and_overridden_at_decoding(small_task, tmp_path):
+    """`train --copy-diagonal` stores λ; a decode uses it unless `--copy-diagonal` overrides it, and says which; a
+    model without the copy attention refuses the option in one line."""
+    import json
+
+    from helpers import assert_one_line_error
+
+    net = ["--preset", "tiny", "--task", small_task, "--x0-from", "classifier", "--arch", "encdec", "--target-length", "head"]
+    assert_one_line_error(invoke("train", *net, "--copy-diagonal", 2, "--out", tmp_path / "x"), "copy_attention")
+    run = tmp_path / "run"
+    result = invoke("train", *net, "--copy-attention", "--copy-diagonal", 2, "--max-steps", 2, "--out", run, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["model"]["copy_diagonal"] == 2.0
+    for extra, expected in (([], 2.0), (["--copy-diagonal", 0.5], 0.5)):
+        out = tmp_path / "m.json"
+        result = invoke("evaluate", "--checkpoint", run, "--limit", 2, "--steps", 4, "--device", "cpu", "--json", out, *extra)
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["copy_diagonal"] == expected and f"copy diagonal {expected:g}" in result.output
+    plain = tmp_path / "plain"
+    assert invoke("train", *net, "--max-steps", 2, "--out", plain, "--device", "cpu").exit_code == 0
+    assert_one_line_error(invoke("sample", "--checkpoint", plain, "--limit", 2, "--copy-diagonal", 1), "copy attention", alone=False)
 
 
 # ---- DINOISER's condition-enhanced denoiser ----
