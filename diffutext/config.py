@@ -161,11 +161,6 @@ class ModelConfig:
     # output prior is added to its log. Unlike the copy gate, which reads the one aligned token, it copies from any
     # source position. False: off.
     copy_attention: bool = False
-    # With the copy attention: its diagonal prior, −λ·|j − k| added to its score of source token j at target token k
-    # (fast_align's diagonal tension, Dyer et al. 2013, on token offsets rather than relative positions), in
-    # training and at decoding (`SampleConfig.copy_diagonal` overrides it there): a target token copies from the
-    # source tokens beside its own position unless the attention's content scores outweigh the offset. 0: off.
-    copy_diagonal: float = 0.0
 
     @property
     def needs_target_mask(self) -> bool:
@@ -302,8 +297,11 @@ class SampleConfig:
     # drop every target token equal to the one before it: the usual post-processing of non-autoregressive decoders,
     # whose parallel positions can write the same token twice ("and and and"); False keeps the model's text as it is
     dedup: bool = False
-    # the copy attention's diagonal prior λ at decoding (model.copy_diagonal); None: the run's own
-    copy_diagonal: float | None = None
+    # the copy attention's diagonal prior at decoding (model.copy_attention): −λ·|j − k| added to its score of source
+    # token j at target token k (fast_align's diagonal tension, Dyer et al. 2013, on token offsets), so that a target
+    # token copies from the source tokens at its own position; "auto": COPY_DIAGONAL_AUTO for a run with the copy
+    # attention (chosen on bible-basic and Multi30k valid), None: off (the attention as trained)
+    copy_diagonal: float | Literal["auto"] | None = "auto"
     batch_size: int = 128
     seed: int = 0
     seeds: int = 1  # decode K times and keep the MBR pick
@@ -504,14 +502,6 @@ def validate(config: RunConfig) -> None:
         (
             not m.copy_attention or m.x0_from == "classifier",
             "model.copy_attention mixes a copy distribution into the classifier's: it needs model.x0_from classifier",
-        ),
-        (
-            m.copy_diagonal == 0 or m.copy_attention,
-            "model.copy_diagonal is the copy attention's prior: it needs model.copy_attention",
-        ),
-        (
-            m.copy_diagonal >= 0 and math.isfinite(m.copy_diagonal),
-            "model.copy_diagonal must be a finite weight ≥ 0 (0: off)",
         ),
         (
             m.copy_align == "index" or m.target_length == "head",

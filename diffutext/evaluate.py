@@ -142,6 +142,7 @@ def resolve_clamp_by(clamp_by: str, run_config) -> str:
 
 
 CEDI_AUTO = 0.99  # DINOISER's --denoise-end
+COPY_DIAGONAL_AUTO = 8.0  # λ of --copy-diagonal auto: chosen on bible-basic and Multi30k valid (docs/screens.md)
 
 
 def resolve_cedi(cedi, run_config) -> float | None:
@@ -151,6 +152,17 @@ def resolve_cedi(cedi, run_config) -> float | None:
         return cedi
     m = run_config.model
     return CEDI_AUTO if m.x0_from == "classifier" and run_config.diffusion.process == "gaussian" else None
+
+
+def resolve_copy_diagonal(copy_diagonal, run_config) -> float | None:
+    """ "auto": COPY_DIAGONAL_AUTO for a run with the copy attention (README "Options beyond the paper"), off (None)
+    otherwise; a weight for a run without the copy attention is refused."""
+    has = run_config.model.copy_attention
+    if copy_diagonal == "auto":
+        return COPY_DIAGONAL_AUTO if has else None
+    if copy_diagonal is not None and not has:
+        raise SamplerError("--copy-diagonal is the copy attention's prior: this model has no copy attention (model.copy_attention)")
+    return copy_diagonal
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -200,11 +212,9 @@ def decode(loaded: Loaded, dataset, cfg: SampleConfig, callback: Callback | None
         raise SamplerError("--length predicted needs a model trained with a length head (model.target_length head)")
     if length == "free" and ck.config.model.target_length == "head":
         raise SamplerError("--length free: this model was trained on true lengths and never wrote padding; use predicted or source")
-    if cfg.copy_diagonal is not None and not ck.config.model.copy_attention:
-        raise SamplerError("--copy-diagonal is the copy attention's prior: this model has no copy attention (model.copy_attention)")
-    diagonal = None
-    if ck.config.model.copy_attention:  # the run's diagonal prior, or the one this decode asks for
-        diagonal = model.copy_diagonal = ck.config.model.copy_diagonal if cfg.copy_diagonal is None else cfg.copy_diagonal
+    diagonal = resolve_copy_diagonal(cfg.copy_diagonal, ck.config)
+    if ck.config.model.copy_attention:
+        model.copy_diagonal = diagonal or 0.0
     for b in range(rank, -(-n // bs), world):
         key = fingerprint(whole, b) if keep is not None else ""
         stored = keep.get(key) if keep is not None else None

@@ -148,7 +148,7 @@ class Denoiser(nn.Module):
             self.pointer_switch = nn.Linear(c.width, 2)  # π, and the share β of the copy that takes s itself
             nn.init.zeros_(self.pointer_switch.weight)
             nn.init.zeros_(self.pointer_switch.bias)
-        self.copy_diagonal = c.copy_diagonal  # the copy attention's diagonal prior λ (decoding may set another)
+        self.copy_diagonal = 0.0  # the copy attention's diagonal prior λ: 0 in training, a decode sets its own
         if c.input_posterior:  # a full-width input embedding, read through the token posterior of z_t
             self.input_embedding = nn.Embedding(c.vocab_size, c.width)
             nn.init.normal_(self.input_embedding.weight, std=c.width**-0.5)

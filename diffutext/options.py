@@ -84,6 +84,21 @@ def _cedi(value: str | None):
     return share
 
 
+def _copy_diagonal(value: str | None):
+    """--copy-diagonal auto | off | a weight λ ≥ 0 (0 is off)."""
+    if value is None or value == "auto":
+        return value
+    if value == "off":
+        return None
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = math.nan
+    if not 0 <= weight < math.inf:
+        raise typer.BadParameter(f"takes auto, off or a weight ≥ 0; got {value!r}", param_hint="--copy-diagonal")
+    return weight or None
+
+
 def _shares(value: str | None):
     items = _comma_list("--ads-shares", float, lambda x: x >= 0, "three non-negative comma-separated numbers")(value)
     if items is not None and len(items) != 3:
@@ -123,11 +138,12 @@ SAMPLING = [  # how the chain runs: every field of SampleConfig but the sampler 
     _sample_option("dedup", "Drop every output token that repeats the one before it (non-autoregressive post-processing)."),
     option(
         "copy_diagonal",
-        Optional[float],
-        None,
-        "The copy attention's diagonal prior λ at decoding (−λ·|offset| on its scores; fast_align's diagonal): "
-        "default the run's own (model.copy_diagonal).",
-        min=0,
+        str,
+        "auto",
+        "The copy attention's diagonal prior λ at decoding: −λ·|j − k| on its score of source token j at target "
+        "token k (fast_align's diagonal tension); auto: 8 for a run with the copy attention; off (or 0): the "
+        "attention as trained.",
+        callback=_copy_diagonal,
         show_default=False,
     ),
     _sample_option("seeds", "Decode K times and keep the per-source MBR pick.", min=1),
@@ -381,13 +397,6 @@ TRAIN_FIELDS = [
         "copy_attention",
         "Pointer-generator copy by attention (See et al. 2017): the classifier's distribution mixed with "
         "an attention over the source's tokens (their lexicon copies) by a switch the network sets per position.",
-    ),
-    Field(
-        "model",
-        "copy_diagonal",
-        "With --copy-attention: its diagonal prior λ, −λ·|j − k| on the score of source token j at target token k "
-        "(fast_align's diagonal tension, Dyer et al. 2013); 0: off.",
-        min=0,
     ),
     Field("model", "input_posterior", "Also read a full-width input embedding under the token posterior of z_t (diffutext's own)."),
     Field("model", "embedding_norm", "Hold the word embedding's rows at norm √hidden_dim (CDCD, Plaid)."),

@@ -469,7 +469,8 @@ def test_the_copy_attention_mixes_the_readout_with_an_attention_over_the_source_
 
 
 def test_the_copy_diagonal_adds_minus_lambda_times_the_offset_to_the_copy_attentions_scores():
-    model = perturb(model_of(**CLASSIFIER, copy_attention=True, copy_diagonal=1.5)).eval()
+    model = perturb(model_of(**CLASSIFIER, copy_attention=True)).eval()
+    assert model.copy_diagonal == 0.0  # trained without it
     ids, mask, hold = packed()
     z, t = torch.randn(4, 14, 8), torch.tensor([0, 400, 900, 1999])
     written = mask & ~hold
@@ -484,7 +485,7 @@ def test_the_copy_diagonal_adds_minus_lambda_times_the_offset_to_the_copy_attent
         scores = model.pointer_query(hr[n]) @ model.pointer_key(h[b, 1 : m + 1]).t() / 8.0
         return share[n] * torch.softmax(scores - lam * (torch.arange(1, m + 1) - k).abs(), -1)
 
-    for lam in (1.5, 0.0, 40.0):  # the run's own, then what a decode may set instead
+    for lam in (0.0, 1.5, 40.0):
         model.copy_diagonal = lam
         _, _, weights = model.pointer(h, hr, rows, ids, mask)
         for n, r in enumerate(rows.tolist()):
@@ -493,12 +494,7 @@ def test_the_copy_diagonal_adds_minus_lambda_times_the_offset_to_the_copy_attent
     # a steep prior copies the aligned source token: target token k takes source token k (the last one past the end)
     for n, r in enumerate(rows.tolist()):
         start = int(mask[r // 14].int().argmax())
-        k = min(r % 14 - start + 1, start - 2)
-        assert weights[n, k] > 0.99 * share[n]
-    assert model_of(**CLASSIFIER, copy_attention=True).copy_diagonal == 0.0
-    for bad, message in (({"copy_diagonal": 1.0}, "copy_attention"), ({"copy_attention": True, "copy_diagonal": -1.0}, "copy_diagonal")):
-        with pytest.raises(Exception, match=message):
-            resolve("tiny", {"model": {"x0_from": "classifier", "arch": "encdec", "target_length": "head", **bad}})
+        assert weights[n, min(r % 14 - start + 1, start - 2)] > 0.99 * share[n]
 
 
 def test_the_copies_mix_in_log_space_as_the_dense_mixture_does_repeated_tokens_adding_up():
@@ -539,26 +535,32 @@ def test_the_masked_process_from_the_command_line(small_task, tmp_path):
     assert len(out.read_text().splitlines()) == 2
 
 
-def test_the_copy_diagonal_from_the_command_line_trained_with_and_overridden_at_decoding(small_task, tmp_path):
-    """`train --copy-diagonal` stores λ; a decode uses it unless `--copy-diagonal` overrides it, and says which; a
-    model without the copy attention refuses the option in one line."""
+def test_the_copy_diagonal_from_the_command_line_auto_a_weight_or_off(small_task, tmp_path, monkeypatch):
+    """`--copy-diagonal` at decoding: auto is COPY_DIAGONAL_AUTO for a run with the copy attention, a weight is
+    used as given, off leaves the attention as trained; the decode says which, and sets it on the model; a model
+    without the copy attention refuses a weight in one line and decodes without one under auto."""
     import json
 
+    from diffutext import evaluate
+    from diffutext.model import Denoiser
     from helpers import assert_one_line_error
 
+    seen = []
+    pointer = Denoiser.pointer
+    monkeypatch.setattr(Denoiser, "pointer", lambda self, *a: seen.append(self.copy_diagonal) or pointer(self, *a))
     net = ["--preset", "tiny", "--task", small_task, "--x0-from", "classifier", "--arch", "encdec", "--target-length", "head"]
-    assert_one_line_error(invoke("train", *net, "--copy-diagonal", 2, "--out", tmp_path / "x"), "copy_attention")
     run = tmp_path / "run"
-    result = invoke("train", *net, "--copy-attention", "--copy-diagonal", 2, "--max-steps", 2, "--out", run, "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    assert json.loads((run / "config.json").read_text())["model"]["copy_diagonal"] == 2.0
-    for extra, expected in (([], 2.0), (["--copy-diagonal", 0.5], 0.5)):
-        out = tmp_path / "m.json"
+    assert invoke("train", *net, "--copy-attention", "--max-steps", 2, "--out", run, "--device", "cpu").exit_code == 0
+    for extra, expected in (([], evaluate.COPY_DIAGONAL_AUTO), (["--copy-diagonal", 0.5], 0.5), (["--copy-diagonal", "off"], None)):
+        out, seen[:] = tmp_path / "m.json", []
         result = invoke("evaluate", "--checkpoint", run, "--limit", 2, "--steps", 4, "--device", "cpu", "--json", out, *extra)
         assert result.exit_code == 0, result.output
-        assert json.loads(out.read_text())["copy_diagonal"] == expected and f"copy diagonal {expected:g}" in result.output
+        assert json.loads(out.read_text())["copy_diagonal"] == expected and set(seen) == {expected or 0.0}
+        assert (f"copy diagonal {expected or 0:g}" in result.output) == (expected is not None)
+    assert_one_line_error(invoke("sample", "--checkpoint", run, "--copy-diagonal", "-1"), "--copy-diagonal")
     plain = tmp_path / "plain"
     assert invoke("train", *net, "--max-steps", 2, "--out", plain, "--device", "cpu").exit_code == 0
+    assert invoke("sample", "--checkpoint", plain, "--limit", 2, "--steps", 4, "--show", 0).exit_code == 0
     assert_one_line_error(invoke("sample", "--checkpoint", plain, "--limit", 2, "--copy-diagonal", 1), "copy attention", alone=False)
 
 
