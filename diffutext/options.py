@@ -69,34 +69,32 @@ def _comma_list(option_name: str, convert: Callable[[str], Any], ok: Callable[[A
     return parse
 
 
-def _cedi(value: str | None):
-    """--cedi auto | off | a share of T in [0, 1]."""
-    if value is None or value == "auto":
-        return value
-    if value == "off":
-        return None
-    try:
-        share = float(value)
-    except ValueError:
-        share = math.nan
-    if not 0 <= share <= 1:
-        raise typer.BadParameter(f"takes auto, off or a share of T in [0, 1]; got {value!r}", param_hint="--cedi")
-    return share
+def _auto_off_or(option_name: str, ok: Callable[[float], bool], expected: str):
+    """A callback for OPTION auto | off | a number: "auto" kept, "off" as None, a number checked by `ok`."""
+
+    def parse(value: str | None):
+        if value is None or value == "auto":
+            return value
+        if value == "off":
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not ok(number):
+            raise typer.BadParameter(f"takes auto, off or {expected}; got {value!r}", param_hint=option_name)
+        return number
+
+    return parse
+
+
+_cedi = _auto_off_or("--cedi", lambda x: 0 <= x <= 1, "a share of T in [0, 1]")
+_diagonal = _auto_off_or("--copy-diagonal", lambda x: 0 <= x < math.inf, "a weight ≥ 0")
 
 
 def _copy_diagonal(value: str | None):
-    """--copy-diagonal auto | off | a weight λ ≥ 0 (0 is off)."""
-    if value is None or value == "auto":
-        return value
-    if value == "off":
-        return None
-    try:
-        weight = float(value)
-    except ValueError:
-        weight = math.nan
-    if not 0 <= weight < math.inf:
-        raise typer.BadParameter(f"takes auto, off or a weight ≥ 0; got {value!r}", param_hint="--copy-diagonal")
-    return weight or None
+    """--copy-diagonal auto | off | a weight λ ≥ 0 (0 is off, as None)."""
+    return _diagonal(value) or None if value not in (None, "auto") else value
 
 
 def _shares(value: str | None):
