@@ -240,7 +240,6 @@ class TrainConfig:
     anchor_smoothing: float = 0.0  # label smoothing ε of the anchor loss (0.1 in Difformer)
     embedding_lr: float = 0.0  # the word embedding's own learning rate (Plaid: 1e-2 beside the network's 1.4e-3); 0: lr
     length_weight: float = 0.1  # weight of the length head's cross-entropy (model.target_length head; DINOISER: 0.1)
-    glance: float = 0.0  # GLAT's glancing ratio through the self-conditioning input (Qian et al. 2021: 0.5 to 0.3; 0: off)
 
 
 @dataclass(frozen=True)
@@ -551,12 +550,6 @@ def validate(config: RunConfig) -> None:
         ),
         (not (t.init_plm and t.init_from), "train.init_plm and train.init_from both name the starting weights; give one"),
         (t.anchor_weight >= 0, "train.anchor_weight must be >= 0"),
-        (0 <= t.glance <= 1, "train.glance must be in [0, 1]"),
-        (
-            t.glance == 0 or (m.x0_from == "classifier" and m.self_condition > 0 and d.process == "gaussian"),
-            "train.glance reveals tokens through the self-conditioning input of a classifier on the Gaussian process: "
-            "give model.self_condition > 0 and x0_from classifier",
-        ),
         (
             t.anchor_weight == 0 or m.x0_from == "regression",
             "train.anchor_weight trains a regressed x0_hat through the tied head: a classifier's cross-entropy is already its loss",

@@ -93,12 +93,11 @@ class LossOptions:
     anchor_smoothing: float = 0.0
     noise_factor: float = 1.0
     length_weight: float = 0.1  # the length head's cross-entropy (a model with target_length head)
-    glance: float = 0.0  # GLAT's glancing ratio through the self-conditioning input (`glanced_input`; 0: off)
 
     @classmethod
     def from_config(cls, config) -> LossOptions:
         t = config.train
-        return cls(t.loss_positions, t.anchor_weight, t.anchor_smoothing, config.diffusion.noise_factor, t.length_weight, t.glance)
+        return cls(t.loss_positions, t.anchor_weight, t.anchor_smoothing, config.diffusion.noise_factor, t.length_weight)
 
 
 @dataclass
@@ -117,7 +116,6 @@ class Noise:
     self_cond: torch.Tensor | None = None  # (B,) uniform: an example self-conditions when below the probability
     absorb: torch.Tensor | None = None  # (B, L) uniform: a target token is absorbed when below r·σ_t
     absorb2: torch.Tensor | None = None  # (B, L) the same for the partner
-    glance: torch.Tensor | None = None  # (B, L) uniform: which written positions glancing reveals first
 
     def __getitem__(self, rows) -> Noise:
         return Noise(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows] for f in fields(self)})
@@ -133,11 +131,10 @@ def draw_noise(
     device: torch.device | str | None = None,
     self_condition: bool = False,
     absorbing: bool = False,
-    glance: bool = False,
 ) -> Noise:
     """The draws of one loss evaluation for a batch of `shape` (B, L, D), in the order
     `diffusion_loss` would make them itself; `partner` adds the Distance Penalty's draws,
-    `self_condition`, `absorbing` and `glance` those of the options (drawn after all the others, so that
+    `self_condition` and `absorbing` those of the options (drawn after all the others, so that
     with the options off the draws are exactly the base loss's)."""
     B, L = shape[0], shape[1]
     eps0 = torch.randn(shape, generator=generator, device=device)
@@ -153,8 +150,6 @@ def draw_noise(
         noise.absorb = torch.rand(B, L, generator=generator, device=device)
         if partner:
             noise.absorb2 = torch.rand(B, L, generator=generator, device=device)
-    if glance:
-        noise.glance = torch.rand(B, L, generator=generator, device=device)
     return noise
 
 
@@ -393,74 +388,28 @@ def reverse_partner(
     return torch.where(side < 0, down, torch.where(side > 0, up, z_t))
 
 
-def _per_example(values: torch.Tensor, rows: torch.Tensor, B: int, L: int, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """The mean per example (B,) of per-row values (N,) at flat positions `rows` (row-major over (B, L)); with
-    `keep` (N,) bool, over the kept rows alone."""
+def _per_example(values: torch.Tensor, rows: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    """The mean per example (B,) of per-row values (N,) at flat positions `rows` (row-major over (B, L))."""
     example = rows // L
-    ones = torch.ones_like(values) if keep is None else keep.to(values.dtype)
-    total = torch.zeros(B, dtype=values.dtype, device=values.device).index_add_(0, example, values * ones)
-    count = torch.zeros(B, dtype=values.dtype, device=values.device).index_add_(0, example, ones)
+    total = torch.zeros(B, dtype=values.dtype, device=values.device).index_add_(0, example, values)
+    count = torch.zeros(B, dtype=values.dtype, device=values.device).index_add_(0, example, torch.ones_like(values))
     return total / count.clamp(min=1)
 
 
-@dataclass
-class Glance:
-    """What glancing reads besides the first pass: the `ratio`, the reference `ids` (B, L), the `written` positions
-    (B, L) it scores and the `uniforms` (B, L) that order them."""
-
-    ratio: float
-    ids: torch.Tensor
-    written: torch.Tensor
-    uniforms: torch.Tensor
-
-    def __getitem__(self, rows) -> Glance:
-        return Glance(self.ratio, self.ids[rows], self.written[rows], self.uniforms[rows])
-
-
-def glanced_input(logits: torch.Tensor, glance: Glance, embed) -> tuple[torch.Tensor, torch.Tensor]:
-    """GLAT's glancing sampling (Qian et al. 2021), through the self-conditioning input: from the first pass's
-    `logits` (N, V) at the written positions (row-major), its argmax tokens w′ and their Hamming distance
-    d = |{w′ ≠ w}| to the reference w per example; n = ⌊ratio·d⌋ written positions, the first n in the order of
-    `uniforms`, are revealed. The input is E(w) at the revealed positions (and off the written ones), E(w′) at the
-    others: the first pass's tokens, snapped as decoding feeds them. Returns (input (B, L, D), revealed (B, L))."""
-    ids, written = glance.ids, glance.written
-    rows = written.reshape(-1).nonzero().squeeze(1)
-    guess = ids.reshape(-1).index_copy(0, rows, logits.argmax(-1)).view_as(ids)
-    n = (glance.ratio * (guess != ids).sum(1)).long()  # (B,): written positions hold every difference
-    order = glance.uniforms.masked_fill(~written, 2.0).argsort(1).argsort(1)  # each position's rank, written first
-    revealed = (order < n[:, None]) & written
-    return embed(torch.where(revealed, ids, guess)), revealed
-
-
 def _classify(
-    model,
-    z: torch.Tensor,
-    t: torch.Tensor,
-    sc_rows: torch.Tensor | None,
-    cond: dict[str, torch.Tensor],
-    memory: torch.Tensor | None,
-    glance: Glance | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(x0_hat, logits at the written rows, revealed) of a classifier, self-conditioned on a no-grad first pass for
-    the examples in `sc_rows` (the others read zeros). With `glance`, those examples read the first pass's tokens
-    with some of the reference's revealed (`glanced_input`); revealed (B, L) bool marks them (None without)."""
+    model, z: torch.Tensor, t: torch.Tensor, sc_rows: torch.Tensor | None, cond: dict[str, torch.Tensor], memory: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, logits at the written rows) of a classifier, self-conditioned on a no-grad first pass for the
+    examples in `sc_rows` (the others read zeros)."""
     extra = dict(cond, memory=memory) if memory is not None else dict(cond)
-    prev = revealed = None
+    prev = None
     if sc_rows is not None:
         prev = torch.zeros_like(z)
-        if glance is not None:
-            revealed = torch.zeros_like(glance.written)
         if bool(sc_rows.any()):
             with torch.no_grad():
                 sub = {k: v[sc_rows] for k, v in extra.items()}
-                if glance is None:
-                    prev[sc_rows] = model(z[sc_rows], t[sc_rows], **sub).to(prev.dtype)
-                else:
-                    _, logits = model(z[sc_rows], t[sc_rows], with_head=True, **sub)
-                    first, revealed[sc_rows] = glanced_input(logits, glance[sc_rows], model.embed)
-                    prev[sc_rows] = first.to(prev.dtype)
-    x0_hat, logits = model(z, t, prev, with_head=True, **extra)
-    return x0_hat, logits, revealed
+                prev[sc_rows] = model(z[sc_rows], t[sc_rows], **sub).to(prev.dtype)
+    return model(z, t, prev, with_head=True, **extra)
 
 
 def classifier_loss(
@@ -485,9 +434,7 @@ def classifier_loss(
       loss = ½·[ce(t) + ce(t′) + λ·1[t′≠t]·mean‖x0_hat(z_t′, t′) − x0_hat(z_t, t)‖²]
     with the partner drawn as for the base model; the penalty is over the written positions.
     A model with a length head (target_length head) adds `length`, the head's cross-entropy on the target's length
-    minus the source's, weighted by options.length_weight. With options.glance (GLAT), the self-conditioned examples
-    read the first pass's tokens with ⌊glance·d⌋ of the reference's revealed (`glanced_input`), and the revealed
-    positions are not scored."""
+    minus the source's, weighted by options.length_weight."""
     B, L = ids.shape
     written = target_mask if hold is None else target_mask & ~hold
     rows = written.reshape(-1).nonzero().squeeze(1)
@@ -506,18 +453,12 @@ def classifier_loss(
         u = noise.self_cond if noise is not None else torch.rand(B, device=ids.device)
         sc_rows = u < model.config.self_condition if u is not None else torch.zeros(B, dtype=torch.bool, device=ids.device)
 
-    glance = None
-    if options.glance > 0 and sc_rows is not None:
-        u = noise.glance if noise is not None and noise.glance is not None else torch.rand(B, L, device=ids.device)
-        glance = Glance(options.glance, ids, written, u)
-
-    def ce_of(logits: torch.Tensor, revealed: torch.Tensor | None) -> torch.Tensor:
-        keep = None if revealed is None else ~revealed.reshape(-1).index_select(0, rows)  # glancing's: not scored
-        return _per_example(F.cross_entropy(logits.float(), targets, reduction="none"), rows, B, L, keep)
+    def ce_of(logits: torch.Tensor) -> torch.Tensor:
+        return _per_example(F.cross_entropy(logits.float(), targets, reduction="none"), rows, B, L)
 
     if dp_weight <= 0:
-        _, logits, revealed = _classify(model, z_t, t, sc_rows, cond, memory, glance)
-        ce = ce_of(logits, revealed)
+        _, logits = _classify(model, z_t, t, sc_rows, cond, memory)
+        ce = ce_of(logits)
         terms = {"loss": ce, "ce": ce}
     else:
         if window is None:
@@ -529,22 +470,20 @@ def classifier_loss(
         if dp_partner == "forward":  # one batched pass over [z_t; z_t′]
             z_t2 = q_sample(x0, t2, alpha_bar, eps2, written)
             both = lambda v: None if v is None else torch.cat([v, v])
-            glance2 = None if glance is None else Glance(glance.ratio, both(ids), both(written), both(glance.uniforms))
-            x0_both, logits_both, revealed_both = _classify(
-                model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), both(sc_rows), {k: both(v) for k, v in cond.items()}, both(memory), glance2
+            x0_both, logits_both = _classify(
+                model, torch.cat([z_t, z_t2]), torch.cat([t, t2]), both(sc_rows), {k: both(v) for k, v in cond.items()}, both(memory)
             )
             x0_hat, x0_hat2 = x0_both.chunk(2)
             n = rows.numel()  # the first batch's rows come first in row-major order
             logits, logits2 = logits_both[:n], logits_both[n:]
-            revealed, revealed2 = (None, None) if revealed_both is None else revealed_both.chunk(2)
         elif dp_partner == "reverse":
-            x0_hat, logits, revealed = _classify(model, z_t, t, sc_rows, cond, memory, glance)
+            x0_hat, logits = _classify(model, z_t, t, sc_rows, cond, memory)
             z_t2 = reverse_partner(z_t, x0_hat.detach().to(z_t.dtype), t, t2, alpha_bar, eps2)
             z_t2 = torch.where(written.unsqueeze(-1), z_t2, x0)
-            x0_hat2, logits2, revealed2 = _classify(model, z_t2, t2, sc_rows, cond, memory, glance)
+            x0_hat2, logits2 = _classify(model, z_t2, t2, sc_rows, cond, memory)
         else:
             raise ValueError(f"unknown dp_partner {dp_partner!r}; expected forward or reverse")
-        ce, ce2 = ce_of(logits, revealed), ce_of(logits2, revealed2)
+        ce, ce2 = ce_of(logits), ce_of(logits2)
         penalty = _sq_error(x0_hat2, x0_hat, written.float()) * valid
         terms = {
             "loss": 0.5 * (ce + ce2 + dp_weight * penalty),

@@ -358,13 +358,6 @@ TRAIN_FIELDS = [
     ),
     Field("model", "seq_len", "Tokens per packed sequence; 0: the shortest that cuts no training pair or source.", min=0),
     Field("train", "loss_positions", "Average mse, decoder_nll and tT over all positions (DiffuSeq) or the target ones only."),
-    Field(
-        "train",
-        "glance",
-        "GLAT's glancing (Qian et al. 2021) through the self-conditioning input: a share of the first pass's errors "
-        "revealed as the reference's tokens (0: off).",
-        min=0,
-    ),
     Field("train", "anchor_weight", "Weight of the anchor loss, the tied head's cross-entropy on x0_hat (Difformer; 0: off).", min=0),
     Field("train", "anchor_smoothing", "Label smoothing of the anchor loss (Difformer: 0.1).", min=0),
     Field(

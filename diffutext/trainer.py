@@ -168,7 +168,6 @@ def option_draws(config: RunConfig) -> dict[str, bool]:
     return {
         "self_condition": config.model.self_condition > 0,
         "absorbing": config.model.absorbing > 0 or config.diffusion.process == "mask",
-        "glance": config.train.glance > 0,
     }  # mask: the masking draws
 
 

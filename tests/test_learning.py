@@ -14,7 +14,7 @@ from diffutext.config import ModelConfig, TrainConfig, resolve
 from diffutext.data.batches import held_end
 from diffutext.diffusion import alpha_bar_table, q_sample
 from diffutext.evaluate import fixed_length, predicted_lengths
-from diffutext.losses import Glance, LossOptions, classifier_loss, dp_window, draw_noise, glanced_input
+from diffutext.losses import classifier_loss, dp_window, draw_noise
 from diffutext.model import Block, Denoiser, length_range, mix_copies
 from diffutext.samplers import denoise, generate, make_sampler
 from diffutext.timesteps import WarpedTimesteps
@@ -339,74 +339,6 @@ def test_a_classifier_run_trains_and_decodes_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     result = invoke("sample", "--checkpoint", run, "--limit", 3, "--steps", 5, "--length", "free")
     assert result.exit_code == 2 and "never wrote padding" in result.stderr
-
-
-# ---- glancing (GLAT) through the self-conditioning input ----
-
-
-def test_glancing_reveals_a_share_of_the_first_passs_errors_in_the_order_of_its_uniforms():
-    ids, mask, hold = packed()
-    written = mask & ~hold
-    rows = written.reshape(-1).nonzero().squeeze(1)
-    reference = ids.reshape(-1).index_select(0, rows)
-    guess = reference.clone()
-    wrong = torch.zeros_like(written)
-    wrong[0, 5:9] = True  # example 0: all four of its written tokens wrong; example 2: three of six
-    wrong[2, 4:7] = True
-    flat_wrong = wrong.reshape(-1).index_select(0, rows)
-    guess[flat_wrong] = 3 + (guess[flat_wrong] - 2) % 37  # another token
-    logits = F.one_hot(guess, 40).float()
-    u = torch.rand(4, 14, generator=torch.Generator().manual_seed(0))
-    table = torch.randn(40, 8)
-    embed = lambda x: table[x]
-    first, revealed = glanced_input(logits, Glance(0.5, ids, written, u), embed)
-    assert revealed.sum(1).tolist() == [2, 0, 1, 0]  # ⌊0.5·d⌋ of d = 4, 0, 3, 0
-    assert not (revealed & ~written).any()
-    for row in (0, 2):  # the written positions with the smallest uniforms
-        order = torch.where(written[row], u[row], torch.full_like(u[row], 2.0)).argsort()
-        assert set(revealed[row].nonzero().squeeze(1).tolist()) == set(order[: int(revealed[row].sum())].tolist())
-    tokens = ids.clone().reshape(-1).index_copy(0, rows, guess).view(4, 14)
-    assert torch.equal(first, table[torch.where(revealed, ids, tokens)])  # the first pass's tokens, the reference where revealed
-    _, none = glanced_input(logits, Glance(0.0, ids, written, u), embed)
-    assert not none.any()
-
-
-def test_glancing_feeds_the_revealed_tokens_and_leaves_them_unscored(monkeypatch):
-    model = perturb(model_of(**CLASSIFIER, self_condition=1.0))
-    ids, mask, hold = packed()
-    t = torch.tensor([1900, 1900, 1900, 1900])
-    noise = draw_noise((4, 14, 8), False, torch.Generator().manual_seed(7), self_condition=True, glance=True)
-    plain = classifier_loss(model, ids, mask, t, AB, noise=noise, hold=hold)
-    seen = {}
-    original = glanced_input
-
-    def spy(logits, glance, embed):
-        seen["input"], seen["revealed"] = original(logits, glance, embed)
-        return seen["input"], seen["revealed"]
-
-    monkeypatch.setattr("diffutext.losses.glanced_input", spy)
-    glanced = classifier_loss(model, ids, mask, t, AB, noise=noise, hold=hold, options=LossOptions(glance=0.5))
-    revealed = seen["revealed"]
-    assert revealed.any() and not torch.allclose(glanced["ce"], plain["ce"])
-    written = mask & ~hold
-    z_t = q_sample(model.embed(ids), t, AB, noise.eps, written)
-    _, logits = model(z_t, t, seen["input"], target_mask=mask, hold=hold, with_head=True)
-    ce = F.cross_entropy(logits, ids.reshape(-1)[written.reshape(-1)], reduction="none")
-    scored = (~revealed)[written]
-    per_example = torch.stack([c[k].mean() for c, k in zip(ce.split(written.sum(1).tolist()), scored.split(written.sum(1).tolist()))])
-    assert torch.allclose(glanced["ce"], per_example, atol=1e-5)
-
-
-def test_glancing_from_the_command_line_and_its_refusal(small_task, tmp_path):
-    config = tmp_path / "c.toml"
-    config.write_text('[model]\narch = "encdec"\nx0_from = "classifier"\ntarget_length = "head"\nself_condition = 0.5\n')
-    run = tmp_path / "run"
-    args = ("train", "--task", small_task, "--preset", "tiny", "--config", config, "--max-steps", 4)
-    result = invoke(*args, "--out", run, "--glance", 0.5)
-    assert result.exit_code == 0, result.output
-    assert '"glance": 0.5' in (run / "config.json").read_text()
-    result = invoke(*args, "--out", tmp_path / "r2", "--glance", 0.5, "--self-condition", 0)
-    assert result.exit_code == 2 and "glance" in result.stderr and "Traceback" not in result.output
 
 
 # ---- the masked process (CMLM / Mask-Predict) ----
