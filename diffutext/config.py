@@ -195,7 +195,6 @@ class DiffusionConfig:
     schedule: Schedule = "sqrt"
     timestep_sampler: TimestepSampler = "uniform"  # lossaware: DiffuSeq's second-moment resampler; clipped: DiNoiSer's
     noise_factor: float = 1.0  # Difformer's F: training noise scaled by F (decoding keeps 1); 1: off
-    top_noise: float = 0.0  # share of each batch drawn at t in [0.99(T − 1), T − 1], where CEDI decodes (DINOISER); 0: off
     # gaussian: the paper's process (Gaussian noise on the target's embeddings); mask: the masked (absorbing) process of
     # CMLM and MDLM (masked.py), the non-autoregressive reference: a classifier with a length head, decoded by Mask-Predict
     process: Process = "gaussian"
@@ -525,7 +524,6 @@ def validate(config: RunConfig) -> None:
             "diffusion.process mask has no Gaussian noise: no self-conditioning, posterior input, absorbing state or Distance Penalty",
         ),
         (d.noise_factor > 0, "diffusion.noise_factor must be positive (1: off)"),
-        (0 <= d.top_noise < 1, "diffusion.top_noise must be in [0, 1): the share of each batch drawn where CEDI decodes"),
         (t.max_steps > 0, "train.max_steps must be positive"),
         (t.max_minutes >= 0, "train.max_minutes must be >= 0"),
         (t.batch_size > 0, "train.batch_size must be positive"),

@@ -364,12 +364,6 @@ TRAIN_FIELDS = [
         "model", "self_condition", "Share of training batches that self-condition on their own x0_hat (Chen et al. 2022; 0: off).", min=0
     ),
     Field("diffusion", "noise_factor", "Training noise scaled by F, decoding by 1 (Difformer: 4; 1: off).", min=0),
-    Field(
-        "diffusion",
-        "top_noise",
-        "Share of each batch drawn at t in [0.99(T-1), T-1], the timesteps CEDI tells the denoiser at decoding (0: off).",
-        min=0,
-    ),
     Field("model", "absorbing", "Rate of DiffuSeq-v2's soft absorbing state (its scripts: 0.5; 0: off).", min=0),
     Field("model", "positions", "Position embedding: absolute (DiffuSeq) or segment (each side counted from its own start)."),
     Field(

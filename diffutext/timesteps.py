@@ -8,13 +8,10 @@ Until then it draws uniformly. Its history is part of the training state (saved,
 `ClippedTimesteps`: DiNoiSer's clipped minimum noise (yegcjs/DINOISER `ClippedSampler`): t uniform over
 [t_min, T−1], where t_min is the first t whose noise, relative to the signal, reaches the embeddings' mean
 squared nearest-neighbour distance per dimension, re-estimated from the live embedding table as it moves.
-`TopNoise`: any of them with a share of each batch drawn instead at the top of the noise range, where DINOISER's
-CEDI tells the denoiser it is at decoding.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -203,35 +200,6 @@ TIMESTEP_SAMPLERS: dict[TimestepSampler, type] = {
 assert tuple(TIMESTEP_SAMPLERS) == choices(TimestepSampler)
 
 
-class TopNoise:
-    """`inner` for ⌊(1 − share)·B + ½⌋ rows of a batch of B, then t uniform over [⌈end·(T − 1)⌉, T − 1] for the rest:
-    the timesteps CEDI (`samplers.cedi_timesteps`, end 0.99) tells the denoiser at every step of a decode, which a
-    sampler over the whole range visits rarely (time warping: about 0.2 % of its draws, where the loss has stopped
-    rising). Those rows weigh 1; their losses reach `inner` like the others'."""
-
-    def __init__(self, inner, T: int, share: float, end: float = 0.99):
-        self.inner, self.T, self.share, self.low = inner, T, share, min(math.ceil(end * (T - 1)), T - 1)
-        self.learns = inner.learns
-
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        n = int((1 - self.share) * batch_size + 0.5)
-        t, weights = self.inner.sample(n, generator)
-        device = t.device
-        top = torch.randint(self.low, self.T, (batch_size - n,), generator=generator, device=device)
-        if weights is not None:
-            weights = torch.cat([weights, torch.ones(batch_size - n, dtype=weights.dtype, device=device)])
-        return torch.cat([t, top]), weights
-
-    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        self.inner.update(t, losses)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.inner.load_state_dict(state)
-
-
 def make_timesteps(
     name: TimestepSampler,
     T: int,
@@ -239,16 +207,12 @@ def make_timesteps(
     alpha_bar: torch.Tensor | None = None,
     table: Callable[[], torch.Tensor] | None = None,
     noise_factor: float = 1.0,
-    top_noise: float = 0.0,
 ):
-    """The timestep sampler `name`; the clipped one reads the schedule and the live word embedding (`table()`).
-    top_noise > 0: that share of each batch at the top of the range instead (`TopNoise`)."""
+    """The timestep sampler `name`; the clipped one reads the schedule and the live word embedding (`table()`)."""
     if name not in TIMESTEP_SAMPLERS:
         raise ValueError(f"unknown timestep sampler {name!r}; expected {', '.join(TIMESTEP_SAMPLERS)}")
     if name == "clipped":
         if alpha_bar is None or table is None:
             raise ValueError("the clipped timestep sampler needs alpha_bar and the word embedding")
-        sampler = ClippedTimesteps(T, device, alpha_bar, table, noise_factor)
-    else:
-        sampler = TIMESTEP_SAMPLERS[name](T, device)
-    return TopNoise(sampler, T, top_noise) if top_noise > 0 else sampler
+        return ClippedTimesteps(T, device, alpha_bar, table, noise_factor)
+    return TIMESTEP_SAMPLERS[name](T, device)

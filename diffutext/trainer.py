@@ -191,7 +191,7 @@ class Trainer:
         d = config.diffusion
         self.alpha_bar = alpha_bar_table(d.schedule, d.T).float().to(dev)
         table = getattr(self.model, "table", lambda: self.model.embedding.weight)  # the live embedding table
-        self.timesteps = make_timesteps(d.timestep_sampler, d.T, dev, self.alpha_bar, table, d.noise_factor, d.top_noise)
+        self.timesteps = make_timesteps(d.timestep_sampler, d.T, dev, self.alpha_bar, table, d.noise_factor)
         self.window = tuple(w.to(dev) for w in dp_window(alpha_bar_table(d.schedule, d.T), t_cfg.dp_window, t_cfg.dp_window_ends))
         self.objective = Objective(self.model, compile, LossOptions.from_config(config))
         self.ddp = None

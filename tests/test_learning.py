@@ -303,33 +303,6 @@ def test_time_warping_draws_where_the_loss_rises_stratified_and_uniform_until_ev
     assert torch.equal(again.weights(), warp.weights())
 
 
-def test_top_noise_draws_its_share_of_the_batch_where_cedi_decodes_and_the_rest_from_its_sampler():
-    from diffutext.samplers import cedi_timesteps
-    from diffutext.timesteps import LossAwareTimesteps, TopNoise, make_timesteps
-
-    top = make_timesteps("warped", 2000, torch.device("cpu"), top_noise=0.25)
-    assert isinstance(top, TopNoise) and top.learns
-    t, weights = top.sample(8, torch.Generator().manual_seed(0))
-    told = cedi_timesteps(2000, 20, 0.99)
-    assert weights is None and (t[6:] >= min(told)).all() and (t[6:] <= 1999).all()  # 2 of 8 where CEDI decodes
-    assert sorted((t[:6] // 334).tolist()) == [0, 1, 2, 3, 4, 5]  # the warped sampler's 6, stratified
-    top.update(torch.tensor([100, 700, 1200, 1800]), torch.tensor([0.0, 0.0, 4.0, 4.0]))
-    assert top.inner.seen.sum() == 4 and torch.equal(top.state_dict()["seen"], top.inner.seen)
-    weighted = TopNoise(LossAwareTimesteps(2000, torch.device("cpu")), 2000, 0.5)
-    t, weights = weighted.sample(4, torch.Generator().manual_seed(0))
-    assert weights is None or torch.equal(weights[2:], torch.ones(2))
-    assert make_timesteps("warped", 2000, torch.device("cpu")).__class__ is WarpedTimesteps  # 0: the sampler itself
-
-
-def test_top_noise_from_the_command_line_and_its_bounds(small_task, tmp_path):
-    run = tmp_path / "run"
-    result = invoke("train", "--task", small_task, "--preset", "tiny", "--out", run, "--max-steps", 3, "--top-noise", 0.5)
-    assert result.exit_code == 0, result.output
-    assert '"top_noise": 0.5' in (run / "config.json").read_text()
-    result = invoke("train", "--task", small_task, "--preset", "tiny", "--out", tmp_path / "r2", "--max-steps", 3, "--top-noise", 1)
-    assert result.exit_code == 2 and "top_noise" in result.stderr and "Traceback" not in result.output
-
-
 # ---- the embedding's own learning rate ----
 
 
