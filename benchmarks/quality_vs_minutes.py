@@ -114,6 +114,9 @@ def main() -> None:
         ax.plot([r["minutes"] for r in mine], [r["sacrebleu"] for r in mine], marker="o", label=system)
     ax.axhline(copy["sacrebleu"], color="grey", linestyle=":", label="copy the source")
     ax.set_xscale("log")
+    budgets = sorted({r["minutes"] for r in rows})
+    ax.set_xticks(budgets, [f"{m:g}" for m in budgets])  # the budgets themselves, not powers of ten
+    ax.minorticks_off()
     ax.set_xlabel("training minutes (2 CPU cores)")
     ax.set_ylabel(f"sacreBLEU ({where})")
     ax.legend(fontsize=8)
