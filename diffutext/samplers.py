@@ -361,8 +361,8 @@ class Predictor:
             self.prev = x0_hat.clone()
         if self.clamp or (self.classifier and last):  # the target rows only: the source rows are re-imposed anyway
             flat = x0_hat.reshape(-1, x0_hat.shape[-1])
-            if self.classifier:  # the classifier's own argmax (its logits are those of the written rows, in order; this
-                banned = self.banned  # step's own tensor, banned in place: no copy of the (N, V) logits)
+            if self.classifier:  # the classifier's own argmax (its logits are those of the written rows, in order)
+                banned = self.banned  # banned in place: the logits are this step's own, read by nothing else
                 picked = (logits if banned is None else logits.index_fill_(-1, banned, float("-inf"))).argmax(-1)
             else:
                 rows = flat.index_select(0, self.target_rows)
