@@ -94,7 +94,8 @@ _diagonal = _auto_off_or("--copy-diagonal", lambda x: 0 <= x < math.inf, "a weig
 
 def _copy_diagonal(value: str | None):
     """--copy-diagonal auto | off | a weight λ ≥ 0 (0 is off, as None)."""
-    return _diagonal(value) or None if value not in (None, "auto") else value
+    parsed = _diagonal(value)
+    return None if parsed == 0 else parsed
 
 
 def _shares(value: str | None):
